@@ -1,0 +1,270 @@
+//! The `Backend` trait: Steel's complete op set, as explicit forward/backward pairs.
+//!
+//! Conventions (every backend, every op):
+//! - Forward ops are functional: they return new tensors on the backend's device.
+//! - **Backward ops accumulate**: every gradient buffer passed in (`dx`, `dw`, …) receives `+=`.
+//!   The caller (the tape) zero-initialises a buffer before its first use, so a tensor used twice
+//!   simply gets both contributions, and gradient accumulation across micro-batches is free.
+//! - Inputs are contiguous and row-major; no op takes strides. Layout changes are explicit ops
+//!   (`transpose01`, `slice0`, `concat0`) or GEMM transpose flags.
+//! - Activation layouts: tokens are `[batch, seq, …]`; attention tensors are `[B, T, heads, D]`
+//!   (the layout the QKV projection produces), so no transposes surround attention.
+//! - Float ops accept `F32` and `F64` (CPU; f64 serves gradient checks); `BF16` is accepted where
+//!   the GPU consumes it (`matmul`, `embedding_fwd`, `cast`, `adamw_step`'s copy) and computed in
+//!   f32. Statistics (rstd, lse, norms, losses) are f32, or f64 for f64 inputs.
+//! - Reductions are deterministic: no result depends on the number of threads or on scheduling.
+
+use crate::{DType, Device, Result, Tensor};
+
+/// Whether a GEMM operand is used as stored or transposed (its last two axes swapped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transpose {
+    No,
+    Yes,
+}
+
+/// `out = alpha · op(a) · op(b) (+ bias) (+ beta · out)` — the GEMM epilogue options.
+#[derive(Clone, Copy, Debug)]
+pub struct Matmul {
+    pub trans_a: Transpose,
+    pub trans_b: Transpose,
+    pub alpha: f32,
+    /// Only used by `matmul_into`: the factor on the existing contents of `out`.
+    pub beta: f32,
+}
+
+impl Matmul {
+    /// `a · b`.
+    pub const NN: Matmul = Matmul { trans_a: Transpose::No, trans_b: Transpose::No, alpha: 1.0, beta: 0.0 };
+    /// `a · bᵀ` (a Linear layer with `b` = weight `[out, in]`).
+    pub const NT: Matmul = Matmul { trans_a: Transpose::No, trans_b: Transpose::Yes, alpha: 1.0, beta: 0.0 };
+    /// `aᵀ · b` (weight gradients).
+    pub const TN: Matmul = Matmul { trans_a: Transpose::Yes, trans_b: Transpose::No, alpha: 1.0, beta: 0.0 };
+
+    /// The same product, accumulated into the output (`beta = 1`).
+    pub const fn accumulate(self) -> Matmul {
+        Matmul { beta: 1.0, ..self }
+    }
+}
+
+/// Options of the fused lm_head projection + cross entropy.
+#[derive(Clone, Copy, Debug)]
+pub struct CrossEntropy {
+    /// Targets equal to this are not counted (no loss, no gradient).
+    pub ignore_index: i64,
+    /// Tokens per chunk: at most `chunk_tokens × vocab` logits exist at once.
+    pub chunk_tokens: usize,
+}
+
+/// What `lm_head_ce_fwd` returns.
+#[derive(Clone, Debug)]
+pub struct CrossEntropyOut {
+    /// `[1]`: the SUM of the negative log-likelihoods of the counted targets.
+    pub loss_sum: Tensor,
+    /// `[N]`: the log-sum-exp of each token's logits (0 for ignored tokens), saved for backward.
+    pub lse: Tensor,
+    /// The number of counted (not ignored) targets.
+    pub count: usize,
+}
+
+/// One parameter of a multi-tensor AdamW step. All buffers are updated in place.
+#[derive(Clone, Debug)]
+pub struct AdamWParam {
+    /// fp32 master weights.
+    pub param: Tensor,
+    /// fp32 gradient (read only).
+    pub grad: Tensor,
+    /// fp32 first moment.
+    pub m: Tensor,
+    /// fp32 second moment.
+    pub v: Tensor,
+    /// Decoupled weight decay for this tensor (0 for none).
+    pub weight_decay: f32,
+    /// Optional bf16 copy of the updated weights, written in the same pass.
+    pub copy: Option<Tensor>,
+}
+
+/// Hyper-parameters of one AdamW step (PyTorch `torch.optim.AdamW` semantics).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+    /// Every gradient is multiplied by this first (global-norm clipping, loss scaling).
+    pub grad_scale: f32,
+}
+
+/// The op set. See the module docs for the conventions every implementation follows.
+pub trait Backend: Send + Sync {
+    /// The device this backend computes on.
+    fn device(&self) -> Device;
+
+    /// A short human-readable name ("cpu", "cuda:0 (H200)", "emu").
+    fn name(&self) -> String;
+
+    // ---- memory ------------------------------------------------------------------------------
+
+    /// A zero-filled tensor on this device.
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    /// Sets every element of `t` to `value` (used to poison outputs in tests, and to zero).
+    fn fill(&self, t: &Tensor, value: f64) -> Result<()>;
+    /// Copies a CPU tensor to this device.
+    fn upload(&self, host: &Tensor) -> Result<Tensor>;
+    /// Copies a tensor of this device to the CPU.
+    fn download(&self, t: &Tensor) -> Result<Tensor>;
+    /// A new tensor with the same contents.
+    fn copy(&self, t: &Tensor) -> Result<Tensor>;
+    /// A new tensor of `dtype` (floats round to nearest even; float→int truncates toward zero).
+    fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor>;
+    /// Waits until all queued work has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- elementwise ------------------------------------------------------------------------
+
+    /// `a + b` (same shape).
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// `dst += src` (same shape), in place.
+    fn add_assign(&self, dst: &Tensor, src: &Tensor) -> Result<()>;
+    /// `alpha · x`.
+    fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor>;
+    /// `s · x` with a learned one-element tensor `s`.
+    fn scale_by_fwd(&self, x: &Tensor, s: &Tensor) -> Result<Tensor>;
+    /// Backward of `scale_by`: `dx += s · dy`, `ds += Σ x ⊙ dy`.
+    fn scale_by_bwd(&self, x: &Tensor, s: &Tensor, dy: &Tensor, dx: &Tensor, ds: &Tensor) -> Result<()>;
+    /// `silu(a) ⊙ b` with `silu(a) = a · σ(a)`.
+    fn swiglu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// Backward of `swiglu`: `da += dy ⊙ b ⊙ silu'(a)`, `db += dy ⊙ silu(a)`.
+    fn swiglu_bwd(&self, a: &Tensor, b: &Tensor, dy: &Tensor, da: &Tensor, db: &Tensor) -> Result<()>;
+
+    // ---- layout -----------------------------------------------------------------------------
+
+    /// `[A, B, C] → [B, A, C]` (a 2-D transpose when `C = 1`). Its own backward.
+    fn transpose01(&self, x: &Tensor) -> Result<Tensor>;
+    /// Rows `start .. start + len` of the first axis, as a new tensor.
+    fn slice0(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor>;
+    /// `dst[start .. start + src.shape[0]] += src` along the first axis (backward of `slice0` and
+    /// of `concat0`).
+    fn slice0_bwd(&self, dy: &Tensor, dx: &Tensor, start: usize) -> Result<()>;
+    /// Concatenation along the first axis.
+    fn concat0(&self, parts: &[&Tensor]) -> Result<Tensor>;
+
+    // ---- linear algebra ---------------------------------------------------------------------
+
+    /// `alpha · op(a) · op(b) + bias`. `a` is `[…, m, k]` (`[…, k, m]` transposed), `b` is
+    /// `[…, k, n]` (`[…, n, k]` transposed); leading axes are batch axes, and a batch of one on
+    /// either side is broadcast. `bias` is `[n]`. The result has dtype `out` (default: `a`'s).
+    fn matmul(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, spec: Matmul, out: Option<DType>) -> Result<Tensor>;
+    /// `out = alpha · op(a) · op(b) + beta · out`, in place (weight gradients with `beta = 1`).
+    /// When `b` is broadcast over `a`'s batch but `out` has no batch axis, the batch products
+    /// are summed into `out`.
+    fn matmul_into(&self, a: &Tensor, b: &Tensor, spec: Matmul, out: &Tensor) -> Result<()>;
+    /// `out[c] += Σ_r x[r, c]` over all leading axes (bias gradients).
+    fn sum_rows_into(&self, x: &Tensor, out: &Tensor) -> Result<()>;
+
+    // ---- embedding --------------------------------------------------------------------------
+
+    /// Rows of `table [V, H]` selected by integer `ids [...]`: `[..., H]`.
+    fn embedding_fwd(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor>;
+    /// `dtable[ids[i]] += dy[i]`, accumulated per row in token order (deterministic).
+    fn embedding_bwd(&self, ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Result<()>;
+
+    // ---- normalisation ----------------------------------------------------------------------
+
+    /// RMSNorm over the last axis: `y = w ⊙ x · rstd`, `rstd = 1/sqrt(mean(x²) + eps)`.
+    /// Returns `(y, rstd [...])`.
+    fn rms_norm_fwd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)>;
+    /// Backward of RMSNorm given the saved `rstd`: `dx += …`, `dw += Σ dy ⊙ x · rstd`.
+    fn rms_norm_bwd(&self, x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dx: &Tensor, dw: &Tensor) -> Result<()>;
+    /// The residual add fused with RMSNorm: `sum = x + r`, `y = rms_norm(sum)`.
+    /// Returns `(sum, y, rstd)`.
+    fn add_rms_norm_fwd(&self, x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)>;
+    /// Backward of `add_rms_norm`: with `g = dsum + rms_norm_bwd(dy)`, `dx += g`, `dr += g`,
+    /// `dw += …`. `dsum` is the gradient that reached `sum` directly (the residual stream), if any.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_bwd(
+        &self,
+        sum: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        dsum: Option<&Tensor>,
+        dx: &Tensor,
+        dr: &Tensor,
+        dw: &Tensor,
+    ) -> Result<()>;
+    /// `y = x / max(‖x‖₂, eps)` along `axis` (torch `F.normalize`). Returns `(y, norm)` where
+    /// `norm` has `x`'s shape without `axis`.
+    fn l2_normalize_fwd(&self, x: &Tensor, axis: usize, eps: f64) -> Result<(Tensor, Tensor)>;
+    /// Backward of `l2_normalize` from the saved `y` and `norm`.
+    fn l2_normalize_bwd(&self, y: &Tensor, norm: &Tensor, dy: &Tensor, axis: usize, eps: f64, dx: &Tensor) -> Result<()>;
+
+    // ---- softmax ----------------------------------------------------------------------------
+
+    /// Softmax along `axis` (the last axis for the combine weights, the token axis for the
+    /// soft-MoE dispatch weights), with max subtraction.
+    fn softmax_fwd(&self, x: &Tensor, axis: usize) -> Result<Tensor>;
+    /// `dx += y ⊙ (dy − Σ_axis y ⊙ dy)`.
+    fn softmax_bwd(&self, y: &Tensor, dy: &Tensor, axis: usize, dx: &Tensor) -> Result<()>;
+
+    // ---- position encoding and attention ----------------------------------------------------
+
+    /// Rotary embedding on `x [B, T, H, D]` in the rotate_half layout (dimension j pairs with
+    /// j + D/2), angles `(t + pos_offset) · theta^(−2j/D)` computed in f32.
+    fn rope_fwd(&self, x: &Tensor, theta: f64, pos_offset: usize) -> Result<Tensor>;
+    /// The inverse rotation: `dx += Rᵀ dy`.
+    fn rope_bwd(&self, dy: &Tensor, theta: f64, pos_offset: usize, dx: &Tensor) -> Result<()>;
+    /// Causal attention. `q [B, Tq, Hq, D]`, `k, v [B, Tk, Hkv, D]` with `Tq ≤ Tk`, `Hkv | Hq`;
+    /// query i sits at position `Tk − Tq + i` and sees keys `0 ..= Tk − Tq + i` (KV-cache
+    /// decoding is `Tq < Tk`). Query head h reads KV head `h / (Hq / Hkv)`.
+    /// Returns `(o [B, Tq, Hq, D], lse [B, Hq, Tq])` where lse is the log-sum-exp of the scaled
+    /// scores.
+    fn attention_fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)>;
+    /// Backward of attention from the saved output and lse: `dq, dk, dv += …`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+        scale: f64,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+    ) -> Result<()>;
+
+    // ---- loss ---------------------------------------------------------------------------------
+
+    /// The lm_head projection fused with softmax cross entropy: for `x [N, H]`, `w [V, H]`,
+    /// integer `targets [N]`, the logits `x wᵀ` are formed `chunk_tokens` rows at a time and
+    /// never exist whole.
+    fn lm_head_ce_fwd(&self, x: &Tensor, w: &Tensor, targets: &Tensor, spec: CrossEntropy) -> Result<CrossEntropyOut>;
+    /// Backward: with `g = dloss[0] · scale`, `dlogits = g · (softmax − onehot)` on counted
+    /// rows (0 on ignored ones), `dx += dlogits · w`, `dw += dlogitsᵀ · x`. `scale` is usually
+    /// 1 / (number of counted targets of the whole batch).
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_ce_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        lse: &Tensor,
+        dloss: &Tensor,
+        scale: f64,
+        spec: CrossEntropy,
+        dx: &Tensor,
+        dw: &Tensor,
+    ) -> Result<()>;
+
+    // ---- optimizer ----------------------------------------------------------------------------
+
+    /// One multi-tensor AdamW step over every parameter of `params`, in place.
+    fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()>;
+    /// `sqrt(Σ_t Σ_i t_i²)` over all tensors, accumulated in f64 in a fixed order.
+    fn global_norm(&self, tensors: &[&Tensor]) -> Result<f64>;
+}

@@ -1,0 +1,417 @@
+//! The CPU backend: the reference implementation of every op.
+//!
+//! Clarity first, then speed: each op lives in its own file with the formula it computes.
+//! Parallelism (rayon) never changes a result: elementwise work is split into fixed chunks,
+//! per-row reductions run sequentially inside one task, and reductions across rows combine
+//! fixed-size blocks of partial sums in block order. GEMMs are tiled over output rows and
+//! columns by a rule that depends only on the shape (never on the thread count), and no tile
+//! splits the reduction dimension. Results are therefore bit-identical at any thread count.
+
+mod adamw;
+mod attention;
+mod elementwise;
+mod embedding;
+pub(crate) mod gemm;
+mod l2_normalize;
+mod layout;
+mod lm_head_ce;
+mod matmul;
+mod rms_norm;
+mod rope;
+mod softmax;
+
+use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};
+use crate::{CpuStorage, DType, Device, Element, Error, Result, Tensor};
+
+/// Traits the op bodies use on concrete float types.
+pub(crate) mod prelude {
+    pub(crate) use super::Float;
+    pub(crate) use crate::Element;
+    pub(crate) use num_traits::{Float as _, One, Zero};
+}
+
+/// Elements per task in elementwise loops.
+pub(crate) const ELEM_CHUNK: usize = 1 << 14;
+/// Rows per block of partial sums in reductions across rows.
+pub(crate) const ROW_BLOCK: usize = 64;
+
+/// Floating-point element types the CPU computes in.
+pub(crate) trait Float:
+    num_traits::Float
+    + Element
+    + Default
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + std::iter::Sum
+{
+    fn from_f32(v: f32) -> Self;
+}
+impl Float for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Float for f64 {
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+}
+
+/// Runs `$body` with `$T` bound to the Rust type of a float dtype (F32 or F64).
+macro_rules! with_float {
+    ($op:expr, $dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => {
+                #[allow(unused_imports)]
+                use $crate::cpu::prelude::*;
+                type $T = f32;
+                $body
+            }
+            $crate::DType::F64 => {
+                #[allow(unused_imports)]
+                use $crate::cpu::prelude::*;
+                type $T = f64;
+                $body
+            }
+            other => Err($crate::Error::DType {
+                op: $op,
+                dtype: other,
+                msg: "this op computes in F32 or F64 on the CPU; cast first".into(),
+            }),
+        }
+    };
+}
+pub(crate) use with_float;
+
+/// Runs `$body` with `$T` bound to the Rust type of any dtype.
+macro_rules! with_any {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => {
+                #[allow(unused_imports)]
+                use $crate::Element as _;
+                type $T = f32;
+                $body
+            }
+            $crate::DType::F64 => {
+                #[allow(unused_imports)]
+                use $crate::Element as _;
+                type $T = f64;
+                $body
+            }
+            $crate::DType::BF16 => {
+                #[allow(unused_imports)]
+                use $crate::Element as _;
+                type $T = half::bf16;
+                $body
+            }
+            $crate::DType::I32 => {
+                #[allow(unused_imports)]
+                use $crate::Element as _;
+                type $T = i32;
+                $body
+            }
+            $crate::DType::U16 => {
+                #[allow(unused_imports)]
+                use $crate::Element as _;
+                type $T = u16;
+                $body
+            }
+            $crate::DType::U32 => {
+                #[allow(unused_imports)]
+                use $crate::Element as _;
+                type $T = u32;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_any;
+
+/// A raw pointer that tasks may share. Every use states why the tasks' writes are disjoint.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+// SAFETY: only used to hand disjoint regions of one buffer to parallel tasks; each use site
+// documents the disjointness.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+pub(crate) fn check_cpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    for t in ts {
+        if t.device() != Device::Cpu {
+            return Err(Error::Device { op, expected: Device::Cpu, found: t.device() });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn same_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
+    let d = ts[0].dtype();
+    for t in &ts[1..] {
+        if t.dtype() != d {
+            return Err(Error::dtype(op, t.dtype(), format!("all float operands must be {d}")));
+        }
+    }
+    Ok(d)
+}
+
+pub(crate) fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(Error::shape(op, format!("{:?} vs {:?}", a.shape(), b.shape())));
+    }
+    Ok(())
+}
+
+/// Outputs written in place must not share storage with each other or with any input.
+pub(crate) fn distinct(op: &'static str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
+    for (i, o) in outs.iter().enumerate() {
+        for other in outs[i + 1..].iter().chain(ins.iter()) {
+            if o.shares_storage(other) {
+                return Err(Error::invalid(op, "an output buffer shares storage with another operand"));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn slice<'a, T: Element>(op: &'static str, s: &'a CpuStorage) -> Result<&'a [T]> {
+    s.as_slice::<T>()
+        .ok_or_else(|| Error::dtype(op, s.dtype(), format!("expected {}", T::DTYPE)))
+}
+
+pub(crate) fn slice_mut<'a, T: Element>(op: &'static str, s: &'a mut CpuStorage) -> Result<&'a mut [T]> {
+    let d = s.dtype();
+    s.as_mut_slice::<T>().ok_or_else(|| Error::dtype(op, d, format!("expected {}", T::DTYPE)))
+}
+
+/// Integer ids as `usize`, each checked against `limit`.
+pub(crate) fn ids_as_usize(op: &'static str, ids: &Tensor, limit: usize) -> Result<Vec<usize>> {
+    let g = ids.cpu_read()?;
+    let raw: Vec<i64> = match &*g {
+        CpuStorage::I32(v) => v.iter().map(|&x| x as i64).collect(),
+        CpuStorage::U32(v) => v.iter().map(|&x| x as i64).collect(),
+        CpuStorage::U16(v) => v.iter().map(|&x| x as i64).collect(),
+        other => return Err(Error::dtype(op, other.dtype(), "ids must be I32, U32 or U16")),
+    };
+    raw.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if x < 0 || x as usize >= limit {
+                Err(Error::invalid(op, format!("id {x} at position {i} is outside 0..{limit}")))
+            } else {
+                Ok(x as usize)
+            }
+        })
+        .collect()
+}
+
+/// The CPU backend. Threads come from the rayon pool the caller runs in (the global pool by
+/// default; `ThreadPool::install` to pin a count).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Ok(Tensor::zeros(shape, dtype))
+    }
+
+    fn fill(&self, t: &Tensor, value: f64) -> Result<()> {
+        elementwise::fill(t, value)
+    }
+
+    fn upload(&self, host: &Tensor) -> Result<Tensor> {
+        host.deep_copy()
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        t.deep_copy()
+    }
+
+    fn copy(&self, t: &Tensor) -> Result<Tensor> {
+        t.deep_copy()
+    }
+
+    fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        elementwise::cast(t, dtype)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::add(a, b)
+    }
+
+    fn add_assign(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        elementwise::add_assign(dst, src)
+    }
+
+    fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor> {
+        elementwise::scale(x, alpha)
+    }
+
+    fn scale_by_fwd(&self, x: &Tensor, s: &Tensor) -> Result<Tensor> {
+        elementwise::scale_by_fwd(x, s)
+    }
+
+    fn scale_by_bwd(&self, x: &Tensor, s: &Tensor, dy: &Tensor, dx: &Tensor, ds: &Tensor) -> Result<()> {
+        elementwise::scale_by_bwd(x, s, dy, dx, ds)
+    }
+
+    fn swiglu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::swiglu_fwd(a, b)
+    }
+
+    fn swiglu_bwd(&self, a: &Tensor, b: &Tensor, dy: &Tensor, da: &Tensor, db: &Tensor) -> Result<()> {
+        elementwise::swiglu_bwd(a, b, dy, da, db)
+    }
+
+    fn transpose01(&self, x: &Tensor) -> Result<Tensor> {
+        layout::transpose01(x)
+    }
+
+    fn slice0(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        layout::slice0(x, start, len)
+    }
+
+    fn slice0_bwd(&self, dy: &Tensor, dx: &Tensor, start: usize) -> Result<()> {
+        layout::slice0_bwd(dy, dx, start)
+    }
+
+    fn concat0(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        layout::concat0(parts)
+    }
+
+    fn matmul(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, spec: Matmul, out: Option<DType>) -> Result<Tensor> {
+        matmul::matmul(a, b, bias, spec, out)
+    }
+
+    fn matmul_into(&self, a: &Tensor, b: &Tensor, spec: Matmul, out: &Tensor) -> Result<()> {
+        matmul::matmul_into(a, b, spec, out)
+    }
+
+    fn sum_rows_into(&self, x: &Tensor, out: &Tensor) -> Result<()> {
+        matmul::sum_rows_into(x, out)
+    }
+
+    fn embedding_fwd(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+        embedding::embedding_fwd(ids, table)
+    }
+
+    fn embedding_bwd(&self, ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Result<()> {
+        embedding::embedding_bwd(ids, dy, dtable)
+    }
+
+    fn rms_norm_fwd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        rms_norm::rms_norm_fwd(x, w, eps)
+    }
+
+    fn rms_norm_bwd(&self, x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dx: &Tensor, dw: &Tensor) -> Result<()> {
+        rms_norm::rms_norm_bwd(x, w, rstd, dy, None, &[dx], dw)
+    }
+
+    fn add_rms_norm_fwd(&self, x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        rms_norm::add_rms_norm_fwd(x, r, w, eps)
+    }
+
+    fn add_rms_norm_bwd(
+        &self,
+        sum: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        dsum: Option<&Tensor>,
+        dx: &Tensor,
+        dr: &Tensor,
+        dw: &Tensor,
+    ) -> Result<()> {
+        rms_norm::rms_norm_bwd(sum, w, rstd, dy, dsum, &[dx, dr], dw)
+    }
+
+    fn l2_normalize_fwd(&self, x: &Tensor, axis: usize, eps: f64) -> Result<(Tensor, Tensor)> {
+        l2_normalize::l2_normalize_fwd(x, axis, eps)
+    }
+
+    fn l2_normalize_bwd(&self, y: &Tensor, norm: &Tensor, dy: &Tensor, axis: usize, eps: f64, dx: &Tensor) -> Result<()> {
+        l2_normalize::l2_normalize_bwd(y, norm, dy, axis, eps, dx)
+    }
+
+    fn softmax_fwd(&self, x: &Tensor, axis: usize) -> Result<Tensor> {
+        softmax::softmax_fwd(x, axis)
+    }
+
+    fn softmax_bwd(&self, y: &Tensor, dy: &Tensor, axis: usize, dx: &Tensor) -> Result<()> {
+        softmax::softmax_bwd(y, dy, axis, dx)
+    }
+
+    fn rope_fwd(&self, x: &Tensor, theta: f64, pos_offset: usize) -> Result<Tensor> {
+        rope::rope_fwd(x, theta, pos_offset)
+    }
+
+    fn rope_bwd(&self, dy: &Tensor, theta: f64, pos_offset: usize, dx: &Tensor) -> Result<()> {
+        rope::rope_bwd(dy, theta, pos_offset, dx)
+    }
+
+    fn attention_fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+        attention::attention_fwd(q, k, v, scale)
+    }
+
+    fn attention_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+        scale: f64,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+    ) -> Result<()> {
+        attention::attention_bwd(q, k, v, o, lse, d_o, scale, dq, dk, dv)
+    }
+
+    fn lm_head_ce_fwd(&self, x: &Tensor, w: &Tensor, targets: &Tensor, spec: CrossEntropy) -> Result<CrossEntropyOut> {
+        lm_head_ce::lm_head_ce_fwd(x, w, targets, spec)
+    }
+
+    fn lm_head_ce_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        lse: &Tensor,
+        dloss: &Tensor,
+        scale: f64,
+        spec: CrossEntropy,
+        dx: &Tensor,
+        dw: &Tensor,
+    ) -> Result<()> {
+        lm_head_ce::lm_head_ce_bwd(x, w, targets, lse, dloss, scale, spec, dx, dw)
+    }
+
+    fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()> {
+        adamw::adamw_step(params, hp)
+    }
+
+    fn global_norm(&self, tensors: &[&Tensor]) -> Result<f64> {
+        adamw::global_norm(tensors)
+    }
+}

@@ -1,0 +1,20 @@
+//! Steel's runtime: devices, dtypes, contiguous tensors and the `Backend` op set.
+//!
+//! The `Backend` trait (see [`backend`]) is the complete list of operations the model and the
+//! trainer use, as explicit forward/backward pairs. [`cpu::CpuBackend`] implements all of them in
+//! plain Rust (rayon for threads, the `gemm` crate for matrix products); it is the semantic
+//! reference every GPU kernel is tested against, and it is deterministic at any thread count.
+
+pub mod backend;
+pub mod cpu;
+mod device;
+mod dtype;
+mod error;
+mod tensor;
+
+pub use backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul, Transpose};
+pub use device::Device;
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use half::bf16;
+pub use tensor::{CpuStorage, Tensor};

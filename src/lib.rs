@@ -1,0 +1,1 @@
+//! Steel: end-to-end tests live in tests/.
