@@ -1,0 +1,397 @@
+//! Differentiable ops on the tape. Each forwards to the backend's forward op and records the
+//! backend's backward op with the tensors it needs.
+
+use crate::tape::{BackwardCtx, Tape, Var};
+use crate::{Error, Result};
+use steel_runtime::{Backend, CrossEntropy, Matmul, Tensor, Transpose};
+
+/// Options of the fused lm_head + cross-entropy loss.
+#[derive(Clone, Copy, Debug)]
+pub struct LossOptions {
+    pub ce: CrossEntropy,
+    /// The loss is `Σ nll / normalizer`. `None` means the number of counted targets of this
+    /// call (or 1 when there are none); the trainer passes the count of the whole global batch
+    /// so that micro-batches and ranks add up to the token-weighted mean.
+    pub normalizer: Option<f64>,
+}
+
+fn one(v: Vec<Var>) -> Var {
+    v[0]
+}
+
+/// Splits `t` (`[batch, …]` with `batch` entries) into per-entry tensors.
+fn batch_entries(be: &dyn Backend, t: &Tensor, batch: usize) -> Result<Vec<Tensor>> {
+    let per = t.numel() / batch;
+    let s = t.shape();
+    let mat = [s[s.len() - 2], s[s.len() - 1]];
+    let flat = t.reshape(&[batch, per])?;
+    (0..batch).map(|i| Ok(be.slice0(&flat, i, 1)?.reshape(&mat)?)).collect()
+}
+
+fn flip(t: Transpose) -> Transpose {
+    match t {
+        Transpose::No => Transpose::Yes,
+        Transpose::Yes => Transpose::No,
+    }
+}
+
+fn batch_of(t: &Tensor) -> usize {
+    t.shape()[..t.dims().saturating_sub(2)].iter().product()
+}
+
+/// `dA += alpha · dC · op(B)ᵀ` (as stored: transposed again when `trans_a`), summing over the
+/// batch when A was broadcast.
+fn matmul_grad_a(be: &dyn Backend, spec: Matmul, a: &Tensor, b: &Tensor, dc: &Tensor, da: &Tensor) -> Result<()> {
+    let (ba, bb) = (batch_of(a), batch_of(b));
+    let batch = ba.max(bb);
+    let grad_spec = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
+    // Stored dA = dC·op(B)ᵀ, or (dC·op(B)ᵀ)ᵀ = op(B)·dCᵀ when A is stored transposed.
+    let run = |dc: &Tensor, b: &Tensor, da: &Tensor| -> Result<()> {
+        if spec.trans_a == Transpose::No {
+            be.matmul_into(dc, b, grad_spec(Transpose::No, flip(spec.trans_b)), da)?;
+        } else {
+            be.matmul_into(b, dc, grad_spec(spec.trans_b, Transpose::Yes), da)?;
+        }
+        Ok(())
+    };
+    if ba == batch || batch == 1 {
+        run(dc, b, da)
+    } else {
+        // A broadcast over B's batch: accumulate each batch entry's product.
+        let dcs = batch_entries(be, dc, batch)?;
+        let bs = batch_entries(be, b, batch)?;
+        let da2 = da.reshape(&a.shape()[a.dims() - 2..])?;
+        for (dc, b) in dcs.iter().zip(&bs) {
+            run(dc, b, &da2)?;
+        }
+        Ok(())
+    }
+}
+
+/// `dB += alpha · op(A)ᵀ · dC` (as stored), summing over the batch when B was broadcast.
+fn matmul_grad_b(be: &dyn Backend, spec: Matmul, a: &Tensor, b: &Tensor, dc: &Tensor, db: &Tensor) -> Result<()> {
+    let (ba, bb) = (batch_of(a), batch_of(b));
+    let batch = ba.max(bb);
+    let grad_spec = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
+    // Stored dB = op(A)ᵀ·dC, or dCᵀ·op(A) when B is stored transposed.
+    let run = |a: &Tensor, dc: &Tensor, db: &Tensor| -> Result<()> {
+        if spec.trans_b == Transpose::No {
+            be.matmul_into(a, dc, grad_spec(flip(spec.trans_a), Transpose::No), db)?;
+        } else {
+            be.matmul_into(dc, a, grad_spec(Transpose::Yes, spec.trans_a), db)?;
+        }
+        Ok(())
+    };
+    if bb == batch || batch == 1 {
+        run(a, dc, db)
+    } else if spec.trans_a == Transpose::No && spec.trans_b == Transpose::No {
+        // B broadcast, A not transposed: the batch folds into A's rows.
+        let (m, k, n) = (a.shape()[a.dims() - 2], a.shape()[a.dims() - 1], dc.shape()[dc.dims() - 1]);
+        let a2 = a.reshape(&[batch * m, k])?;
+        let dc2 = dc.reshape(&[batch * m, n])?;
+        run(&a2, &dc2, db)
+    } else {
+        let dcs = batch_entries(be, dc, batch)?;
+        let as_ = batch_entries(be, a, batch)?;
+        let db2 = db.reshape(&b.shape()[b.dims() - 2..])?;
+        for (a, dc) in as_.iter().zip(&dcs) {
+            run(a, dc, &db2)?;
+        }
+        Ok(())
+    }
+}
+
+impl Tape {
+    /// `alpha · op(a) · op(b) (+ bias)`, batched as `Backend::matmul`.
+    pub fn matmul(&mut self, a: Var, b: Var, bias: Option<Var>, spec: Matmul) -> Result<Var> {
+        let (at, bt) = (self.value(a)?.clone(), self.value(b)?.clone());
+        let biast = match bias {
+            Some(v) => Some(self.value(v)?.clone()),
+            None => None,
+        };
+        let spec = Matmul { beta: 0.0, ..spec };
+        let out = self.backend().matmul(&at, &bt, biast.as_ref(), spec, None)?;
+        let mut inputs = vec![a, b];
+        inputs.extend(bias);
+        let has_bias = bias.is_some();
+        self.record("matmul", &inputs, vec![out], move |ctx: &mut BackwardCtx<'_>| {
+            let Some(dc) = ctx.out_grad(0).cloned() else { return Ok(()) };
+            let dc = dc.reshape(&matmul_out_shape(&at, &bt, spec))?;
+            if ctx.needs(0) {
+                let da = ctx.grad(0)?;
+                matmul_grad_a(ctx.backend(), spec, &at, &bt, &dc, &da)?;
+            }
+            if ctx.needs(1) {
+                let db = ctx.grad(1)?;
+                matmul_grad_b(ctx.backend(), spec, &at, &bt, &dc, &db)?;
+            }
+            if has_bias && ctx.needs(2) {
+                let dbias = ctx.grad(2)?;
+                ctx.backend().sum_rows_into(&dc, &dbias)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// A Linear layer: `x [.., in] · wᵀ (+ bias)` with `w [out, in]` (HF layout).
+    pub fn linear(&mut self, x: Var, w: Var, bias: Option<Var>) -> Result<Var> {
+        let xs = self.value(x)?.shape().to_vec();
+        let inner = *xs.last().ok_or_else(|| Error::Tape("linear: x has no axes".into()))?;
+        let rows = xs[..xs.len() - 1].iter().product();
+        let x2 = self.reshape(x, &[rows, inner])?;
+        let y = self.matmul(x2, w, bias, Matmul::NT)?;
+        let out = self.value(y)?.shape()[1];
+        let mut ys = xs[..xs.len() - 1].to_vec();
+        ys.push(out);
+        self.reshape(y, &ys)
+    }
+
+    /// The same values under another shape.
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
+        let out = self.value(x)?.reshape(shape)?;
+        self.record("reshape", &[x], vec![out], |ctx| {
+            let dy = ctx.out_grad(0).cloned();
+            if let Some(dy) = dy {
+                let dx = ctx.grad(0)?;
+                ctx.backend().add_assign(&dx, &dy)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let out = self.backend().add(self.value(a)?, self.value(b)?)?;
+        self.record("add", &[a, b], vec![out], |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                for i in 0..2 {
+                    if ctx.needs(i) {
+                        let d = ctx.grad(i)?;
+                        ctx.backend().add_assign(&d, &dy)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// `alpha · x` for a constant alpha.
+    pub fn scale(&mut self, x: Var, alpha: f64) -> Result<Var> {
+        let out = self.backend().scale(self.value(x)?, alpha)?;
+        self.record("scale", &[x], vec![out], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let dx = ctx.grad(0)?;
+                let t = ctx.backend().scale(&dy, alpha)?;
+                ctx.backend().add_assign(&dx, &t)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// `s · x` with a learned one-element `s`.
+    pub fn scale_by(&mut self, x: Var, s: Var) -> Result<Var> {
+        let (xt, st) = (self.value(x)?.clone(), self.value(s)?.clone());
+        let out = self.backend().scale_by_fwd(&xt, &st)?;
+        self.record("scale_by", &[x, s], vec![out], move |ctx| {
+            let dy = ctx.out_grad_or_zeros(0, &xt)?;
+            let (dx, ds) = (ctx.grad(0)?, ctx.grad(1)?);
+            ctx.backend().scale_by_bwd(&xt, &st, &dy, &dx, &ds)?;
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// `silu(a) ⊙ b`.
+    pub fn swiglu(&mut self, a: Var, b: Var) -> Result<Var> {
+        let (at, bt) = (self.value(a)?.clone(), self.value(b)?.clone());
+        let out = self.backend().swiglu_fwd(&at, &bt)?;
+        self.record("swiglu", &[a, b], vec![out], move |ctx| {
+            let dy = ctx.out_grad_or_zeros(0, &at)?;
+            let (da, db) = (ctx.grad(0)?, ctx.grad(1)?);
+            ctx.backend().swiglu_bwd(&at, &bt, &dy, &da, &db)?;
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// `[A, B, C] → [B, A, C]` (2-D: a transpose).
+    pub fn transpose01(&mut self, x: Var) -> Result<Var> {
+        let out = self.backend().transpose01(self.value(x)?)?;
+        self.record("transpose01", &[x], vec![out], |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let dx = ctx.grad(0)?;
+                let t = ctx.backend().transpose01(&dy)?;
+                ctx.backend().add_assign(&dx, &t)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// Rows `start .. start + len` of the first axis.
+    pub fn slice0(&mut self, x: Var, start: usize, len: usize) -> Result<Var> {
+        let out = self.backend().slice0(self.value(x)?, start, len)?;
+        self.record("slice0", &[x], vec![out], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let dx = ctx.grad(0)?;
+                ctx.backend().slice0_bwd(&dy, &dx, start)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// Concatenation along the first axis.
+    pub fn concat0(&mut self, parts: &[Var]) -> Result<Var> {
+        let ts: Vec<Tensor> = parts.iter().map(|&v| self.value(v).cloned()).collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let out = self.backend().concat0(&refs)?;
+        let rows: Vec<usize> = ts.iter().map(|t| t.shape()[0]).collect();
+        self.record("concat0", parts, vec![out], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let mut start = 0;
+                for (i, &r) in rows.iter().enumerate() {
+                    if ctx.needs(i) {
+                        let part = ctx.backend().slice0(&dy, start, r)?;
+                        let dx = ctx.grad(i)?;
+                        ctx.backend().add_assign(&dx, &part)?;
+                    }
+                    start += r;
+                }
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// Rows of `table [V, H]` for the integer `ids` (not differentiable).
+    pub fn embedding(&mut self, ids: &Tensor, table: Var) -> Result<Var> {
+        let out = self.backend().embedding_fwd(ids, self.value(table)?)?;
+        let ids = ids.clone();
+        self.record("embedding", &[table], vec![out], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let dt = ctx.grad(0)?;
+                ctx.backend().embedding_bwd(&ids, &dy, &dt)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// RMSNorm over the last axis.
+    pub fn rms_norm(&mut self, x: Var, w: Var, eps: f64) -> Result<Var> {
+        let (xt, wt) = (self.value(x)?.clone(), self.value(w)?.clone());
+        let (y, rstd) = self.backend().rms_norm_fwd(&xt, &wt, eps)?;
+        self.record("rms_norm", &[x, w], vec![y], move |ctx| {
+            let dy = ctx.out_grad_or_zeros(0, &xt)?;
+            let (dx, dw) = (ctx.grad(0)?, ctx.grad(1)?);
+            ctx.backend().rms_norm_bwd(&xt, &wt, &rstd, &dy, &dx, &dw)?;
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// The residual add fused with RMSNorm: returns `(x + r, rms_norm(x + r))`.
+    pub fn add_rms_norm(&mut self, x: Var, r: Var, w: Var, eps: f64) -> Result<(Var, Var)> {
+        let (xt, rt, wt) = (self.value(x)?.clone(), self.value(r)?, self.value(w)?.clone());
+        let (sum, y, rstd) = self.backend().add_rms_norm_fwd(&xt, rt, &wt, eps)?;
+        let saved = sum.clone();
+        let outs = self.record("add_rms_norm", &[x, r, w], vec![sum, y], move |ctx| {
+            let dsum = ctx.out_grad(0).cloned();
+            let dy = ctx.out_grad_or_zeros(1, &saved)?;
+            let (dx, dr, dw) = (ctx.grad(0)?, ctx.grad(1)?, ctx.grad(2)?);
+            ctx.backend().add_rms_norm_bwd(&saved, &wt, &rstd, &dy, dsum.as_ref(), &dx, &dr, &dw)?;
+            Ok(())
+        })?;
+        Ok((outs[0], outs[1]))
+    }
+
+    /// `x / max(‖x‖₂, eps)` along `axis`.
+    pub fn l2_normalize(&mut self, x: Var, axis: usize, eps: f64) -> Result<Var> {
+        let (y, norm) = self.backend().l2_normalize_fwd(self.value(x)?, axis, eps)?;
+        let ys = y.clone();
+        self.record("l2_normalize", &[x], vec![y], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let dx = ctx.grad(0)?;
+                ctx.backend().l2_normalize_bwd(&ys, &norm, &dy, axis, eps, &dx)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// Softmax along `axis`.
+    pub fn softmax(&mut self, x: Var, axis: usize) -> Result<Var> {
+        let y = self.backend().softmax_fwd(self.value(x)?, axis)?;
+        let ys = y.clone();
+        self.record("softmax", &[x], vec![y], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let dx = ctx.grad(0)?;
+                ctx.backend().softmax_bwd(&ys, &dy, axis, &dx)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// Rotary embedding on `[B, T, H, D]` at positions `pos_offset ..`.
+    pub fn rope(&mut self, x: Var, theta: f64, pos_offset: usize) -> Result<Var> {
+        let y = self.backend().rope_fwd(self.value(x)?, theta, pos_offset)?;
+        self.record("rope", &[x], vec![y], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let dx = ctx.grad(0)?;
+                ctx.backend().rope_bwd(&dy, theta, pos_offset, &dx)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// Causal attention on `[B, T, heads, D]` (see `Backend::attention_fwd`).
+    pub fn attention(&mut self, q: Var, k: Var, v: Var, scale: f64) -> Result<Var> {
+        let (qt, kt, vt) = (self.value(q)?.clone(), self.value(k)?.clone(), self.value(v)?.clone());
+        let (o, lse) = self.backend().attention_fwd(&qt, &kt, &vt, scale)?;
+        let ot = o.clone();
+        self.record("attention", &[q, k, v], vec![o], move |ctx| {
+            let d_o = ctx.out_grad_or_zeros(0, &ot)?;
+            let (dq, dk, dv) = (ctx.grad(0)?, ctx.grad(1)?, ctx.grad(2)?);
+            ctx.backend().attention_bwd(&qt, &kt, &vt, &ot, &lse, &d_o, scale, &dq, &dk, &dv)?;
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// The lm_head projection fused with mean cross entropy: `x [N, H]`, `w [V, H]`, integer
+    /// `targets [N]`. Returns the loss `[1]` and the number of counted targets.
+    pub fn lm_head_ce(&mut self, x: Var, w: Var, targets: &Tensor, opts: LossOptions) -> Result<(Var, usize)> {
+        let (xt, wt) = (self.value(x)?.clone(), self.value(w)?.clone());
+        let out = self.backend().lm_head_ce_fwd(&xt, &wt, targets, opts.ce)?;
+        let norm = opts.normalizer.unwrap_or(out.count.max(1) as f64);
+        if !(norm > 0.0) {
+            return Err(Error::Tape(format!("lm_head_ce: the normalizer must be positive, got {norm}")));
+        }
+        let loss = self.backend().scale(&out.loss_sum, 1.0 / norm)?;
+        let (targets, lse, spec) = (targets.clone(), out.lse, opts.ce);
+        let v = self.record("lm_head_ce", &[x, w], vec![loss], move |ctx| {
+            if let Some(dl) = ctx.out_grad(0).cloned() {
+                let (dx, dw) = (ctx.grad(0)?, ctx.grad(1)?);
+                ctx.backend().lm_head_ce_bwd(&xt, &wt, &targets, &lse, &dl, 1.0 / norm, spec, &dx, &dw)?;
+            }
+            Ok(())
+        })?;
+        Ok((v[0], out.count))
+    }
+}
+
+fn matmul_out_shape(a: &Tensor, b: &Tensor, spec: Matmul) -> Vec<usize> {
+    let (sa, sb) = (a.shape(), b.shape());
+    let m = if spec.trans_a == Transpose::Yes { sa[sa.len() - 1] } else { sa[sa.len() - 2] };
+    let n = if spec.trans_b == Transpose::Yes { sb[sb.len() - 2] } else { sb[sb.len() - 1] };
+    let lead = if batch_of(a) >= batch_of(b) { &sa[..sa.len() - 2] } else { &sb[..sb.len() - 2] };
+    let mut s = lead.to_vec();
+    s.extend([m, n]);
+    s
+}
