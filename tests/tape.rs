@@ -14,7 +14,8 @@ fn transformer_block_gradients_match_finite_differences() {
     let cfg = tiny_cfg();
     let mut store = ParamStore::new(be.clone());
     let block = TinyBlock::new(&mut store, "blk", cfg, DType::F64, 11).unwrap();
-    let mut inputs = vec![random_tensor(be.as_ref(), &[2, 5, cfg.hidden], DType::F64, 1.0, 3).unwrap()];
+    let mut inputs =
+        vec![random_tensor(be.as_ref(), &[2, 5, cfg.hidden], DType::F64, 1.0, 3).unwrap()];
     inputs.extend(block.param_ids().iter().map(|&id| store.get(id).value.clone()));
     let report = check_gradients(
         be,
@@ -82,7 +83,8 @@ fn embedding_loss_and_repeated_inputs_gradients_match() {
         random_tensor(be.as_ref(), &[5, 6], DType::F64, 1.0, 10).unwrap(),
         random_tensor(be.as_ref(), &[6], DType::F64, 0.5, 12).unwrap(),
     ];
-    let opts = LossOptions { ce: CrossEntropy { ignore_index: -100, chunk_tokens: 4 }, normalizer: None };
+    let opts =
+        LossOptions { ce: CrossEntropy { ignore_index: -100, chunk_tokens: 4 }, normalizer: None };
     check_gradients(
         be,
         &inputs,
@@ -143,17 +145,26 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
     let mut store = ParamStore::new(be.clone());
     let block = TinyBlock::new(&mut store, "blk", cfg, DType::F32, 5).unwrap();
     let mut tape = Tape::new(be.clone());
-    let x = tape.leaf(random_tensor(be.as_ref(), &[2, 7, cfg.hidden], DType::F32, 1.0, 8).unwrap(), false);
+    let x = tape
+        .leaf(random_tensor(be.as_ref(), &[2, 7, cfg.hidden], DType::F32, 1.0, 8).unwrap(), false);
     let y = block.forward(&mut tape, &store, x).unwrap();
     let y = tape.reshape(y, &[14, cfg.hidden]).unwrap();
     let mut rng = SplitMix::new(4);
-    let head = tape.leaf(Tensor::from_f64(&rng.vec(9 * cfg.hidden, 0.5), &[9, cfg.hidden], DType::F32).unwrap(), false);
-    let targets = Tensor::from_vec((0..14).map(|i| (i * 5 % 9) as i32).collect(), &[14]).unwrap();
-    let opts = LossOptions { ce: CrossEntropy { ignore_index: -100, chunk_tokens: 5 }, normalizer: None };
+    let head = tape.leaf(
+        Tensor::from_f64(&rng.vec(9 * cfg.hidden, 0.5), &[9, cfg.hidden], DType::F32).unwrap(),
+        false,
+    );
+    let targets = Tensor::from_vec((0..14i32).map(|i| i * 5 % 9).collect(), &[14]).unwrap();
+    let opts =
+        LossOptions { ce: CrossEntropy { ignore_index: -100, chunk_tokens: 5 }, normalizer: None };
     let (loss, _) = tape.lm_head_ce(y, head, &targets, opts).unwrap();
     tape.backward(loss).unwrap();
     for (_, p) in store.iter() {
-        let g = p.grad().unwrap_or_else(|| panic!("{} has no gradient", p.name)).to_vec::<f32>().unwrap();
+        let g = p
+            .grad()
+            .unwrap_or_else(|| panic!("{} has no gradient", p.name))
+            .to_vec::<f32>()
+            .unwrap();
         assert!(g.iter().all(|v| v.is_finite()), "{}: non-finite gradient", p.name);
         assert!(g.iter().any(|&v| v != 0.0), "{}: all-zero gradient", p.name);
     }

@@ -22,10 +22,18 @@ impl Toy {
         let cfg = tiny_cfg();
         let mut store = ParamStore::new(be.clone());
         let embed = store
-            .insert("embed", random_tensor(be.as_ref(), &[VOCAB, cfg.hidden], DType::F32, 1.0, 1).unwrap(), ParamOptions::default())
+            .insert(
+                "embed",
+                random_tensor(be.as_ref(), &[VOCAB, cfg.hidden], DType::F32, 1.0, 1).unwrap(),
+                ParamOptions::default(),
+            )
             .unwrap();
         let head = store
-            .insert("head", random_tensor(be.as_ref(), &[VOCAB, cfg.hidden], DType::F32, 0.3, 2).unwrap(), ParamOptions::default())
+            .insert(
+                "head",
+                random_tensor(be.as_ref(), &[VOCAB, cfg.hidden], DType::F32, 0.3, 2).unwrap(),
+                ParamOptions::default(),
+            )
             .unwrap();
         let block = TinyBlock::new(&mut store, "block", cfg, DType::F32, 3).unwrap();
         Toy { store, embed, head, block }
@@ -46,7 +54,8 @@ impl Toy {
         let y = self.block.forward(&mut tape, &self.store, x).unwrap();
         let y = tape.reshape(y, &[b * t, tiny_cfg().hidden]).unwrap();
         let w = tape.param(&self.store, self.head).unwrap();
-        let opts = LossOptions { ce: CrossEntropy { ignore_index: 0, chunk_tokens: 8 }, normalizer };
+        let opts =
+            LossOptions { ce: CrossEntropy { ignore_index: 0, chunk_tokens: 8 }, normalizer };
         let (loss, _) = tape.lm_head_ce(y, w, &targets, opts).unwrap();
         let value = tape.value(loss).unwrap().scalar().unwrap();
         tape.backward(loss).unwrap();
@@ -80,7 +89,12 @@ impl Adam {
     fn new(store: &ParamStore) -> Adam {
         let state = store
             .iter()
-            .map(|(_, p)| (Tensor::zeros(p.value.shape(), DType::F32), Tensor::zeros(p.value.shape(), DType::F32)))
+            .map(|(_, p)| {
+                (
+                    Tensor::zeros(p.value.shape(), DType::F32),
+                    Tensor::zeros(p.value.shape(), DType::F32),
+                )
+            })
             .collect();
         Adam { state, step: 0 }
     }
@@ -130,7 +144,9 @@ fn two_micro_batches_equal_one_batch_of_twice_the_size() {
     data[0][3] = 0;
     data[0][7] = 0;
     data[3][5] = 0;
-    let counted = |seqs: &[Vec<i32>]| seqs.iter().map(|s| s[1..].iter().filter(|&&t| t != 0).count()).sum::<usize>();
+    let counted = |seqs: &[Vec<i32>]| {
+        seqs.iter().map(|s| s[1..].iter().filter(|&&t| t != 0).count()).sum::<usize>()
+    };
     let total = counted(&data) as f64;
 
     let whole = Toy::new(be.clone());
@@ -138,9 +154,13 @@ fn two_micro_batches_equal_one_batch_of_twice_the_size() {
     let split = Toy::new(be);
     let l1 = split.loss(&data[..2], Some(total));
     let l2 = split.loss(&data[2..], Some(total));
-    assert!((loss_whole - (l1 + l2)).abs() <= 1e-6 * loss_whole.abs(), "{loss_whole} vs {l1} + {l2}");
+    assert!(
+        (loss_whole - (l1 + l2)).abs() <= 1e-6 * loss_whole.abs(),
+        "{loss_whole} vs {l1} + {l2}"
+    );
     for ((_, a), (_, b)) in whole.store.iter().zip(split.store.iter()) {
-        let (ga, gb) = (a.grad().unwrap().to_f64_vec().unwrap(), b.grad().unwrap().to_f64_vec().unwrap());
+        let (ga, gb) =
+            (a.grad().unwrap().to_f64_vec().unwrap(), b.grad().unwrap().to_f64_vec().unwrap());
         // f32 sums in a different grouping: ≤ 1e-5 relative.
         let e = rel_err(&gb, &ga);
         assert!(e <= 1e-5, "{}: accumulated gradient differs by {e:.2e}", a.name);
@@ -159,7 +179,8 @@ fn training_steps_are_bit_identical_at_one_and_two_threads() {
                 losses.push(toy.loss(&data, None).to_bits());
                 opt.step(&toy.store, 1e-2);
             }
-            let weights: Vec<Vec<u8>> = toy.store.iter().map(|(_, p)| p.value.to_bytes().unwrap()).collect();
+            let weights: Vec<Vec<u8>> =
+                toy.store.iter().map(|(_, p)| p.value.to_bytes().unwrap()).collect();
             (losses, weights)
         })
     };

@@ -50,7 +50,13 @@ pub struct TinyBlock {
 impl TinyBlock {
     /// Registers the block's parameters in `store` as `{prefix}.…`, drawn uniformly with
     /// standard deviation ~1/√fan_in, in `dtype`.
-    pub fn new(store: &mut ParamStore, prefix: &str, cfg: TinyBlockConfig, dtype: DType, seed: u64) -> Result<Self> {
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        cfg: TinyBlockConfig,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Self> {
         let mut rng = SplitMix::new(seed);
         let d = cfg.hidden / cfg.heads;
         let kv = cfg.kv_heads * d;
@@ -81,7 +87,8 @@ impl TinyBlock {
             let t = backend.upload(&Tensor::from_f64(&values, &shape, dtype)?)?;
             ids.push(store.insert(format!("{prefix}.{name}"), t, ParamOptions::default())?);
         }
-        let ids: [ParamId; 12] = ids.try_into().map_err(|_| crate::Error::Tape("parameter count".into()))?;
+        let ids: [ParamId; 12] =
+            ids.try_into().map_err(|_| crate::Error::Tape("parameter count".into()))?;
         Ok(TinyBlock { cfg, ids })
     }
 
@@ -92,7 +99,8 @@ impl TinyBlock {
 
     /// `x [B, T, hidden] → [B, T, hidden]` with the block's parameters from `store`.
     pub fn forward(&self, tape: &mut Tape, store: &ParamStore, x: Var) -> Result<Var> {
-        let p: Vec<Var> = self.ids.iter().map(|&id| tape.param(store, id)).collect::<Result<_>>()?;
+        let p: Vec<Var> =
+            self.ids.iter().map(|&id| tape.param(store, id)).collect::<Result<_>>()?;
         Self::forward_with(self.cfg, tape, &p, x)
     }
 
@@ -124,7 +132,13 @@ impl TinyBlock {
 }
 
 /// Random activations `[shape]` in ±scale as a tensor on `backend`.
-pub fn random_tensor(backend: &dyn Backend, shape: &[usize], dtype: DType, scale: f64, seed: u64) -> Result<Tensor> {
+pub fn random_tensor(
+    backend: &dyn Backend,
+    shape: &[usize],
+    dtype: DType,
+    scale: f64,
+    seed: u64,
+) -> Result<Tensor> {
     let n = shape.iter().product();
     Ok(backend.upload(&Tensor::from_f64(&SplitMix::new(seed).vec(n, scale), shape, dtype)?)?)
 }

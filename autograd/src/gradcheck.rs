@@ -73,12 +73,20 @@ where
 }
 
 /// Checks the tape's gradients of `f` with respect to every element of every F64 input.
-pub fn check_gradients<F>(backend: Arc<dyn Backend>, inputs: &[Tensor], f: F, opts: GradCheck) -> Result<GradCheckReport>
+pub fn check_gradients<F>(
+    backend: Arc<dyn Backend>,
+    inputs: &[Tensor],
+    f: F,
+    opts: GradCheck,
+) -> Result<GradCheckReport>
 where
     F: Fn(&mut Tape, &[Var]) -> Result<Var>,
 {
     if let Some(t) = inputs.iter().find(|t| t.dtype() != DType::F64) {
-        return Err(Error::Tape(format!("gradient checks run in F64, got an input of {}", t.dtype())));
+        return Err(Error::Tape(format!(
+            "gradient checks run in F64, got an input of {}",
+            t.dtype()
+        )));
     }
     let mut tape = Tape::new(backend.clone());
     let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone(), true)).collect();
@@ -105,7 +113,10 @@ where
             report.elements_checked += 1;
             if err > report.max_error || err.is_nan() {
                 report.max_error = if err.is_nan() { f64::INFINITY } else { err };
-                report.worst = format!("input {i}, element {j}: analytic {} vs numeric {numeric}", analytic[j]);
+                report.worst = format!(
+                    "input {i}, element {j}: analytic {} vs numeric {numeric}",
+                    analytic[j]
+                );
             }
         }
     }

@@ -41,7 +41,14 @@ fn batch_of(t: &Tensor) -> usize {
 
 /// `dA += alpha · dC · op(B)ᵀ` (as stored: transposed again when `trans_a`), summing over the
 /// batch when A was broadcast.
-fn matmul_grad_a(be: &dyn Backend, spec: Matmul, a: &Tensor, b: &Tensor, dc: &Tensor, da: &Tensor) -> Result<()> {
+fn matmul_grad_a(
+    be: &dyn Backend,
+    spec: Matmul,
+    a: &Tensor,
+    b: &Tensor,
+    dc: &Tensor,
+    da: &Tensor,
+) -> Result<()> {
     let (ba, bb) = (batch_of(a), batch_of(b));
     let batch = ba.max(bb);
     let grad_spec = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
@@ -69,7 +76,14 @@ fn matmul_grad_a(be: &dyn Backend, spec: Matmul, a: &Tensor, b: &Tensor, dc: &Te
 }
 
 /// `dB += alpha · op(A)ᵀ · dC` (as stored), summing over the batch when B was broadcast.
-fn matmul_grad_b(be: &dyn Backend, spec: Matmul, a: &Tensor, b: &Tensor, dc: &Tensor, db: &Tensor) -> Result<()> {
+fn matmul_grad_b(
+    be: &dyn Backend,
+    spec: Matmul,
+    a: &Tensor,
+    b: &Tensor,
+    dc: &Tensor,
+    db: &Tensor,
+) -> Result<()> {
     let (ba, bb) = (batch_of(a), batch_of(b));
     let batch = ba.max(bb);
     let grad_spec = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
@@ -86,7 +100,8 @@ fn matmul_grad_b(be: &dyn Backend, spec: Matmul, a: &Tensor, b: &Tensor, dc: &Te
         run(a, dc, db)
     } else if spec.trans_a == Transpose::No && spec.trans_b == Transpose::No {
         // B broadcast, A not transposed: the batch folds into A's rows.
-        let (m, k, n) = (a.shape()[a.dims() - 2], a.shape()[a.dims() - 1], dc.shape()[dc.dims() - 1]);
+        let (m, k, n) =
+            (a.shape()[a.dims() - 2], a.shape()[a.dims() - 1], dc.shape()[dc.dims() - 1]);
         let a2 = a.reshape(&[batch * m, k])?;
         let dc2 = dc.reshape(&[batch * m, n])?;
         run(&a2, &dc2, db)
@@ -246,7 +261,8 @@ impl Tape {
 
     /// Concatenation along the first axis.
     pub fn concat0(&mut self, parts: &[Var]) -> Result<Var> {
-        let ts: Vec<Tensor> = parts.iter().map(|&v| self.value(v).cloned()).collect::<Result<_>>()?;
+        let ts: Vec<Tensor> =
+            parts.iter().map(|&v| self.value(v).cloned()).collect::<Result<_>>()?;
         let refs: Vec<&Tensor> = ts.iter().collect();
         let out = self.backend().concat0(&refs)?;
         let rows: Vec<usize> = ts.iter().map(|t| t.shape()[0]).collect();
@@ -303,7 +319,16 @@ impl Tape {
             let dsum = ctx.out_grad(0).cloned();
             let dy = ctx.out_grad_or_zeros(1, &saved)?;
             let (dx, dr, dw) = (ctx.grad(0)?, ctx.grad(1)?, ctx.grad(2)?);
-            ctx.backend().add_rms_norm_bwd(&saved, &wt, &rstd, &dy, dsum.as_ref(), &dx, &dr, &dw)?;
+            ctx.backend().add_rms_norm_bwd(
+                &saved,
+                &wt,
+                &rstd,
+                &dy,
+                dsum.as_ref(),
+                &dx,
+                &dr,
+                &dw,
+            )?;
             Ok(())
         })?;
         Ok((outs[0], outs[1]))
@@ -366,19 +391,37 @@ impl Tape {
 
     /// The lm_head projection fused with mean cross entropy: `x [N, H]`, `w [V, H]`, integer
     /// `targets [N]`. Returns the loss `[1]` and the number of counted targets.
-    pub fn lm_head_ce(&mut self, x: Var, w: Var, targets: &Tensor, opts: LossOptions) -> Result<(Var, usize)> {
+    pub fn lm_head_ce(
+        &mut self,
+        x: Var,
+        w: Var,
+        targets: &Tensor,
+        opts: LossOptions,
+    ) -> Result<(Var, usize)> {
         let (xt, wt) = (self.value(x)?.clone(), self.value(w)?.clone());
         let out = self.backend().lm_head_ce_fwd(&xt, &wt, targets, opts.ce)?;
         let norm = opts.normalizer.unwrap_or(out.count.max(1) as f64);
-        if !(norm > 0.0) {
-            return Err(Error::Tape(format!("lm_head_ce: the normalizer must be positive, got {norm}")));
+        if norm.is_nan() || norm <= 0.0 {
+            return Err(Error::Tape(format!(
+                "lm_head_ce: the normalizer must be positive, got {norm}"
+            )));
         }
         let loss = self.backend().scale(&out.loss_sum, 1.0 / norm)?;
         let (targets, lse, spec) = (targets.clone(), out.lse, opts.ce);
         let v = self.record("lm_head_ce", &[x, w], vec![loss], move |ctx| {
             if let Some(dl) = ctx.out_grad(0).cloned() {
                 let (dx, dw) = (ctx.grad(0)?, ctx.grad(1)?);
-                ctx.backend().lm_head_ce_bwd(&xt, &wt, &targets, &lse, &dl, 1.0 / norm, spec, &dx, &dw)?;
+                ctx.backend().lm_head_ce_bwd(
+                    &xt,
+                    &wt,
+                    &targets,
+                    &lse,
+                    &dl,
+                    1.0 / norm,
+                    spec,
+                    &dx,
+                    &dw,
+                )?;
             }
             Ok(())
         })?;

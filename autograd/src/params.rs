@@ -65,7 +65,12 @@ impl ParamStore {
     }
 
     /// Adds a parameter; names are unique.
-    pub fn insert(&mut self, name: impl Into<String>, value: Tensor, options: ParamOptions) -> Result<ParamId> {
+    pub fn insert(
+        &mut self,
+        name: impl Into<String>,
+        value: Tensor,
+        options: ParamOptions,
+    ) -> Result<ParamId> {
         let name = name.into();
         if self.by_name.contains_key(&name) {
             return Err(Error::Tape(format!("parameter {name:?} is defined twice")));

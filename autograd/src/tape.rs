@@ -49,7 +49,13 @@ pub struct Tape {
 impl Tape {
     /// A tape that records ops for backward.
     pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Tape { backend, nodes: Vec::new(), records: Vec::new(), grad_enabled: true, params: HashMap::new() }
+        Tape {
+            backend,
+            nodes: Vec::new(),
+            records: Vec::new(),
+            grad_enabled: true,
+            params: HashMap::new(),
+        }
     }
 
     /// A tape that records nothing: ops only compute their outputs (inference).
@@ -100,15 +106,16 @@ impl Tape {
     }
 
     fn node(&self, v: Var) -> Result<&Node> {
-        self.nodes.get(v.0).ok_or_else(|| Error::Tape(format!("variable {} does not belong to this tape", v.0)))
+        self.nodes
+            .get(v.0)
+            .ok_or_else(|| Error::Tape(format!("variable {} does not belong to this tape", v.0)))
     }
 
     /// The value of a variable (an error once backward has freed it).
     pub fn value(&self, v: Var) -> Result<&Tensor> {
-        self.node(v)?
-            .value
-            .as_ref()
-            .ok_or_else(|| Error::Tape(format!("the value of variable {} was freed by backward", v.0)))
+        self.node(v)?.value.as_ref().ok_or_else(|| {
+            Error::Tape(format!("the value of variable {} was freed by backward", v.0))
+        })
     }
 
     /// The gradient of a leaf or parameter after backward (None if no gradient reached it).
@@ -135,7 +142,12 @@ impl Tape {
         let rg = self.grad_enabled && inputs.iter().any(|&v| self.nodes[v.0].requires_grad);
         let outs: Vec<Var> = outputs.into_iter().map(|t| self.push_node(t, rg, Kind::Op)).collect();
         if rg {
-            self.records.push(Record { name, inputs: inputs.to_vec(), outputs: outs.clone(), backward: Box::new(backward) });
+            self.records.push(Record {
+                name,
+                inputs: inputs.to_vec(),
+                outputs: outs.clone(),
+                backward: Box::new(backward),
+            });
         }
         Ok(outs)
     }
@@ -155,10 +167,17 @@ impl Tape {
             None => self.nodes[loss.0].grad = Some(seed),
         }
         while let Some(rec) = self.records.pop() {
-            let out_grads: Vec<Option<Tensor>> = rec.outputs.iter().map(|o| self.nodes[o.0].grad.clone()).collect();
+            let out_grads: Vec<Option<Tensor>> =
+                rec.outputs.iter().map(|o| self.nodes[o.0].grad.clone()).collect();
             if out_grads.iter().any(Option::is_some) {
                 let backend = self.backend.clone();
-                let mut ctx = BackwardCtx { backend: backend.as_ref(), nodes: &mut self.nodes, inputs: &rec.inputs, out_grads, extra: Vec::new() };
+                let mut ctx = BackwardCtx {
+                    backend: backend.as_ref(),
+                    nodes: &mut self.nodes,
+                    inputs: &rec.inputs,
+                    out_grads,
+                    extra: Vec::new(),
+                };
                 (rec.backward)(&mut ctx).map_err(|e| match e {
                     Error::Runtime(r) => Error::Tape(format!("backward of {}: {r}", rec.name)),
                     other => other,
@@ -191,7 +210,8 @@ fn grad_buffer(backend: &dyn Backend, nodes: &mut [Node], v: Var) -> Result<Tens
     if let Some(g) = &n.grad {
         return Ok(g.clone());
     }
-    let value = n.value.as_ref().ok_or_else(|| Error::Tape(format!("variable {} has no value", v.0)))?;
+    let value =
+        n.value.as_ref().ok_or_else(|| Error::Tape(format!("variable {} has no value", v.0)))?;
     let g = backend.zeros(value.shape(), grad_dtype(value.dtype()))?;
     n.grad = Some(g.clone());
     Ok(g)
@@ -237,7 +257,8 @@ impl BackwardCtx<'_> {
     pub fn grad(&mut self, i: usize) -> Result<Tensor> {
         let v = self.inputs[i];
         let node = &self.nodes[v.0];
-        let value = node.value.as_ref().ok_or_else(|| Error::Tape(format!("input {i} has no value")))?;
+        let value =
+            node.value.as_ref().ok_or_else(|| Error::Tape(format!("input {i} has no value")))?;
         if !node.requires_grad || self.inputs[..i].contains(&v) {
             let t = self.backend.zeros(value.shape(), grad_dtype(value.dtype()))?;
             if node.requires_grad {

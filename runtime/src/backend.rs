@@ -35,11 +35,14 @@ pub struct Matmul {
 
 impl Matmul {
     /// `a · b`.
-    pub const NN: Matmul = Matmul { trans_a: Transpose::No, trans_b: Transpose::No, alpha: 1.0, beta: 0.0 };
+    pub const NN: Matmul =
+        Matmul { trans_a: Transpose::No, trans_b: Transpose::No, alpha: 1.0, beta: 0.0 };
     /// `a · bᵀ` (a Linear layer with `b` = weight `[out, in]`).
-    pub const NT: Matmul = Matmul { trans_a: Transpose::No, trans_b: Transpose::Yes, alpha: 1.0, beta: 0.0 };
+    pub const NT: Matmul =
+        Matmul { trans_a: Transpose::No, trans_b: Transpose::Yes, alpha: 1.0, beta: 0.0 };
     /// `aᵀ · b` (weight gradients).
-    pub const TN: Matmul = Matmul { trans_a: Transpose::Yes, trans_b: Transpose::No, alpha: 1.0, beta: 0.0 };
+    pub const TN: Matmul =
+        Matmul { trans_a: Transpose::Yes, trans_b: Transpose::No, alpha: 1.0, beta: 0.0 };
 
     /// The same product, accumulated into the output (`beta = 1`).
     pub const fn accumulate(self) -> Matmul {
@@ -133,11 +136,25 @@ pub trait Backend: Send + Sync {
     /// `s · x` with a learned one-element tensor `s`.
     fn scale_by_fwd(&self, x: &Tensor, s: &Tensor) -> Result<Tensor>;
     /// Backward of `scale_by`: `dx += s · dy`, `ds += Σ x ⊙ dy`.
-    fn scale_by_bwd(&self, x: &Tensor, s: &Tensor, dy: &Tensor, dx: &Tensor, ds: &Tensor) -> Result<()>;
+    fn scale_by_bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+        ds: &Tensor,
+    ) -> Result<()>;
     /// `silu(a) ⊙ b` with `silu(a) = a · σ(a)`.
     fn swiglu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     /// Backward of `swiglu`: `da += dy ⊙ b ⊙ silu'(a)`, `db += dy ⊙ silu(a)`.
-    fn swiglu_bwd(&self, a: &Tensor, b: &Tensor, dy: &Tensor, da: &Tensor, db: &Tensor) -> Result<()>;
+    fn swiglu_bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        da: &Tensor,
+        db: &Tensor,
+    ) -> Result<()>;
 
     // ---- layout -----------------------------------------------------------------------------
 
@@ -156,10 +173,18 @@ pub trait Backend: Send + Sync {
     /// `alpha · op(a) · op(b) + bias`. `a` is `[…, m, k]` (`[…, k, m]` transposed), `b` is
     /// `[…, k, n]` (`[…, n, k]` transposed); leading axes are batch axes, and a batch of one on
     /// either side is broadcast. `bias` is `[n]`. The result has dtype `out` (default: `a`'s).
-    fn matmul(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, spec: Matmul, out: Option<DType>) -> Result<Tensor>;
+    fn matmul(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        spec: Matmul,
+        out: Option<DType>,
+    ) -> Result<Tensor>;
     /// `out = alpha · op(a) · op(b) + beta · out`, in place (weight gradients with `beta = 1`).
-    /// When `b` is broadcast over `a`'s batch but `out` has no batch axis, the batch products
-    /// are summed into `out`.
+    /// When the product is batched but `out` has no batch axis (`out` holds one `[m, n]`
+    /// matrix, e.g. the gradient of a weight broadcast over the batch), the batch products are
+    /// summed into `out` in batch order (`beta` applies once).
     fn matmul_into(&self, a: &Tensor, b: &Tensor, spec: Matmul, out: &Tensor) -> Result<()>;
     /// `out[c] += Σ_r x[r, c]` over all leading axes (bias gradients).
     fn sum_rows_into(&self, x: &Tensor, out: &Tensor) -> Result<()>;
@@ -177,10 +202,24 @@ pub trait Backend: Send + Sync {
     /// Returns `(y, rstd [...])`.
     fn rms_norm_fwd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)>;
     /// Backward of RMSNorm given the saved `rstd`: `dx += …`, `dw += Σ dy ⊙ x · rstd`.
-    fn rms_norm_bwd(&self, x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dx: &Tensor, dw: &Tensor) -> Result<()>;
+    fn rms_norm_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+        dw: &Tensor,
+    ) -> Result<()>;
     /// The residual add fused with RMSNorm: `sum = x + r`, `y = rms_norm(sum)`.
     /// Returns `(sum, y, rstd)`.
-    fn add_rms_norm_fwd(&self, x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)>;
+    fn add_rms_norm_fwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
     /// Backward of `add_rms_norm`: with `g = dsum + rms_norm_bwd(dy)`, `dx += g`, `dr += g`,
     /// `dw += …`. `dsum` is the gradient that reached `sum` directly (the residual stream), if any.
     #[allow(clippy::too_many_arguments)]
@@ -199,7 +238,15 @@ pub trait Backend: Send + Sync {
     /// `norm` has `x`'s shape without `axis`.
     fn l2_normalize_fwd(&self, x: &Tensor, axis: usize, eps: f64) -> Result<(Tensor, Tensor)>;
     /// Backward of `l2_normalize` from the saved `y` and `norm`.
-    fn l2_normalize_bwd(&self, y: &Tensor, norm: &Tensor, dy: &Tensor, axis: usize, eps: f64, dx: &Tensor) -> Result<()>;
+    fn l2_normalize_bwd(
+        &self,
+        y: &Tensor,
+        norm: &Tensor,
+        dy: &Tensor,
+        axis: usize,
+        eps: f64,
+        dx: &Tensor,
+    ) -> Result<()>;
 
     // ---- softmax ----------------------------------------------------------------------------
 
@@ -221,7 +268,13 @@ pub trait Backend: Send + Sync {
     /// decoding is `Tq < Tk`). Query head h reads KV head `h / (Hq / Hkv)`.
     /// Returns `(o [B, Tq, Hq, D], lse [B, Hq, Tq])` where lse is the log-sum-exp of the scaled
     /// scores.
-    fn attention_fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)>;
+    fn attention_fwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)>;
     /// Backward of attention from the saved output and lse: `dq, dk, dv += …`.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
@@ -243,7 +296,13 @@ pub trait Backend: Send + Sync {
     /// The lm_head projection fused with softmax cross entropy: for `x [N, H]`, `w [V, H]`,
     /// integer `targets [N]`, the logits `x wᵀ` are formed `chunk_tokens` rows at a time and
     /// never exist whole.
-    fn lm_head_ce_fwd(&self, x: &Tensor, w: &Tensor, targets: &Tensor, spec: CrossEntropy) -> Result<CrossEntropyOut>;
+    fn lm_head_ce_fwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        spec: CrossEntropy,
+    ) -> Result<CrossEntropyOut>;
     /// Backward: with `g = dloss[0] · scale`, `dlogits = g · (softmax − onehot)` on counted
     /// rows (0 on ignored ones), `dx += dlogits · w`, `dw += dlogitsᵀ · x`. `scale` is usually
     /// 1 / (number of counted targets of the whole batch).

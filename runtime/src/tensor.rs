@@ -157,7 +157,11 @@ impl Tensor {
         if numel_of(shape) != storage.len() {
             return Err(Error::shape(
                 "Tensor::from_cpu_storage",
-                format!("shape {shape:?} holds {} elements but {} were given", numel_of(shape), storage.len()),
+                format!(
+                    "shape {shape:?} holds {} elements but {} were given",
+                    numel_of(shape),
+                    storage.len()
+                ),
             ));
         }
         let dtype = storage.dtype();
@@ -201,7 +205,10 @@ impl Tensor {
         if bytes.len() != want {
             return Err(Error::shape(
                 "Tensor::from_bytes",
-                format!("{dtype} tensor of shape {shape:?} needs {want} bytes, got {}", bytes.len()),
+                format!(
+                    "{dtype} tensor of shape {shape:?} needs {want} bytes, got {}",
+                    bytes.len()
+                ),
             ));
         }
         let mut storage = CpuStorage::zeros(dtype, numel_of(shape));
@@ -290,7 +297,10 @@ impl Tensor {
     /// The single element of a one-element tensor, as f64.
     pub fn scalar(&self) -> Result<f64> {
         if self.numel() != 1 {
-            return Err(Error::shape("Tensor::scalar", format!("shape {:?} is not one element", self.shape)));
+            return Err(Error::shape(
+                "Tensor::scalar",
+                format!("shape {:?} is not one element", self.shape),
+            ));
         }
         Ok(self.to_f64_vec()?[0])
     }

@@ -1,1 +1,224 @@
-fn main() {}
+//! `steel-bench`: measured performance of Steel's backends on this machine.
+//!
+//! `steel-bench cpu` times the CPU reference backend: GEMM at the 1792-wide shapes of the
+//! Steel-1.1B model against the machine's peak estimate, attention forward + backward at the
+//! model's head geometry, and one forward + backward of a small transformer block. Every figure
+//! is the median of several timed repeats after a warm-up.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::sync::Arc;
+use std::time::Instant;
+use steel_autograd::fixtures::{random_tensor, TinyBlock, TinyBlockConfig};
+use steel_autograd::{ParamStore, Tape};
+use steel_runtime::cpu::CpuBackend;
+use steel_runtime::{Backend, DType, Matmul, Tensor};
+
+#[derive(Parser)]
+#[command(name = "steel-bench", version, about = "Benchmarks of Steel's backends on this machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// CPU backend: GEMM GFLOP/s vs the peak estimate, attention fwd+bwd, a transformer block.
+    Cpu(CpuArgs),
+}
+
+#[derive(Parser)]
+struct CpuArgs {
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed repeats per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Smaller problem sizes (a smoke run for CI).
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Median wall time in seconds of `repeats` runs of `f`, after one warm-up run.
+fn median_secs(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// (GHz, FLOP per cycle per core) of this CPU for f32 FMA, from /proc/cpuinfo and the ISA.
+fn peak_per_core() -> (f64, f64) {
+    let mhz = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(2000.0);
+    #[cfg(target_arch = "x86_64")]
+    let flops = if is_x86_feature_detected!("avx512f") {
+        64.0
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        32.0
+    } else {
+        8.0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let flops = 16.0;
+    (mhz / 1000.0, flops)
+}
+
+/// A named benchmark body.
+type Case<'a> = (&'a str, Box<dyn Fn() -> Result<()> + 'a>);
+
+fn rand(be: &dyn Backend, shape: &[usize], seed: u64) -> Result<Tensor> {
+    Ok(random_tensor(be, shape, DType::F32, 1.0, seed)?)
+}
+
+fn cpu(args: CpuArgs) -> Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the thread pool")?;
+    pool.install(|| cpu_in_pool(&args, threads))
+}
+
+fn cpu_in_pool(args: &CpuArgs, threads: usize) -> Result<()> {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (ghz, fpc) = peak_per_core();
+    let peak = ghz * fpc * threads as f64;
+    println!("steel-bench cpu: {cores} cores available, {threads} threads; peak estimate {peak:.0} GFLOP/s");
+    println!(
+        "  ({ghz:.2} GHz x {fpc} f32 FLOP/cycle x {threads} threads; medians of {} repeats)",
+        args.repeats
+    );
+    println!();
+
+    let rows = if args.quick { 512 } else { 4096 };
+    let h = 1792;
+    println!("{:<44} {:>10} {:>11} {:>8}", "GEMM (f32)", "ms", "GFLOP/s", "of peak");
+    let x = rand(be.as_ref(), &[rows, h], 1)?;
+    let w = rand(be.as_ref(), &[h, h], 2)?;
+    let dy = rand(be.as_ref(), &[rows, h], 3)?;
+    let dw = Tensor::zeros(&[h, h], DType::F32);
+    let flops = 2.0 * rows as f64 * h as f64 * h as f64;
+    let cases: [Case; 3] = [
+        (
+            "x·Wᵀ   [{r},1792]x[1792,1792]ᵀ (forward)",
+            Box::new(|| be.matmul(&x, &w, None, Matmul::NT, None).map(drop).map_err(Into::into)),
+        ),
+        (
+            "dy·W   [{r},1792]x[1792,1792] (input grad)",
+            Box::new(|| be.matmul(&dy, &w, None, Matmul::NN, None).map(drop).map_err(Into::into)),
+        ),
+        (
+            "dyᵀ·x  [1792,{r}]x[{r},1792] (weight grad)",
+            Box::new(|| be.matmul_into(&dy, &x, Matmul::TN.accumulate(), &dw).map_err(Into::into)),
+        ),
+    ];
+    for (name, f) in cases.iter() {
+        let s = median_secs(args.repeats, f)?;
+        let gf = flops / s / 1e9;
+        println!(
+            "{:<44} {:>10.2} {:>11.1} {:>7.0}%",
+            name.replace("{r}", &rows.to_string()),
+            s * 1e3,
+            gf,
+            100.0 * gf / peak
+        );
+    }
+    println!();
+
+    // Attention at the model's geometry: 32 heads of 56.
+    let (b, t, heads, d) = if args.quick { (1, 256, 8, 56) } else { (1, 1024, 32, 56) };
+    let q = rand(be.as_ref(), &[b, t, heads, d], 4)?;
+    let k = rand(be.as_ref(), &[b, t, heads, d], 5)?;
+    let v = rand(be.as_ref(), &[b, t, heads, d], 6)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let (o, lse) = be.attention_fwd(&q, &k, &v, scale)?;
+    let d_o = rand(be.as_ref(), &[b, t, heads, d], 7)?;
+    let grads: Vec<Tensor> = (0..3).map(|_| Tensor::zeros(&[b, t, heads, d], DType::F32)).collect();
+    let fwd = median_secs(args.repeats, || {
+        be.attention_fwd(&q, &k, &v, scale).map(drop).map_err(Into::into)
+    })?;
+    let bwd = median_secs(args.repeats, || {
+        be.attention_bwd(&q, &k, &v, &o, &lse, &d_o, scale, &grads[0], &grads[1], &grads[2])
+            .map_err(Into::into)
+    })?;
+    // Full (unmasked) score matrices are computed: 4·B·H·T²·D forward, 2.5× that backward.
+    let f_flops = 4.0 * (b * heads * t * t * d) as f64;
+    println!(
+        "{:<44} {:>10} {:>11}",
+        format!("attention B={b} T={t} H={heads} D={d}"),
+        "ms",
+        "GFLOP/s"
+    );
+    println!("{:<44} {:>10.2} {:>11.1}", "  forward", fwd * 1e3, f_flops / fwd / 1e9);
+    println!("{:<44} {:>10.2} {:>11.1}", "  backward", bwd * 1e3, 2.5 * f_flops / bwd / 1e9);
+    println!();
+
+    // One transformer block, forward + backward on the tape.
+    let cfg = if args.quick {
+        TinyBlockConfig { hidden: 128, heads: 4, kv_heads: 4, ffn: 352, rope_theta: 1e6, eps: 1e-6 }
+    } else {
+        TinyBlockConfig {
+            hidden: 512,
+            heads: 8,
+            kv_heads: 8,
+            ffn: 1376,
+            rope_theta: 1e6,
+            eps: 1e-6,
+        }
+    };
+    let (bb, tt) = if args.quick { (2, 64) } else { (4, 256) };
+    let mut store = ParamStore::new(be.clone());
+    let block = TinyBlock::new(&mut store, "block", cfg, DType::F32, 9)?;
+    let xin = rand(be.as_ref(), &[bb, tt, cfg.hidden], 10)?;
+    let step = || -> Result<()> {
+        let mut tape = Tape::new(be.clone());
+        let x = tape.leaf(xin.clone(), true);
+        let y = block.forward(&mut tape, &store, x)?;
+        let y = tape.reshape(y, &[bb * tt * cfg.hidden, 1])?;
+        let ones = tape.leaf(
+            Tensor::from_vec(vec![1f32; bb * tt * cfg.hidden], &[1, bb * tt * cfg.hidden])?,
+            false,
+        );
+        let l = tape.matmul(ones, y, None, Matmul::NN)?;
+        tape.backward(l)?;
+        Ok(())
+    };
+    let s = median_secs(args.repeats, step)?;
+    let params = store.num_elements() as f64;
+    let tokens = (bb * tt) as f64;
+    // 6 FLOPs per parameter per token for the matmuls, plus attention (causal counted full).
+    let block_flops = 6.0 * params * tokens + 3.5 * 4.0 * (bb * tt * tt * cfg.hidden) as f64;
+    println!(
+        "{:<44} {:>10} {:>11} {:>10}",
+        format!("block fwd+bwd h={} ffn={} B={bb} T={tt}", cfg.hidden, cfg.ffn),
+        "ms",
+        "GFLOP/s",
+        "tokens/s"
+    );
+    println!("{:<44} {:>10.2} {:>11.1} {:>10.0}", "", s * 1e3, block_flops / s / 1e9, tokens / s);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Cpu(a) => cpu(a),
+    }
+}

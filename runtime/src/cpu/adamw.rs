@@ -16,9 +16,11 @@ fn step_one<T: Float>(p: &AdamWParam, hp: AdamW) -> Result<()> {
     let gg = p.grad.cpu_read()?;
     let g = slice::<T>(OP, &gg)?;
     let (mut pg, mut mg, mut vg) = (p.param.cpu_write()?, p.m.cpu_write()?, p.v.cpu_write()?);
-    let (ps, ms, vs) = (slice_mut::<T>(OP, &mut pg)?, slice_mut::<T>(OP, &mut mg)?, slice_mut::<T>(OP, &mut vg)?);
+    let (ps, ms, vs) =
+        (slice_mut::<T>(OP, &mut pg)?, slice_mut::<T>(OP, &mut mg)?, slice_mut::<T>(OP, &mut vg)?);
     let f = |x: f64| T::from_f64(x);
-    let (lr, b1, b2, eps) = (f(hp.lr as f64), f(hp.beta1 as f64), f(hp.beta2 as f64), f(hp.eps as f64));
+    let (lr, b1, b2, eps) =
+        (f(hp.lr as f64), f(hp.beta1 as f64), f(hp.beta2 as f64), f(hp.eps as f64));
     let bc1 = T::one() - b1.powi(hp.step as i32);
     let bc2_sqrt = (T::one() - b2.powi(hp.step as i32)).sqrt();
     let step_size = lr / bc1;
@@ -44,9 +46,9 @@ fn step_one<T: Float>(p: &AdamWParam, hp: AdamW) -> Result<()> {
     if let Some(copy) = &p.copy {
         let mut cg = copy.cpu_write()?;
         let c = slice_mut::<bf16>(OP, &mut cg)?;
-        c.par_chunks_mut(ELEM_CHUNK)
-            .zip(ps.par_chunks(ELEM_CHUNK))
-            .for_each(|(c, p)| c.iter_mut().zip(p).for_each(|(c, &p)| *c = bf16::from_f64(p.as_f64())));
+        c.par_chunks_mut(ELEM_CHUNK).zip(ps.par_chunks(ELEM_CHUNK)).for_each(|(c, p)| {
+            c.iter_mut().zip(p).for_each(|(c, &p)| *c = bf16::from_f64(p.as_f64()))
+        });
     }
     Ok(())
 }
@@ -65,12 +67,29 @@ pub(crate) fn adamw_step(params: &[AdamWParam], hp: AdamW) -> Result<()> {
         distinct(OP, &outs, &[&p.grad])?;
         for t in [&p.grad, &p.m, &p.v] {
             if t.shape() != p.param.shape() || t.dtype() != p.param.dtype() {
-                return Err(Error::shape(OP, format!("param {:?} {} vs state {:?} {}", p.param.shape(), p.param.dtype(), t.shape(), t.dtype())));
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "param {:?} {} vs state {:?} {}",
+                        p.param.shape(),
+                        p.param.dtype(),
+                        t.shape(),
+                        t.dtype()
+                    ),
+                ));
             }
         }
         if let Some(c) = &p.copy {
             if c.dtype() != DType::BF16 || c.numel() != p.param.numel() {
-                return Err(Error::shape(OP, format!("the weight copy must be BF16 with {} elements, got {:?} {}", p.param.numel(), c.shape(), c.dtype())));
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "the weight copy must be BF16 with {} elements, got {:?} {}",
+                        p.param.numel(),
+                        c.shape(),
+                        c.dtype()
+                    ),
+                ));
             }
         }
     }

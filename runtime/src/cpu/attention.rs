@@ -9,7 +9,9 @@
 //! `dQ += scale · dS K`, `dK += scale · dSᵀ Q`.
 
 use super::gemm::{gemm_serial, MatMut, MatRef};
-use super::{check_cpu, distinct, same_dtype, same_shape, slice, slice_mut, with_float, Float, SendPtr};
+use super::{
+    check_cpu, distinct, same_dtype, same_shape, slice, slice_mut, with_float, Float, SendPtr,
+};
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -25,7 +27,14 @@ struct Dims {
 
 fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     let (&[b, tq, hq, d], &[b2, tk, hkv, d2]) = (q.shape(), k.shape()) else {
-        return Err(Error::shape(op, format!("q and k must be [batch, seq, heads, head_dim], got {:?} and {:?}", q.shape(), k.shape())));
+        return Err(Error::shape(
+            op,
+            format!(
+                "q and k must be [batch, seq, heads, head_dim], got {:?} and {:?}",
+                q.shape(),
+                k.shape()
+            ),
+        ));
     };
     same_shape(op, k, v)?;
     if b != b2 || d != d2 || tq > tk || hkv == 0 || hq % hkv != 0 {
@@ -42,7 +51,14 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
 ///
 /// # Safety
 /// `q` and `k` must point at the (b, h) / (b, g) head of valid tensors of dims `dm`.
-unsafe fn probabilities<T: Float>(dm: Dims, q: *const T, k: *const T, scale: T, s: &mut [T], lse: Option<&[T]>) -> Vec<T> {
+unsafe fn probabilities<T: Float>(
+    dm: Dims,
+    q: *const T,
+    k: *const T,
+    scale: T,
+    s: &mut [T],
+    lse: Option<&[T]>,
+) -> Vec<T> {
     let Dims { tq, tk, hq, hkv, d, .. } = dm;
     gemm_serial(
         tq,
@@ -63,7 +79,8 @@ unsafe fn probabilities<T: Float>(dm: Dims, q: *const T, k: *const T, scale: T, 
             Some(l) => l[i],
             None => {
                 let m = row[..visible].iter().copied().fold(T::neg_infinity(), T::max);
-                let sum = row[..visible].iter().map(|&x| (x - m).exp()).fold(T::zero(), |a, b| a + b);
+                let sum =
+                    row[..visible].iter().map(|&x| (x - m).exp()).fold(T::zero(), |a, b| a + b);
                 m + sum.ln()
             }
         };
@@ -76,7 +93,12 @@ unsafe fn probabilities<T: Float>(dm: Dims, q: *const T, k: *const T, scale: T, 
     out
 }
 
-pub(crate) fn attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+pub(crate) fn attention_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     const OP: &str = "attention_fwd";
     check_cpu(OP, &[q, k, v])?;
     let dm = dims(OP, q, k, v)?;
@@ -94,7 +116,6 @@ pub(crate) fn attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R
             let (bi, h) = (bh / hq, bh % hq);
             let g = h / rep;
             let mut s = vec![T::zero(); tq * tk];
-            let op = op;
             // SAFETY: offsets stay inside q/k/v/o (dims checked); task (bi, h) writes only the
             // h-th head of batch bi of `o`, so tasks write disjoint elements.
             unsafe {
@@ -111,7 +132,7 @@ pub(crate) fn attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R
                     MatRef { ptr: s.as_ptr(), rs: tk as isize, cs: 1 },
                     MatRef { ptr: vh, rs: (hkv * d) as isize, cs: 1 },
                     T::zero(),
-                    MatMut { ptr: op.0.add(bi * tq * hq * d + h * d), rs: (hq * d) as isize, cs: 1 },
+                    MatMut { ptr: op.get().add(bi * tq * hq * d + h * d), rs: (hq * d) as isize, cs: 1 },
                 );
             }
         });
@@ -143,7 +164,10 @@ pub(crate) fn attention_bwd(
     same_shape(OP, k, dk)?;
     same_shape(OP, v, dv)?;
     if lse.shape() != [b, hq, tq] {
-        return Err(Error::shape(OP, format!("lse must be [{b}, {hq}, {tq}], got {:?}", lse.shape())));
+        return Err(Error::shape(
+            OP,
+            format!("lse must be [{b}, {hq}, {tq}], got {:?}", lse.shape()),
+        ));
     }
     let dt = same_dtype(OP, &[q, k, v, o, lse, d_o, dq, dk, dv])?;
     let rep = hq / hkv;
@@ -158,7 +182,6 @@ pub(crate) fn attention_bwd(
         let sc = T::from_f64(scale);
         (0..b * hkv).into_par_iter().for_each(|bg| {
             let (bi, g) = (bg / hkv, bg % hkv);
-            let (dqp, dkp, dvp) = (dqp, dkp, dvp);
             let mut p = vec![T::zero(); tq * tk];
             let mut dp = vec![T::zero(); tq * tk];
             let kv_off = bi * tk * hkv * d + g * d;
@@ -181,7 +204,7 @@ pub(crate) fn attention_bwd(
                         MatRef { ptr: p.as_ptr(), rs: 1, cs: tk as isize },
                         MatRef { ptr: gs.as_ptr().add(q_off), rs: q_rs, cs: 1 },
                         T::one(),
-                        MatMut { ptr: dvp.0.add(kv_off), rs: kv_rs, cs: 1 },
+                        MatMut { ptr: dvp.get().add(kv_off), rs: kv_rs, cs: 1 },
                     );
                     // dP = dO Vᵀ
                     gemm_serial(
@@ -212,7 +235,7 @@ pub(crate) fn attention_bwd(
                         MatRef { ptr: dp.as_ptr(), rs: tk as isize, cs: 1 },
                         MatRef { ptr: ks.as_ptr().add(kv_off), rs: kv_rs, cs: 1 },
                         T::one(),
-                        MatMut { ptr: dqp.0.add(q_off), rs: q_rs, cs: 1 },
+                        MatMut { ptr: dqp.get().add(q_off), rs: q_rs, cs: 1 },
                     );
                     // dK += scale · dSᵀ Q
                     gemm_serial(
@@ -223,7 +246,7 @@ pub(crate) fn attention_bwd(
                         MatRef { ptr: dp.as_ptr(), rs: 1, cs: tk as isize },
                         MatRef { ptr: qs.as_ptr().add(q_off), rs: q_rs, cs: 1 },
                         T::one(),
-                        MatMut { ptr: dkp.0.add(kv_off), rs: kv_rs, cs: 1 },
+                        MatMut { ptr: dkp.get().add(kv_off), rs: kv_rs, cs: 1 },
                     );
                 }
             }

@@ -1,6 +1,9 @@
 //! Elementwise ops: fill, cast, add, add_assign, scale, scale_by (learned scalar), swiglu.
 
-use super::{check_cpu, distinct, same_dtype, same_shape, slice, slice_mut, with_any, with_float, Float, ELEM_CHUNK};
+use super::{
+    check_cpu, distinct, same_dtype, same_shape, slice, slice_mut, with_any, with_float, Float,
+    ELEM_CHUNK,
+};
 use crate::{CpuStorage, DType, Element, Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -23,9 +26,9 @@ pub(crate) fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     }
     let storage = match (&*g, dtype) {
         // f32 → bf16 directly (identical to going through f64, but cheaper).
-        (CpuStorage::F32(v), DType::BF16) => {
-            CpuStorage::BF16(v.par_iter().with_min_len(ELEM_CHUNK).map(|&x| half::bf16::from_f32(x)).collect())
-        }
+        (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(
+            v.par_iter().with_min_len(ELEM_CHUNK).map(|&x| half::bf16::from_f32(x)).collect(),
+        ),
         (CpuStorage::BF16(v), DType::F32) => {
             CpuStorage::F32(v.par_iter().with_min_len(ELEM_CHUNK).map(|x| x.to_f32()).collect())
         }
@@ -94,7 +97,10 @@ pub(crate) fn scale(x: &Tensor, alpha: f64) -> Result<Tensor> {
 
 fn scalar_of<T: Float>(op: &'static str, s: &Tensor) -> Result<T> {
     if s.numel() != 1 {
-        return Err(Error::shape(op, format!("the scale must have one element, got {:?}", s.shape())));
+        return Err(Error::shape(
+            op,
+            format!("the scale must have one element, got {:?}", s.shape()),
+        ));
     }
     let g = s.cpu_read()?;
     Ok(slice::<T>(op, &g)?[0])
@@ -111,7 +117,13 @@ pub(crate) fn scale_by_fwd(x: &Tensor, s: &Tensor) -> Result<Tensor> {
     })
 }
 
-pub(crate) fn scale_by_bwd(x: &Tensor, s: &Tensor, dy: &Tensor, dx: &Tensor, ds: &Tensor) -> Result<()> {
+pub(crate) fn scale_by_bwd(
+    x: &Tensor,
+    s: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+    ds: &Tensor,
+) -> Result<()> {
     const OP: &str = "scale_by_bwd";
     check_cpu(OP, &[x, s, dy, dx, ds])?;
     distinct(OP, &[dx, ds], &[x, s, dy])?;
@@ -160,7 +172,13 @@ pub(crate) fn swiglu_fwd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     })
 }
 
-pub(crate) fn swiglu_bwd(a: &Tensor, b: &Tensor, dy: &Tensor, da: &Tensor, db: &Tensor) -> Result<()> {
+pub(crate) fn swiglu_bwd(
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    da: &Tensor,
+    db: &Tensor,
+) -> Result<()> {
     const OP: &str = "swiglu_bwd";
     check_cpu(OP, &[a, b, dy, da, db])?;
     distinct(OP, &[da, db], &[a, b, dy])?;

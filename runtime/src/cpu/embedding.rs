@@ -35,7 +35,10 @@ pub(crate) fn embedding_bwd(ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Resul
     let (v, h) = table_dims(OP, dtable)?;
     let idx = ids_as_usize(OP, ids, v)?;
     if dy.numel() != idx.len() * h {
-        return Err(Error::shape(OP, format!("dy {:?} does not match {} ids × hidden {h}", dy.shape(), idx.len())));
+        return Err(Error::shape(
+            OP,
+            format!("dy {:?} does not match {} ids × hidden {h}", dy.shape(), idx.len()),
+        ));
     }
     let dt = super::same_dtype(OP, &[dy, dtable])?;
     // Counting sort: the tokens of every vocabulary row, in token order.

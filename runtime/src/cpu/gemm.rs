@@ -34,6 +34,7 @@ pub(crate) struct MatMut<T> {
 /// # Safety
 /// The pointers with their strides must address valid `m×k`, `k×n` and `m×n` matrices, and
 /// `c` must not overlap `a` or `b` nor be written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_serial<T: Float>(
     m: usize,
     n: usize,
@@ -111,13 +112,15 @@ pub(crate) unsafe fn gemm_batched<T: Float>(
         let (bi, rest) = (t / (mt * nt), t % (mt * nt));
         let (i0, j0) = ((rest / nt) * tm, (rest % nt) * tn);
         let (mm, nn) = (tm.min(m - i0), tn.min(n - j0));
-        let (ap, bp, cp) = (ap, bp, cp);
         // SAFETY: tile t covers rows i0..i0+mm and columns j0..j0+nn of batch entry bi only;
         // tiles are disjoint, and the caller guarantees the operands are valid.
         unsafe {
-            let at = MatRef { ptr: ap.0.offset(bi as isize * a_bs + i0 as isize * a.rs), ..a };
-            let bt = MatRef { ptr: bp.0.offset(bi as isize * b_bs + j0 as isize * b.cs), ..b };
-            let ct = MatMut { ptr: cp.0.offset(bi as isize * c_bs + i0 as isize * c.rs + j0 as isize * c.cs), ..c };
+            let at = MatRef { ptr: ap.get().offset(bi as isize * a_bs + i0 as isize * a.rs), ..a };
+            let bt = MatRef { ptr: bp.get().offset(bi as isize * b_bs + j0 as isize * b.cs), ..b };
+            let ct = MatMut {
+                ptr: cp.get().offset(bi as isize * c_bs + i0 as isize * c.rs + j0 as isize * c.cs),
+                ..c
+            };
             gemm_serial(mm, nn, k, alpha, at, bt, beta, ct);
         }
     };

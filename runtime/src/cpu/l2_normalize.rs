@@ -36,7 +36,14 @@ pub(crate) fn l2_normalize_fwd(x: &Tensor, axis: usize, eps: f64) -> Result<(Ten
     })
 }
 
-pub(crate) fn l2_normalize_bwd(y: &Tensor, norm: &Tensor, dy: &Tensor, axis: usize, eps: f64, dx: &Tensor) -> Result<()> {
+pub(crate) fn l2_normalize_bwd(
+    y: &Tensor,
+    norm: &Tensor,
+    dy: &Tensor,
+    axis: usize,
+    eps: f64,
+    dx: &Tensor,
+) -> Result<()> {
     const OP: &str = "l2_normalize_bwd";
     check_cpu(OP, &[y, norm, dy, dx])?;
     distinct(OP, &[dx], &[y, norm, dy])?;
@@ -44,7 +51,10 @@ pub(crate) fn l2_normalize_bwd(y: &Tensor, norm: &Tensor, dy: &Tensor, axis: usi
     same_shape(OP, y, dx)?;
     let (outer, n, inner) = around(OP, y.shape(), axis)?;
     if norm.numel() != outer * inner {
-        return Err(Error::shape(OP, format!("norm {:?} does not match y {:?} at axis {axis}", norm.shape(), y.shape())));
+        return Err(Error::shape(
+            OP,
+            format!("norm {:?} does not match y {:?} at axis {axis}", norm.shape(), y.shape()),
+        ));
     }
     let dt = same_dtype(OP, &[y, norm, dy, dx])?;
     with_float!(OP, dt, T => {

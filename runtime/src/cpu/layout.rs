@@ -53,8 +53,15 @@ pub(crate) fn slice0_bwd(dy: &Tensor, dx: &Tensor, start: usize) -> Result<()> {
     const OP: &str = "slice0_bwd";
     check_cpu(OP, &[dy, dx])?;
     distinct(OP, &[dx], &[dy])?;
-    if dx.dims() == 0 || dy.dims() != dx.dims() || dy.shape()[1..] != dx.shape()[1..] || start + dy.shape()[0] > dx.shape()[0] {
-        return Err(Error::shape(OP, format!("cannot add {:?} into rows from {start} of {:?}", dy.shape(), dx.shape())));
+    if dx.dims() == 0
+        || dy.dims() != dx.dims()
+        || dy.shape()[1..] != dx.shape()[1..]
+        || start + dy.shape()[0] > dx.shape()[0]
+    {
+        return Err(Error::shape(
+            OP,
+            format!("cannot add {:?} into rows from {start} of {:?}", dy.shape(), dx.shape()),
+        ));
     }
     let dt = super::same_dtype(OP, &[dy, dx])?;
     let r = row_len(dx);
@@ -80,7 +87,10 @@ pub(crate) fn concat0(parts: &[&Tensor]) -> Result<Tensor> {
     }
     for p in parts {
         if p.dims() != first.dims() || p.shape()[1..] != first.shape()[1..] {
-            return Err(Error::shape(OP, format!("{:?} does not stack with {:?}", p.shape(), first.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("{:?} does not stack with {:?}", p.shape(), first.shape()),
+            ));
         }
     }
     let mut shape = first.shape().to_vec();

@@ -20,18 +20,43 @@ struct Dims {
     v: usize,
 }
 
-fn dims(op: &'static str, x: &Tensor, w: &Tensor, targets: &Tensor, spec: CrossEntropy) -> Result<Dims> {
+fn dims(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    spec: CrossEntropy,
+) -> Result<Dims> {
     let (&[n, h], &[v, h2]) = (x.shape(), w.shape()) else {
-        return Err(Error::shape(op, format!("x must be [tokens, hidden] and w [vocab, hidden], got {:?} and {:?}", x.shape(), w.shape())));
+        return Err(Error::shape(
+            op,
+            format!(
+                "x must be [tokens, hidden] and w [vocab, hidden], got {:?} and {:?}",
+                x.shape(),
+                w.shape()
+            ),
+        ));
     };
     if h != h2 || targets.numel() != n {
-        return Err(Error::shape(op, format!("x {:?}, w {:?} and targets {:?} do not fit", x.shape(), w.shape(), targets.shape())));
+        return Err(Error::shape(
+            op,
+            format!(
+                "x {:?}, w {:?} and targets {:?} do not fit",
+                x.shape(),
+                w.shape(),
+                targets.shape()
+            ),
+        ));
     }
     if spec.chunk_tokens == 0 {
         return Err(Error::invalid(op, "chunk_tokens must be at least 1"));
     }
     if x.dtype() != w.dtype() {
-        return Err(Error::dtype(op, w.dtype(), format!("x is {}: x and w must share a dtype", x.dtype())));
+        return Err(Error::dtype(
+            op,
+            w.dtype(),
+            format!("x is {}: x and w must share a dtype", x.dtype()),
+        ));
     }
     Ok(Dims { n, h, v })
 }
@@ -45,8 +70,15 @@ fn read_targets(op: &'static str, targets: &Tensor, v: usize, ignore: i64) -> Re
         CpuStorage::U16(x) => x.iter().map(|&a| a as i64).collect(),
         other => return Err(Error::dtype(op, other.dtype(), "targets must be I32, U32 or U16")),
     };
-    if let Some((i, &bad)) = t.iter().enumerate().find(|(_, &a)| a != ignore && (a < 0 || a as usize >= v)) {
-        return Err(Error::invalid(op, format!("target {bad} at position {i} is outside 0..{v} and not the ignore index {ignore}")));
+    if let Some((i, &bad)) =
+        t.iter().enumerate().find(|(_, &a)| a != ignore && (a < 0 || a as usize >= v))
+    {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "target {bad} at position {i} is outside 0..{v} and not the ignore index {ignore}"
+            ),
+        ));
     }
     Ok(t)
 }
@@ -86,7 +118,12 @@ fn log_sum_exp<T: Float>(row: &[T]) -> T {
     m + s.ln()
 }
 
-pub(crate) fn lm_head_ce_fwd(x: &Tensor, w: &Tensor, targets: &Tensor, spec: CrossEntropy) -> Result<CrossEntropyOut> {
+pub(crate) fn lm_head_ce_fwd(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    spec: CrossEntropy,
+) -> Result<CrossEntropyOut> {
     const OP: &str = "lm_head_ce_fwd";
     check_cpu(OP, &[x, w, targets])?;
     let dm = dims(OP, x, w, targets, spec)?;
@@ -142,11 +179,28 @@ pub(crate) fn lm_head_ce_bwd(
     let cd = compute_dtype(x);
     for t in [lse, dloss, dx, dw] {
         if t.dtype() != cd {
-            return Err(Error::dtype(OP, t.dtype(), format!("lse, dloss and the gradients must be {cd}")));
+            return Err(Error::dtype(
+                OP,
+                t.dtype(),
+                format!("lse, dloss and the gradients must be {cd}"),
+            ));
         }
     }
-    if lse.numel() != dm.n || dloss.numel() != 1 || dx.shape() != x.shape() || dw.shape() != w.shape() {
-        return Err(Error::shape(OP, format!("lse {:?}, dloss {:?}, dx {:?} or dw {:?} do not fit", lse.shape(), dloss.shape(), dx.shape(), dw.shape())));
+    if lse.numel() != dm.n
+        || dloss.numel() != 1
+        || dx.shape() != x.shape()
+        || dw.shape() != w.shape()
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "lse {:?}, dloss {:?}, dx {:?} or dw {:?} do not fit",
+                lse.shape(),
+                dloss.shape(),
+                dx.shape(),
+                dw.shape()
+            ),
+        ));
     }
     with_float!(OP, cd, T => {
         let (xv, wv) = (widened::<T>(OP, x)?, widened::<T>(OP, w)?);

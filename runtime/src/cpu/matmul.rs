@@ -31,18 +31,29 @@ fn split(t: &Tensor) -> Option<(usize, usize, usize)> {
 }
 
 fn geometry(op: &'static str, a: &Tensor, b: &Tensor, spec: Matmul) -> Result<Geometry> {
-    let (ba, ra, ca) = split(a).ok_or_else(|| Error::shape(op, format!("a must have ≥ 2 axes, got {:?}", a.shape())))?;
-    let (bb, rb, cb) = split(b).ok_or_else(|| Error::shape(op, format!("b must have ≥ 2 axes, got {:?}", b.shape())))?;
+    let (ba, ra, ca) = split(a)
+        .ok_or_else(|| Error::shape(op, format!("a must have ≥ 2 axes, got {:?}", a.shape())))?;
+    let (bb, rb, cb) = split(b)
+        .ok_or_else(|| Error::shape(op, format!("b must have ≥ 2 axes, got {:?}", b.shape())))?;
     let (m, k) = if spec.trans_a == Transpose::Yes { (ca, ra) } else { (ra, ca) };
     let (k2, n) = if spec.trans_b == Transpose::Yes { (cb, rb) } else { (rb, cb) };
     if k != k2 {
         return Err(Error::shape(
             op,
-            format!("inner dimensions differ: a {:?} ({:?}) and b {:?} ({:?})", a.shape(), spec.trans_a, b.shape(), spec.trans_b),
+            format!(
+                "inner dimensions differ: a {:?} ({:?}) and b {:?} ({:?})",
+                a.shape(),
+                spec.trans_a,
+                b.shape(),
+                spec.trans_b
+            ),
         ));
     }
     if ba != bb && ba != 1 && bb != 1 {
-        return Err(Error::shape(op, format!("batch axes differ: a {:?}, b {:?}", a.shape(), b.shape())));
+        return Err(Error::shape(
+            op,
+            format!("batch axes differ: a {:?}, b {:?}", a.shape(), b.shape()),
+        ));
     }
     let batch = ba.max(bb);
     let lead = if ba == batch { &a.shape()[..a.dims() - 2] } else { &b.shape()[..b.dims() - 2] };
@@ -70,7 +81,9 @@ impl<T: Float> View<'_, T> {
 pub(crate) fn widened<'a, T: Float>(op: &'static str, t: &'a Tensor) -> Result<View<'a, T>> {
     let g = t.cpu_read()?;
     if t.dtype() == DType::BF16 && T::DTYPE == DType::F32 {
-        return Ok(View::Owned(slice::<half::bf16>(op, &g)?.iter().map(|x| T::from_f32(x.to_f32())).collect()));
+        return Ok(View::Owned(
+            slice::<half::bf16>(op, &g)?.iter().map(|x| T::from_f32(x.to_f32())).collect(),
+        ));
     }
     slice::<T>(op, &g)?;
     Ok(View::Borrowed(g))
@@ -80,8 +93,12 @@ pub(crate) fn widened<'a, T: Float>(op: &'static str, t: &'a Tensor) -> Result<V
 fn compute_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<DType> {
     match (a.dtype(), b.dtype()) {
         (DType::F64, DType::F64) => Ok(DType::F64),
-        (DType::F32 | DType::BF16, DType::F32 | DType::BF16) if a.dtype() == b.dtype() => Ok(DType::F32),
-        (da, db) => Err(Error::dtype(op, db, format!("a is {da}: operands must share a float dtype"))),
+        (DType::F32 | DType::BF16, DType::F32 | DType::BF16) if a.dtype() == b.dtype() => {
+            Ok(DType::F32)
+        }
+        (da, db) => {
+            Err(Error::dtype(op, db, format!("a is {da}: operands must share a float dtype")))
+        }
     }
 }
 
@@ -113,19 +130,36 @@ fn product<T: Float>(g: &Geometry, spec: Matmul, a: &[T], b: &[T], beta: T, c: &
     }
 }
 
-pub(crate) fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, spec: Matmul, out: Option<DType>) -> Result<Tensor> {
+pub(crate) fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    spec: Matmul,
+    out: Option<DType>,
+) -> Result<Tensor> {
     const OP: &str = "matmul";
     check_cpu(OP, &[a, b])?;
     let g = geometry(OP, a, b, spec)?;
     let cd = compute_dtype(OP, a, b)?;
     let out_dtype = out.unwrap_or(a.dtype());
-    if cd == DType::F64 && out_dtype != DType::F64 || cd == DType::F32 && !matches!(out_dtype, DType::F32 | DType::BF16) {
+    if cd == DType::F64 && out_dtype != DType::F64
+        || cd == DType::F32 && !matches!(out_dtype, DType::F32 | DType::BF16)
+    {
         return Err(Error::dtype(OP, out_dtype, format!("cannot be the output of a {cd} product")));
     }
     if let Some(bias) = bias {
         check_cpu(OP, &[bias])?;
         if bias.shape() != [g.n] || bias.dtype() != a.dtype() {
-            return Err(Error::shape(OP, format!("bias must be [{}] {}, got {:?} {}", g.n, a.dtype(), bias.shape(), bias.dtype())));
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "bias must be [{}] {}, got {:?} {}",
+                    g.n,
+                    a.dtype(),
+                    bias.shape(),
+                    bias.dtype()
+                ),
+            ));
         }
     }
     let result = with_float!(OP, cd, T => {
@@ -157,17 +191,38 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, spec: Matmul, out: &Tensor) ->
     let g = geometry(OP, a, b, spec)?;
     let cd = compute_dtype(OP, a, b)?;
     if out.dtype() != cd {
-        return Err(Error::dtype(OP, out.dtype(), format!("the output of a {cd} product must be {cd}")));
+        return Err(Error::dtype(
+            OP,
+            out.dtype(),
+            format!("the output of a {cd} product must be {cd}"),
+        ));
     }
-    if out.numel() != g.batch * g.m * g.n || out.shape().last() != Some(&g.n) {
-        return Err(Error::shape(OP, format!("out is {:?} but the product is {:?}", out.shape(), g.out_shape)));
+    // `out` without the product's batch axes: the batch products are summed into it.
+    let summed = g.batch > 1 && out.numel() == g.m * g.n;
+    if (!summed && out.numel() != g.batch * g.m * g.n) || out.shape().last() != Some(&g.n) {
+        return Err(Error::shape(
+            OP,
+            format!("out is {:?} but the product is {:?}", out.shape(), g.out_shape),
+        ));
     }
     with_float!(OP, cd, T => {
         let av = widened::<T>(OP, a)?;
         let bv = widened::<T>(OP, b)?;
         let mut og = out.cpu_write()?;
         let c = slice_mut::<T>(OP, &mut og)?;
-        product::<T>(&g, spec, av.get(), bv.get(), T::from_f32(spec.beta), c);
+        if summed {
+            // One product per batch entry, added in batch order (deterministic); beta applies once.
+            let one = Geometry { batch: 1, a_batched: false, b_batched: false, out_shape: vec![g.m, g.n], ..g };
+            let (mk, kn) = (g.m * g.k, g.k * g.n);
+            for i in 0..g.batch {
+                let ai = if g.a_batched { &av.get()[i * mk..(i + 1) * mk] } else { av.get() };
+                let bi = if g.b_batched { &bv.get()[i * kn..(i + 1) * kn] } else { bv.get() };
+                let beta = if i == 0 { T::from_f32(spec.beta) } else { T::one() };
+                product::<T>(&one, spec, ai, bi, beta, c);
+            }
+        } else {
+            product::<T>(&g, spec, av.get(), bv.get(), T::from_f32(spec.beta), c);
+        }
         Ok(())
     })
 }

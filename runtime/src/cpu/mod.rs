@@ -137,6 +137,14 @@ pub(crate) struct SendPtr<T>(pub *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
+impl<T> SendPtr<T> {
+    /// The pointer. A method (not the field) so closures capture the whole `SendPtr`.
+    #[inline]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 pub(crate) fn check_cpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     for t in ts {
         if t.device() != Device::Cpu {
@@ -168,7 +176,10 @@ pub(crate) fn distinct(op: &'static str, outs: &[&Tensor], ins: &[&Tensor]) -> R
     for (i, o) in outs.iter().enumerate() {
         for other in outs[i + 1..].iter().chain(ins.iter()) {
             if o.shares_storage(other) {
-                return Err(Error::invalid(op, "an output buffer shares storage with another operand"));
+                return Err(Error::invalid(
+                    op,
+                    "an output buffer shares storage with another operand",
+                ));
             }
         }
     }
@@ -176,11 +187,13 @@ pub(crate) fn distinct(op: &'static str, outs: &[&Tensor], ins: &[&Tensor]) -> R
 }
 
 pub(crate) fn slice<'a, T: Element>(op: &'static str, s: &'a CpuStorage) -> Result<&'a [T]> {
-    s.as_slice::<T>()
-        .ok_or_else(|| Error::dtype(op, s.dtype(), format!("expected {}", T::DTYPE)))
+    s.as_slice::<T>().ok_or_else(|| Error::dtype(op, s.dtype(), format!("expected {}", T::DTYPE)))
 }
 
-pub(crate) fn slice_mut<'a, T: Element>(op: &'static str, s: &'a mut CpuStorage) -> Result<&'a mut [T]> {
+pub(crate) fn slice_mut<'a, T: Element>(
+    op: &'static str,
+    s: &'a mut CpuStorage,
+) -> Result<&'a mut [T]> {
     let d = s.dtype();
     s.as_mut_slice::<T>().ok_or_else(|| Error::dtype(op, d, format!("expected {}", T::DTYPE)))
 }
@@ -270,7 +283,14 @@ impl Backend for CpuBackend {
         elementwise::scale_by_fwd(x, s)
     }
 
-    fn scale_by_bwd(&self, x: &Tensor, s: &Tensor, dy: &Tensor, dx: &Tensor, ds: &Tensor) -> Result<()> {
+    fn scale_by_bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+        ds: &Tensor,
+    ) -> Result<()> {
         elementwise::scale_by_bwd(x, s, dy, dx, ds)
     }
 
@@ -278,7 +298,14 @@ impl Backend for CpuBackend {
         elementwise::swiglu_fwd(a, b)
     }
 
-    fn swiglu_bwd(&self, a: &Tensor, b: &Tensor, dy: &Tensor, da: &Tensor, db: &Tensor) -> Result<()> {
+    fn swiglu_bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        da: &Tensor,
+        db: &Tensor,
+    ) -> Result<()> {
         elementwise::swiglu_bwd(a, b, dy, da, db)
     }
 
@@ -298,7 +325,14 @@ impl Backend for CpuBackend {
         layout::concat0(parts)
     }
 
-    fn matmul(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, spec: Matmul, out: Option<DType>) -> Result<Tensor> {
+    fn matmul(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        spec: Matmul,
+        out: Option<DType>,
+    ) -> Result<Tensor> {
         matmul::matmul(a, b, bias, spec, out)
     }
 
@@ -322,11 +356,25 @@ impl Backend for CpuBackend {
         rms_norm::rms_norm_fwd(x, w, eps)
     }
 
-    fn rms_norm_bwd(&self, x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor, dx: &Tensor, dw: &Tensor) -> Result<()> {
+    fn rms_norm_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+        dw: &Tensor,
+    ) -> Result<()> {
         rms_norm::rms_norm_bwd(x, w, rstd, dy, None, &[dx], dw)
     }
 
-    fn add_rms_norm_fwd(&self, x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    fn add_rms_norm_fwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         rms_norm::add_rms_norm_fwd(x, r, w, eps)
     }
 
@@ -348,7 +396,15 @@ impl Backend for CpuBackend {
         l2_normalize::l2_normalize_fwd(x, axis, eps)
     }
 
-    fn l2_normalize_bwd(&self, y: &Tensor, norm: &Tensor, dy: &Tensor, axis: usize, eps: f64, dx: &Tensor) -> Result<()> {
+    fn l2_normalize_bwd(
+        &self,
+        y: &Tensor,
+        norm: &Tensor,
+        dy: &Tensor,
+        axis: usize,
+        eps: f64,
+        dx: &Tensor,
+    ) -> Result<()> {
         l2_normalize::l2_normalize_bwd(y, norm, dy, axis, eps, dx)
     }
 
@@ -368,7 +424,13 @@ impl Backend for CpuBackend {
         rope::rope_bwd(dy, theta, pos_offset, dx)
     }
 
-    fn attention_fwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    fn attention_fwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
         attention::attention_fwd(q, k, v, scale)
     }
 
@@ -388,7 +450,13 @@ impl Backend for CpuBackend {
         attention::attention_bwd(q, k, v, o, lse, d_o, scale, dq, dk, dv)
     }
 
-    fn lm_head_ce_fwd(&self, x: &Tensor, w: &Tensor, targets: &Tensor, spec: CrossEntropy) -> Result<CrossEntropyOut> {
+    fn lm_head_ce_fwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        spec: CrossEntropy,
+    ) -> Result<CrossEntropyOut> {
         lm_head_ce::lm_head_ce_fwd(x, w, targets, spec)
     }
 

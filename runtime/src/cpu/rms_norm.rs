@@ -11,7 +11,10 @@ use rayon::prelude::*;
 fn hidden(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
     let h = *x.shape().last().ok_or_else(|| Error::shape(op, "x must have ≥ 1 axis"))?;
     if w.shape() != [h] {
-        return Err(Error::shape(op, format!("weight must be [{h}] for x {:?}, got {:?}", x.shape(), w.shape())));
+        return Err(Error::shape(
+            op,
+            format!("weight must be [{h}] for x {:?}, got {:?}", x.shape(), w.shape()),
+        ));
     }
     Ok(h)
 }
@@ -41,7 +44,12 @@ pub(crate) fn rms_norm_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, 
     })
 }
 
-pub(crate) fn add_rms_norm_fwd(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn add_rms_norm_fwd(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "add_rms_norm_fwd";
     check_cpu(OP, &[x, r, w])?;
     super::same_shape(OP, x, r)?;
@@ -85,7 +93,10 @@ pub(crate) fn rms_norm_bwd(
     let h = hidden(OP, x, w)?;
     let rows = x.numel() / h.max(1);
     if rstd.numel() != rows {
-        return Err(Error::shape(OP, format!("rstd {:?} does not match x {:?}", rstd.shape(), x.shape())));
+        return Err(Error::shape(
+            OP,
+            format!("rstd {:?} does not match x {:?}", rstd.shape(), x.shape()),
+        ));
     }
     for t in outs.iter().chain([&dy]).chain(dsum.as_ref()) {
         super::same_shape(OP, x, t)?;

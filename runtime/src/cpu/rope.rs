@@ -15,7 +15,10 @@ use rayon::prelude::*;
 fn dims(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match x.shape() {
         [b, t, h, d] if d % 2 == 0 => Ok((*b, *t, *h, *d)),
-        s => Err(Error::shape(op, format!("expects [batch, seq, heads, head_dim] with an even head_dim, got {s:?}"))),
+        s => Err(Error::shape(
+            op,
+            format!("expects [batch, seq, heads, head_dim] with an even head_dim, got {s:?}"),
+        )),
     }
 }
 
@@ -23,7 +26,8 @@ fn dims(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
 pub fn rope_tables(seq: usize, head_dim: usize, theta: f64, offset: usize) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let base = theta as f32;
-    let inv: Vec<f32> = (0..half).map(|j| 1.0f32 / base.powf((2 * j) as f32 / head_dim as f32)).collect();
+    let inv: Vec<f32> =
+        (0..half).map(|j| 1.0f32 / base.powf((2 * j) as f32 / head_dim as f32)).collect();
     let mut cos = vec![0f32; seq * half];
     let mut sin = vec![0f32; seq * half];
     for t in 0..seq {
@@ -39,26 +43,36 @@ pub fn rope_tables(seq: usize, head_dim: usize, theta: f64, offset: usize) -> (V
 
 /// Applies the rotation (`sign = 1`) or its transpose (`sign = −1`) to every head vector, adding
 /// into `out` when `accumulate`.
-fn rotate<T: Float>(x: &[T], out: &mut [T], dims: (usize, usize, usize, usize), theta: f64, offset: usize, sign: T, accumulate: bool) {
+fn rotate<T: Float>(
+    x: &[T],
+    out: &mut [T],
+    dims: (usize, usize, usize, usize),
+    theta: f64,
+    offset: usize,
+    sign: T,
+    accumulate: bool,
+) {
     let (_, t, h, d) = dims;
     let half = d / 2;
     let (cos, sin) = rope_tables(t, d, theta, offset);
-    out.par_chunks_mut(d.max(1)).zip(x.par_chunks(d.max(1))).enumerate().for_each(|(row, (o, x))| {
-        let pos = (row / h) % t;
-        for j in 0..half {
-            let c = T::from_f32(cos[pos * half + j]);
-            let s = T::from_f32(sin[pos * half + j]) * sign;
-            let a = x[j] * c - x[j + half] * s;
-            let b = x[j + half] * c + x[j] * s;
-            if accumulate {
-                o[j] += a;
-                o[j + half] += b;
-            } else {
-                o[j] = a;
-                o[j + half] = b;
+    out.par_chunks_mut(d.max(1)).zip(x.par_chunks(d.max(1))).enumerate().for_each(
+        |(row, (o, x))| {
+            let pos = (row / h) % t;
+            for j in 0..half {
+                let c = T::from_f32(cos[pos * half + j]);
+                let s = T::from_f32(sin[pos * half + j]) * sign;
+                let a = x[j] * c - x[j + half] * s;
+                let b = x[j + half] * c + x[j] * s;
+                if accumulate {
+                    o[j] += a;
+                    o[j + half] += b;
+                } else {
+                    o[j] = a;
+                    o[j + half] = b;
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 pub(crate) fn rope_fwd(x: &Tensor, theta: f64, pos_offset: usize) -> Result<Tensor> {

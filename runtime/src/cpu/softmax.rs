@@ -7,7 +7,11 @@ use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
 /// `(outer, n, inner)` of `shape` around `axis`.
-pub(crate) fn around(op: &'static str, shape: &[usize], axis: usize) -> Result<(usize, usize, usize)> {
+pub(crate) fn around(
+    op: &'static str,
+    shape: &[usize],
+    axis: usize,
+) -> Result<(usize, usize, usize)> {
     if axis >= shape.len() {
         return Err(Error::shape(op, format!("axis {axis} out of range for {shape:?}")));
     }
@@ -32,7 +36,7 @@ pub(crate) fn softmax_fwd(x: &Tensor, axis: usize) -> Result<Tensor> {
                     s += e;
                 }
                 for i in 0..n {
-                    y[i * inner + c] = y[i * inner + c] / s;
+                    y[i * inner + c] /= s;
                 }
             }
         });
@@ -67,4 +71,3 @@ pub(crate) fn softmax_bwd(y: &Tensor, dy: &Tensor, axis: usize, dx: &Tensor) -> 
         Ok(())
     })
 }
-
