@@ -3,5 +3,6 @@
 //! run. (One test binary: every test binary links the whole dependency tree.)
 
 mod common;
+mod model;
 mod tape;
 mod training;

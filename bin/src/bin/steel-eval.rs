@@ -1,0 +1,74 @@
+//! `steel-eval`: scoring text with a Steel model.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use steel_model::load_hf_dir;
+use steel_runtime::cpu::CpuBackend;
+use steel_runtime::{DType, Tensor};
+
+#[derive(Parser)]
+#[command(name = "steel-eval", version, about = "Evaluate a Steel model")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Perplexity of one token sequence: the model sees all T tokens; the loss is the mean NLL
+    /// of tokens 2..T predicted from their prefixes (HF's shifted loss). Prints one JSON line
+    /// {"loss": …, "tokens": <scored tokens, T−1>, "ppl": …}.
+    Ppl(PplArgs),
+}
+
+#[derive(Parser)]
+struct PplArgs {
+    /// A HuggingFace model directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long)]
+    ids: String,
+    /// Also write the f32 logits [T, vocab] as the tensor `logits` of a safetensors file.
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    steel_cli::run("steel-eval", || match Cli::parse().command {
+        Command::Ppl(a) => ppl(a),
+    })
+}
+
+fn ppl(args: PplArgs) -> Result<()> {
+    let ids = steel_cli::parse_ids(&args.ids)?;
+    if ids.len() < 2 {
+        bail!("--ids needs at least 2 tokens to score (got {})", ids.len());
+    }
+    let backend = Arc::new(CpuBackend::new());
+    let model = load_hf_dir(&args.model, backend, DType::F32)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let (loss, tokens) = model.shifted_loss(&ids)?;
+    if let Some(path) = &args.dump_logits {
+        let input = Tensor::from_vec(ids.iter().map(|&x| x as i32).collect(), &[1, ids.len()])?;
+        let logits = model.logits(&input)?;
+        let v = model.config.vocab_size;
+        let bytes = logits.to_bytes()?;
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![ids.len(), v],
+            &bytes,
+        )
+        .context("building the logits tensor")?;
+        let data: HashMap<String, _> = [("logits".to_string(), view)].into_iter().collect();
+        safetensors::tensor::serialize_to_file(data, None, path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let out = serde_json::json!({ "loss": loss, "tokens": tokens, "ppl": loss.exp() });
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! The forward pass (DESIGN §1, specs/model.md), on token ids.
+//!
+//! Per layer, pre-norm with the residual add fused into the next norm:
+//! `h = x + o_proj(Attn(RoPE(q), RoPE(k), v))` on `n = RMSNorm(x)`, then `x' = h + FFN(RMSNorm(h))`.
+//! The soft-MoE mixes all T tokens of a row (not causal); rows stay independent.
+
+use crate::model::{Ffn, Layer, Mlp};
+use crate::{ModelError, Result, SteelModel};
+use steel_autograd::{LossOptions, Tape, Var};
+use steel_runtime::{CpuStorage, CrossEntropy, DType, Matmul, Tensor};
+
+/// The reference pretraining ignores targets equal to `<|endoftext|>`.
+pub const DEFAULT_IGNORE_INDEX: i64 = 151643;
+
+/// A training batch: token blocks `[B, T + 1]`; inputs are `[:, :T]`, targets `[:, 1:]`.
+#[derive(Clone, Debug)]
+pub struct TrainingBatch {
+    pub blocks: Tensor,
+    pub ignore_index: i64,
+    /// The loss is `Σ nll / normalizer` (default: the counted targets of this batch).
+    pub normalizer: Option<f64>,
+    /// Tokens per chunk of the fused lm_head + cross entropy.
+    pub chunk_tokens: usize,
+}
+
+impl TrainingBatch {
+    pub fn new(blocks: Tensor) -> Self {
+        TrainingBatch {
+            blocks,
+            ignore_index: DEFAULT_IGNORE_INDEX,
+            normalizer: None,
+            chunk_tokens: 1024,
+        }
+    }
+}
+
+/// Token ids of a CPU tensor as i64.
+fn ids_of(t: &Tensor) -> Result<Vec<i64>> {
+    let g = t.cpu_read()?;
+    Ok(match &*g {
+        CpuStorage::I32(v) => v.iter().map(|&x| x as i64).collect(),
+        CpuStorage::U32(v) => v.iter().map(|&x| x as i64).collect(),
+        CpuStorage::U16(v) => v.iter().map(|&x| x as i64).collect(),
+        other => {
+            return Err(ModelError::Input(format!(
+                "token ids must be I32, U32 or U16, got {}",
+                other.dtype()
+            )))
+        }
+    })
+}
+
+impl SteelModel {
+    fn mlp(&self, tape: &mut Tape, mlp: &Mlp, x: Var) -> Result<Var> {
+        let s = &self.params;
+        Ok(match mlp {
+            Mlp::Senet { gate_up, up, gate_down, down } => {
+                let (gu, u, gd, d) = (
+                    tape.param(s, *gate_up)?,
+                    tape.param(s, *up)?,
+                    tape.param(s, *gate_down)?,
+                    tape.param(s, *down)?,
+                );
+                let a = tape.linear(x, gu, None)?;
+                let b = tape.linear(x, u, None)?;
+                let inner = tape.swiglu(a, b)?;
+                let a = tape.linear(inner, gd, None)?;
+                let b = tape.linear(inner, d, None)?;
+                tape.swiglu(a, b)?
+            }
+            Mlp::Swiglu { gate, up, down } => {
+                let (g, u, d) = (tape.param(s, *gate)?, tape.param(s, *up)?, tape.param(s, *down)?);
+                let a = tape.linear(x, g, None)?;
+                let b = tape.linear(x, u, None)?;
+                let inner = tape.swiglu(a, b)?;
+                tape.linear(inner, d, None)?
+            }
+        })
+    }
+
+    /// The soft-MoE on `m [B, T, H]` (specs/model.md point 4).
+    fn soft_moe(
+        &self,
+        tape: &mut Tape,
+        phi: Var,
+        scale: Var,
+        experts: &[Mlp],
+        m: Var,
+    ) -> Result<Var> {
+        let c = &self.config;
+        let (h, e, s) = (c.hidden_size, c.n_experts, c.slots_per_expert);
+        let b = tape.value(m)?.shape()[0];
+        // x̂: tokens normalised over the hidden axis; Φ̂: slot columns normalised, then scaled.
+        let xn = tape.l2_normalize(m, 2, 1e-12)?;
+        let phi2 = tape.reshape(phi, &[h, e * s])?;
+        let phin = tape.l2_normalize(phi2, 0, 1e-12)?;
+        let phis = tape.scale_by(phin, scale)?;
+        let logits = tape.matmul(xn, phis, None, Matmul::NN)?; // [B, T, E·S]
+        let dispatch = tape.softmax(logits, 1)?; // over the T tokens of each row
+        let combine = tape.softmax(logits, 2)?; // over all slots of each token
+        let slot_in = tape.matmul(dispatch, xn, None, Matmul::TN)?; // [B, E·S, H]
+                                                                    // Group slots by expert: [B, E, S·H] → [E, B, S·H]; expert e takes rows [B·S, H].
+        let slot_in = tape.reshape(slot_in, &[b, e, s * h])?;
+        let by_expert = tape.transpose01(slot_in)?;
+        let mut outs = Vec::with_capacity(e);
+        for (i, mlp) in experts.iter().enumerate() {
+            let xi = tape.slice0(by_expert, i, 1)?;
+            let xi = tape.reshape(xi, &[b * s, h])?;
+            let yi = self.mlp(tape, mlp, xi)?;
+            outs.push(tape.reshape(yi, &[1, b, s * h])?);
+        }
+        let ys = tape.concat0(&outs)?; // [E, B, S·H]
+        let ys = tape.transpose01(ys)?; // [B, E, S·H]
+        let ys = tape.reshape(ys, &[b, e * s, h])?;
+        Ok(tape.matmul(combine, ys, None, Matmul::NN)?) // [B, T, H]
+    }
+
+    fn attention(&self, tape: &mut Tape, layer: &Layer, n: Var, pos_offset: usize) -> Result<Var> {
+        let c = &self.config;
+        let s = &self.params;
+        let shape = tape.value(n)?.shape().to_vec();
+        let (b, t) = (shape[0], shape[1]);
+        let hd = c.head_dim();
+        let (qw, qb) = (tape.param(s, layer.q_w)?, tape.param(s, layer.q_b)?);
+        let (kw, kb) = (tape.param(s, layer.k_w)?, tape.param(s, layer.k_b)?);
+        let (vw, vb) = (tape.param(s, layer.v_w)?, tape.param(s, layer.v_b)?);
+        let q = tape.linear(n, qw, Some(qb))?;
+        let k = tape.linear(n, kw, Some(kb))?;
+        let v = tape.linear(n, vw, Some(vb))?;
+        let q = tape.reshape(q, &[b, t, c.num_attention_heads, hd])?;
+        let k = tape.reshape(k, &[b, t, c.kv_heads(), hd])?;
+        let v = tape.reshape(v, &[b, t, c.kv_heads(), hd])?;
+        let q = tape.rope(q, c.rope_theta, pos_offset)?;
+        let k = tape.rope(k, c.rope_theta, pos_offset)?;
+        let a = tape.attention(q, k, v, 1.0 / (hd as f64).sqrt())?;
+        let a = tape.reshape(a, &[b, t, c.num_attention_heads * hd])?;
+        let ow = tape.param(s, layer.o_w)?;
+        Ok(tape.linear(a, ow, None)?)
+    }
+
+    /// The FFN block (soft-MoE or dense MLP) of layer `index` on its normalised input
+    /// `m [B, T, H]` — the block on its own, for tests and analysis.
+    pub fn layer_ffn(&self, tape: &mut Tape, index: usize, m: Var) -> Result<Var> {
+        let layer = self.layers.get(index).ok_or_else(|| {
+            ModelError::Input(format!(
+                "layer {index} does not exist (the model has {})",
+                self.layers.len()
+            ))
+        })?;
+        self.ffn(tape, layer, m)
+    }
+
+    fn ffn(&self, tape: &mut Tape, layer: &Layer, m: Var) -> Result<Var> {
+        match &layer.ffn {
+            Ffn::SoftMoe { phi, scale, experts } => {
+                let (phi, scale) =
+                    (tape.param(&self.params, *phi)?, tape.param(&self.params, *scale)?);
+                self.soft_moe(tape, phi, scale, experts, m)
+            }
+            Ffn::Dense(mlp) => self.mlp(tape, mlp, m),
+        }
+    }
+
+    /// The final normalised hidden states `[B, T, H]` of integer `ids [B, T]` (a CPU tensor).
+    pub fn hidden_states(&self, tape: &mut Tape, ids: &Tensor) -> Result<Var> {
+        if ids.dims() != 2 || ids.numel() == 0 {
+            return Err(ModelError::Input(format!(
+                "token ids must be [batch, seq] and non-empty, got {:?}",
+                ids.shape()
+            )));
+        }
+        let eps = self.config.rms_norm_eps;
+        let s = &self.params;
+        let ids = self.backend().upload(ids)?;
+        let embed = tape.param(s, self.embed)?;
+        let x0 = tape.embedding(&ids, embed)?;
+        // (residual, branch) of the previous layer, added by the next fused norm.
+        let mut pending: Option<(Var, Var)> = None;
+        for layer in &self.layers {
+            let w = tape.param(s, layer.input_norm)?;
+            let (x, n) = match pending {
+                Some((h, f)) => tape.add_rms_norm(h, f, w, eps)?,
+                None => (x0, tape.rms_norm(x0, w, eps)?),
+            };
+            let o = self.attention(tape, layer, n, 0)?;
+            let w2 = tape.param(s, layer.post_norm)?;
+            let (h, m) = tape.add_rms_norm(x, o, w2, eps)?;
+            let f = self.ffn(tape, layer, m)?;
+            pending = Some((h, f));
+        }
+        let w = tape.param(s, self.norm)?;
+        Ok(match pending {
+            Some((h, f)) => tape.add_rms_norm(h, f, w, eps)?.1,
+            None => tape.rms_norm(x0, w, eps)?,
+        })
+    }
+
+    /// The training loss of `batch` on the tape: the model sees `blocks[:, :T]` and predicts
+    /// `blocks[:, 1:]`; returns the loss variable and the number of counted targets.
+    pub fn loss(&self, tape: &mut Tape, batch: &TrainingBatch) -> Result<(Var, usize)> {
+        let blocks = &batch.blocks;
+        let (b, t1) = match blocks.shape() {
+            [b, t1] if *t1 >= 2 => (*b, *t1),
+            s => {
+                return Err(ModelError::Input(format!(
+                    "training blocks must be [batch, seq + 1] with seq ≥ 1, got {s:?}"
+                )))
+            }
+        };
+        let t = t1 - 1;
+        let all = ids_of(blocks)?;
+        let mut inputs = Vec::with_capacity(b * t);
+        let mut targets = Vec::with_capacity(b * t);
+        for row in all.chunks(t1) {
+            inputs.extend(row[..t].iter().map(|&x| x as i32));
+            targets.extend(row[1..].iter().map(|&x| x as i32));
+        }
+        let inputs = Tensor::from_vec(inputs, &[b, t])?;
+        let targets = self.backend().upload(&Tensor::from_vec(targets, &[b * t])?)?;
+        let hidden = self.hidden_states(tape, &inputs)?;
+        let hidden = tape.reshape(hidden, &[b * t, self.config.hidden_size])?;
+        let head = tape.param(&self.params, self.head_id())?;
+        let opts = LossOptions {
+            ce: CrossEntropy {
+                ignore_index: batch.ignore_index,
+                chunk_tokens: batch.chunk_tokens.max(1),
+            },
+            normalizer: batch.normalizer,
+        };
+        Ok(tape.lm_head_ce(hidden, head, &targets, opts)?)
+    }
+
+    /// Logits `[B, T, V]` (f32, or f64 for an f64 model) of `ids [B, T]`, without a tape.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut tape = Tape::no_grad(self.backend().clone());
+        let hidden = self.hidden_states(&mut tape, ids)?;
+        let hv = tape.value(hidden)?;
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let h2 = hv.reshape(&[b * t, self.config.hidden_size])?;
+        let head = &self.params.get(self.head_id()).value;
+        let out = if head.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let logits = self.backend().matmul(&h2, head, None, Matmul::NT, Some(out))?;
+        Ok(logits.reshape(&[b, t, self.config.vocab_size])?)
+    }
+
+    /// HF's shifted loss of one sequence: the model sees all T tokens and the loss is the mean
+    /// NLL of tokens 2..T predicted from their prefixes (nothing ignored). Returns
+    /// `(loss, scored tokens)`.
+    pub fn shifted_loss(&self, ids: &[i64]) -> Result<(f64, usize)> {
+        if ids.len() < 2 {
+            return Err(ModelError::Input(format!(
+                "need at least 2 tokens to score, got {}",
+                ids.len()
+            )));
+        }
+        let v = self.config.vocab_size as i64;
+        if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x >= v) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} at position {i} is outside the vocabulary 0..{v}"
+            )));
+        }
+        let t = ids.len();
+        let input = Tensor::from_vec(ids.iter().map(|&x| x as i32).collect(), &[1, t])?;
+        let mut tape = Tape::no_grad(self.backend().clone());
+        let hidden = self.hidden_states(&mut tape, &input)?;
+        let h = tape.reshape(hidden, &[t, self.config.hidden_size])?;
+        let h = tape.slice0(h, 0, t - 1)?;
+        let targets = self
+            .backend()
+            .upload(&Tensor::from_vec(ids[1..].iter().map(|&x| x as i32).collect(), &[t - 1])?)?;
+        let head = tape.param(&self.params, self.head_id())?;
+        let opts = LossOptions {
+            ce: CrossEntropy { ignore_index: -1, chunk_tokens: 1024 },
+            normalizer: None,
+        };
+        let (loss, count) = tape.lm_head_ce(h, head, &targets, opts)?;
+        let value = self.backend().download(tape.value(loss)?)?.scalar()?;
+        Ok((value, count))
+    }
+}
