@@ -1,5 +1,7 @@
 //! Shared pieces of Steel's command-line tools.
 
+pub mod data_cli;
+
 use std::process::ExitCode;
 
 /// Runs a tool's body: on error prints one line naming the cause and exits with status 2

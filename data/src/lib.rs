@@ -1,0 +1,46 @@
+//! Steel's data pipeline (DESIGN §5, specs/reference-pipeline.md §1–§4, §7.1).
+//!
+//! - [`tokenizer`]: the Qwen byte-level BPE tokenizer (`tokenizers`), special ids, and
+//!   [`chat`], the chat template rendered from `tokenizer_config.json`'s own Jinja text.
+//! - [`convert`]: step 1, every raw source to `{"text": …}` jsonl.
+//! - [`clean`]: step 2, native rule-based filters and mappers, exact and SimHash de-duplication.
+//! - [`shard`] and [`tokenize`]: step 3, TinyLlama-compatible packed `.bin` shards.
+//! - [`dataset`]: the resumable, appendable iterator over the blocks of those shards.
+//!
+//! This crate depends on no other crate of Steel's: it owns text and tokens.
+
+pub mod chat;
+pub mod clean;
+pub mod convert;
+pub mod dataset;
+pub mod shard;
+pub mod tokenize;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+/// Errors of the data pipeline, each naming the file (and line) a user can fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DataError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io { path: path.to_path_buf(), source }
+    }
+    pub fn format(path: &Path, msg: impl Into<String>) -> Self {
+        DataError::Format { path: path.to_path_buf(), msg: msg.into() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DataError>;
