@@ -129,6 +129,9 @@ pub(crate) fn scale_by_bwd(
     distinct(OP, &[dx, ds], &[x, s, dy])?;
     same_shape(OP, x, dy)?;
     same_shape(OP, x, dx)?;
+    if ds.numel() != 1 {
+        return Err(Error::shape(OP, format!("ds must have one element, got {:?}", ds.shape())));
+    }
     let dt = same_dtype(OP, &[x, s, dy, dx, ds])?;
     with_float!(OP, dt, T => {
         let a = scalar_of::<T>(OP, s)?;
@@ -146,9 +149,6 @@ pub(crate) fn scale_by_bwd(
             .collect();
         let total: f64 = partials.iter().sum();
         let mut dsg = ds.cpu_write()?;
-        if ds.numel() != 1 {
-            return Err(Error::shape(OP, format!("ds must have one element, got {:?}", ds.shape())));
-        }
         slice_mut::<T>(OP, &mut dsg)?[0] += T::from_f64(total);
         Ok(())
     })
