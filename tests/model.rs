@@ -413,6 +413,7 @@ fn golden_values_from_the_float64_reference() {
             .unwrap();
         let e = rel_err(&logits, &g["logits"].1);
         assert!(e <= 1e-4, "{variant}: logits differ by {e:.2e}");
+        let mut worst_grad = 0f64;
 
         let mut tape = Tape::new(cpu());
         let mut batch = TrainingBatch::new(Tensor::from_vec(ids.clone(), &[b, t1]).unwrap());
@@ -430,7 +431,9 @@ fn golden_values_from_the_float64_reference() {
             let got = p.grad().unwrap().to_f64_vec().unwrap();
             let e = rel_err(&got, want);
             assert!(e <= 1e-4, "{variant}: gradient of {} differs by {e:.2e}", p.name);
+            worst_grad = worst_grad.max(e);
         }
+        eprintln!("{variant}: logits rel err {e:.2e}, loss {lv} vs {}, worst gradient rel err {worst_grad:.2e}", g["loss"].1[0]);
 
         let row0: Vec<i64> = ids[..t1].iter().map(|&x| x as i64).collect();
         let (hf, n) = model.shifted_loss(&row0).unwrap();

@@ -1,4 +1,4 @@
-//! A toy language model (embedding → tiny transformer block → lm_head) trained on the tape:
+//! A toy language model (embedding → two tiny transformer blocks → lm_head) trained on the tape:
 //! the loss must fall, micro-batch accumulation must equal one big batch, and the whole
 //! training step must be bit-identical at 1 and 2 threads.
 
@@ -14,7 +14,7 @@ struct Toy {
     store: ParamStore,
     embed: ParamId,
     head: ParamId,
-    block: TinyBlock,
+    blocks: [TinyBlock; 2],
 }
 
 impl Toy {
@@ -35,8 +35,11 @@ impl Toy {
                 ParamOptions::default(),
             )
             .unwrap();
-        let block = TinyBlock::new(&mut store, "block", cfg, DType::F32, 3).unwrap();
-        Toy { store, embed, head, block }
+        let blocks = [
+            TinyBlock::new(&mut store, "layer0", cfg, DType::F32, 3).unwrap(),
+            TinyBlock::new(&mut store, "layer1", cfg, DType::F32, 4).unwrap(),
+        ];
+        Toy { store, embed, head, blocks }
     }
 
     /// Loss of `seqs` (each `len + 1` tokens: inputs then shifted targets); gradients
@@ -51,7 +54,8 @@ impl Toy {
         let mut tape = Tape::new(be);
         let e = tape.param(&self.store, self.embed).unwrap();
         let x = tape.embedding(&ids, e).unwrap();
-        let y = self.block.forward(&mut tape, &self.store, x).unwrap();
+        let x = self.blocks[0].forward(&mut tape, &self.store, x).unwrap();
+        let y = self.blocks[1].forward(&mut tape, &self.store, x).unwrap();
         let y = tape.reshape(y, &[b * t, tiny_cfg().hidden]).unwrap();
         let w = tape.param(&self.store, self.head).unwrap();
         let opts =
