@@ -169,3 +169,36 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         assert!(g.iter().any(|&v| v != 0.0), "{}: all-zero gradient", p.name);
     }
 }
+
+/// Products where either operand is broadcast over the other's batch, every transpose combination.
+#[test]
+fn broadcast_matmul_gradients_match() {
+    use steel_runtime::Transpose::{No, Yes};
+    let be = cpu();
+    for ta in [No, Yes] {
+        for tb in [No, Yes] {
+            let spec = Matmul { trans_a: ta, trans_b: tb, alpha: 0.7, beta: 0.0 };
+            let (m, k, n, batch) = (3, 4, 5, 2);
+            let a_shape = if ta == No { [m, k] } else { [k, m] };
+            let b_shape = if tb == No { [k, n] } else { [n, k] };
+            // A broadcast over B's batch, then B broadcast over A's batch.
+            for a_batched in [false, true] {
+                let a =
+                    if a_batched { vec![batch, a_shape[0], a_shape[1]] } else { a_shape.to_vec() };
+                let b =
+                    if a_batched { b_shape.to_vec() } else { vec![batch, b_shape[0], b_shape[1]] };
+                let inputs = vec![
+                    random_tensor(be.as_ref(), &a, DType::F64, 1.0, 31).unwrap(),
+                    random_tensor(be.as_ref(), &b, DType::F64, 1.0, 32).unwrap(),
+                ];
+                check_gradients(
+                    be.clone(),
+                    &inputs,
+                    |tape, v| tape.matmul(v[0], v[1], None, spec),
+                    CHECK,
+                )
+                .unwrap_or_else(|e| panic!("{ta:?}/{tb:?}, a batched {a_batched}: {e}"));
+            }
+        }
+    }
+}

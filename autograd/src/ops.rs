@@ -19,15 +19,6 @@ fn one(v: Vec<Var>) -> Var {
     v[0]
 }
 
-/// Splits `t` (`[batch, …]` with `batch` entries) into per-entry tensors.
-fn batch_entries(be: &dyn Backend, t: &Tensor, batch: usize) -> Result<Vec<Tensor>> {
-    let per = t.numel() / batch;
-    let s = t.shape();
-    let mat = [s[s.len() - 2], s[s.len() - 1]];
-    let flat = t.reshape(&[batch, per])?;
-    (0..batch).map(|i| Ok(be.slice0(&flat, i, 1)?.reshape(&mat)?)).collect()
-}
-
 fn flip(t: Transpose) -> Transpose {
     match t {
         Transpose::No => Transpose::Yes,
@@ -35,85 +26,44 @@ fn flip(t: Transpose) -> Transpose {
     }
 }
 
-fn batch_of(t: &Tensor) -> usize {
-    t.shape()[..t.dims().saturating_sub(2)].iter().product()
-}
-
-/// `dA += alpha · dC · op(B)ᵀ` (as stored: transposed again when `trans_a`), summing over the
-/// batch when A was broadcast.
+/// `dA += alpha · dC · op(B)ᵀ` (as stored: `op(B) · dCᵀ` when A is stored transposed). When A
+/// was broadcast over B's batch, `matmul_into` sums the batch products into the 2-D `dA`.
 fn matmul_grad_a(
     be: &dyn Backend,
     spec: Matmul,
-    a: &Tensor,
     b: &Tensor,
     dc: &Tensor,
     da: &Tensor,
 ) -> Result<()> {
-    let (ba, bb) = (batch_of(a), batch_of(b));
-    let batch = ba.max(bb);
-    let grad_spec = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
-    // Stored dA = dC·op(B)ᵀ, or (dC·op(B)ᵀ)ᵀ = op(B)·dCᵀ when A is stored transposed.
-    let run = |dc: &Tensor, b: &Tensor, da: &Tensor| -> Result<()> {
-        if spec.trans_a == Transpose::No {
-            be.matmul_into(dc, b, grad_spec(Transpose::No, flip(spec.trans_b)), da)?;
-        } else {
-            be.matmul_into(b, dc, grad_spec(spec.trans_b, Transpose::Yes), da)?;
-        }
-        Ok(())
-    };
-    if ba == batch || batch == 1 {
-        run(dc, b, da)
+    let grad = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
+    if spec.trans_a == Transpose::No {
+        be.matmul_into(dc, b, grad(Transpose::No, flip(spec.trans_b)), da)?;
     } else {
-        // A broadcast over B's batch: accumulate each batch entry's product.
-        let dcs = batch_entries(be, dc, batch)?;
-        let bs = batch_entries(be, b, batch)?;
-        let da2 = da.reshape(&a.shape()[a.dims() - 2..])?;
-        for (dc, b) in dcs.iter().zip(&bs) {
-            run(dc, b, &da2)?;
-        }
-        Ok(())
+        be.matmul_into(b, dc, grad(spec.trans_b, Transpose::Yes), da)?;
     }
+    Ok(())
 }
 
-/// `dB += alpha · op(A)ᵀ · dC` (as stored), summing over the batch when B was broadcast.
+/// `dB += alpha · op(A)ᵀ · dC` (as stored: `dCᵀ · op(A)` when B is stored transposed), summed
+/// over the batch when B was broadcast.
 fn matmul_grad_b(
     be: &dyn Backend,
     spec: Matmul,
     a: &Tensor,
-    b: &Tensor,
     dc: &Tensor,
     db: &Tensor,
 ) -> Result<()> {
-    let (ba, bb) = (batch_of(a), batch_of(b));
-    let batch = ba.max(bb);
-    let grad_spec = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
-    // Stored dB = op(A)ᵀ·dC, or dCᵀ·op(A) when B is stored transposed.
-    let run = |a: &Tensor, dc: &Tensor, db: &Tensor| -> Result<()> {
-        if spec.trans_b == Transpose::No {
-            be.matmul_into(a, dc, grad_spec(flip(spec.trans_a), Transpose::No), db)?;
-        } else {
-            be.matmul_into(dc, a, grad_spec(Transpose::Yes, spec.trans_a), db)?;
-        }
-        Ok(())
-    };
-    if bb == batch || batch == 1 {
-        run(a, dc, db)
-    } else if spec.trans_a == Transpose::No && spec.trans_b == Transpose::No {
-        // B broadcast, A not transposed: the batch folds into A's rows.
-        let (m, k, n) =
-            (a.shape()[a.dims() - 2], a.shape()[a.dims() - 1], dc.shape()[dc.dims() - 1]);
-        let a2 = a.reshape(&[batch * m, k])?;
-        let dc2 = dc.reshape(&[batch * m, n])?;
-        run(&a2, &dc2, db)
+    let grad = |ta, tb| Matmul { trans_a: ta, trans_b: tb, alpha: spec.alpha, beta: 1.0 };
+    if spec.trans_b == Transpose::No {
+        be.matmul_into(a, dc, grad(flip(spec.trans_a), Transpose::No), db)?;
     } else {
-        let dcs = batch_entries(be, dc, batch)?;
-        let as_ = batch_entries(be, a, batch)?;
-        let db2 = db.reshape(&b.shape()[b.dims() - 2..])?;
-        for (a, dc) in as_.iter().zip(&dcs) {
-            run(a, dc, &db2)?;
-        }
-        Ok(())
+        be.matmul_into(dc, a, grad(Transpose::Yes, spec.trans_a), db)?;
     }
+    Ok(())
+}
+
+fn batch_of(t: &Tensor) -> usize {
+    t.shape()[..t.dims().saturating_sub(2)].iter().product()
 }
 
 impl Tape {
@@ -134,11 +84,11 @@ impl Tape {
             let dc = dc.reshape(&matmul_out_shape(&at, &bt, spec))?;
             if ctx.needs(0) {
                 let da = ctx.grad(0)?;
-                matmul_grad_a(ctx.backend(), spec, &at, &bt, &dc, &da)?;
+                matmul_grad_a(ctx.backend(), spec, &bt, &dc, &da)?;
             }
             if ctx.needs(1) {
                 let db = ctx.grad(1)?;
-                matmul_grad_b(ctx.backend(), spec, &at, &bt, &dc, &db)?;
+                matmul_grad_b(ctx.backend(), spec, &at, &dc, &db)?;
             }
             if has_bias && ctx.needs(2) {
                 let dbias = ctx.grad(2)?;
