@@ -7,6 +7,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use steel_autograd::fixtures::{random_tensor, TinyBlock, TinyBlockConfig};
@@ -25,6 +26,69 @@ struct Cli {
 enum Command {
     /// CPU backend: GEMM GFLOP/s vs the peak estimate, attention fwd+bwd, a transformer block.
     Cpu(CpuArgs),
+    /// Tokenizer throughput: documents of a jsonl file encoded in parallel, as `steel-data
+    /// tokenize` does (compare with bench/tokenize_hf.py, HF tokenizers' encode_batch).
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Parser)]
+struct TokenizeArgs {
+    /// Tokenizer directory (tokenizer.json).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// A jsonl file of {"text": …} documents.
+    #[arg(long)]
+    input: PathBuf,
+    /// Encoding threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed repeats (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+fn tokenize(args: TokenizeArgs) -> Result<()> {
+    use rayon::prelude::*;
+    let tok = steel_data::tokenizer::Tokenizer::load(&args.tokenizer)?;
+    let text = std::fs::read_to_string(&args.input)
+        .with_context(|| format!("reading {}", args.input.display()))?;
+    let docs: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("text").and_then(|t| t.as_str()).map(str::to_string))
+        .collect();
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the thread pool")?;
+    let mut tokens = 0usize;
+    let secs = pool.install(|| {
+        median_secs(args.repeats, || {
+            let n: Vec<usize> = docs
+                .par_iter()
+                .map(|d| tok.encode(d).map(|v| v.len()))
+                .collect::<Result<_, _>>()?;
+            tokens = n.iter().sum();
+            Ok(())
+        })
+    })?;
+    let bytes: usize = docs.iter().map(String::len).sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "implementation": "steel (tokenizers crate, rayon over documents)",
+            "threads": threads,
+            "documents": docs.len(),
+            "tokens": tokens,
+            "median_s": secs,
+            "tokens_per_s": tokens as f64 / secs,
+            "mb_per_s": bytes as f64 / secs / 1e6,
+        })
+    );
+    Ok(())
 }
 
 #[derive(Parser)]
@@ -220,5 +284,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Cpu(a) => cpu(a),
+        Command::Tokenize(a) => tokenize(a),
     }
 }

@@ -31,8 +31,14 @@ struct PplArgs {
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+    ids: Option<String>,
+    /// Text to score, encoded with the tokenizer (no BOS/EOS added).
     #[arg(long)]
-    ids: String,
+    text: Option<String>,
+    /// Tokenizer directory for --text (default: the model directory).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Also write the f32 logits [T, vocab] as the tensor `logits` of a safetensors file.
     #[arg(long)]
     dump_logits: Option<PathBuf>,
@@ -45,9 +51,22 @@ fn main() -> ExitCode {
 }
 
 fn ppl(args: PplArgs) -> Result<()> {
-    let ids = steel_cli::parse_ids(&args.ids)?;
+    let ids = match (&args.ids, &args.text) {
+        (Some(ids), _) => steel_cli::parse_ids(ids)?,
+        (None, Some(text)) => {
+            let dir = args.tokenizer.clone().unwrap_or_else(|| args.model.clone());
+            let tok = steel_data::tokenizer::Tokenizer::load(&dir).with_context(|| {
+                format!(
+                    "--text needs a tokenizer: none in {} (pass --tokenizer DIR)",
+                    dir.display()
+                )
+            })?;
+            tok.encode(text)?.into_iter().map(i64::from).collect()
+        }
+        (None, None) => bail!("give --ids or --text"),
+    };
     if ids.len() < 2 {
-        bail!("--ids needs at least 2 tokens to score (got {})", ids.len());
+        bail!("need at least 2 tokens to score (got {})", ids.len());
     }
     let backend = Arc::new(CpuBackend::new());
     let model = load_hf_dir(&args.model, backend, DType::F32)
