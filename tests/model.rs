@@ -102,6 +102,7 @@ fn config_round_trip_keeps_unknown_keys_and_rejects_bad_values() {
 
 /// The soft-MoE block alone against a direct loop implementation of specs/model.md point 4.
 #[test]
+#[allow(clippy::needless_range_loop)] // the formula reads best with explicit indices
 fn soft_moe_block_matches_direct_formula_at_large_expert_weights() {
     let cfg = tiny(FfnType::SoftMoeV3, MlpType::Senet, false, 2);
     let model = random_model(cfg.clone(), DType::F64, 21);
@@ -369,7 +370,9 @@ fn missing_extra_and_misshaped_tensors_are_named() {
 }
 
 /// Reads a golden safetensors file into name → (shape, f64 values).
-fn read_golden(path: &Path) -> (HashMap<String, (Vec<usize>, Vec<f64>)>, HashMap<String, String>) {
+type Golden = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+fn read_golden(path: &Path) -> (Golden, HashMap<String, String>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut out = HashMap::new();

@@ -22,8 +22,9 @@ use std::path::{Path, PathBuf};
 /// Errors of the data pipeline, each naming the file (and line) a user can fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// (The I/O error is part of the message, not a `source`, so chains print it once.)
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("tokenizer: {0}")]
@@ -35,8 +36,8 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io { path: path.to_path_buf(), source }
+    pub fn io(path: &Path, err: std::io::Error) -> Self {
+        DataError::Io { path: path.to_path_buf(), err }
     }
     pub fn format(path: &Path, msg: impl Into<String>) -> Self {
         DataError::Format { path: path.to_path_buf(), msg: msg.into() }

@@ -149,7 +149,7 @@ fn append_keeps_the_consumed_prefix_and_yields_every_new_block_once() {
     let copy_dir = d.join("copy");
     std::fs::create_dir_all(&copy_dir).unwrap();
     std::fs::copy(d.join("new/n0_0000000000.bin"), copy_dir.join("dup.bin")).unwrap();
-    let err = ds.append(0, &copy_dir).err().expect("duplicate").to_string();
+    let err = ds.append(0, &copy_dir).expect_err("duplicate").to_string();
     assert!(err.contains("dup.bin") && err.contains("n0_0000000000.bin"), "{err}");
 }
 

@@ -165,7 +165,7 @@ impl SteelConfig {
                 return Err(bad(k, "must be at least 1"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "num_attention_heads",
                 format!(
@@ -174,14 +174,14 @@ impl SteelConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(bad(
                 "num_attention_heads",
                 format!("head_dim {} must be even for rotary embeddings", self.head_dim()),
             ));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
