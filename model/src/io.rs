@@ -30,29 +30,26 @@ fn st_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::File { path: path.to_path_buf(), msg: format!("not a valid safetensors file: {e}") }
 }
 
-/// Converts one stored tensor to `dtype` (F32 or F64).
+/// Converts one stored tensor to `dtype` (F32 or F64), element by element straight from the
+/// mapped bytes (no intermediate copy of a whole tensor).
 fn convert(name: &str, view: &TensorView<'_>, dtype: DType) -> Result<Tensor> {
-    let data = view.data();
-    let values: Vec<f64> = match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-            .collect(),
-        Dtype::BF16 => {
-            data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect()
-        }
-        Dtype::F16 => {
-            data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64()).collect()
-        }
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-            .collect(),
-        other => {
-            return Err(ModelError::DType { name: name.to_string(), dtype: format!("{other:?}") })
-        }
-    };
-    Ok(Tensor::from_f64(&values, view.shape(), dtype)?)
+    fn decode<T: steel_runtime::Element>(data: &[u8], width: usize, f: impl Fn(&[u8]) -> f64) -> Vec<T> {
+        data.chunks_exact(width).map(|b| T::from_f64(f(b))).collect()
+    }
+    fn read<T: steel_runtime::Element>(name: &str, view: &TensorView<'_>) -> Result<Vec<T>> {
+        let data = view.data();
+        Ok(match view.dtype() {
+            Dtype::F32 => decode(data, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+            Dtype::BF16 => decode(data, 2, |b| bf16::from_le_bytes([b[0], b[1]]).to_f64()),
+            Dtype::F16 => decode(data, 2, |b| f16::from_le_bytes([b[0], b[1]]).to_f64()),
+            Dtype::F64 => decode(data, 8, |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+            other => return Err(ModelError::DType { name: name.to_string(), dtype: format!("{other:?}") }),
+        })
+    }
+    Ok(match dtype {
+        DType::F64 => Tensor::from_vec(read::<f64>(name, view)?, view.shape())?,
+        _ => Tensor::from_vec(read::<f32>(name, view)?, view.shape())?,
+    })
 }
 
 /// The safetensors files of a model directory and, per file, the tensor names it should hold.
