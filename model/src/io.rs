@@ -33,7 +33,11 @@ fn st_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
 /// Converts one stored tensor to `dtype` (F32 or F64), element by element straight from the
 /// mapped bytes (no intermediate copy of a whole tensor).
 fn convert(name: &str, view: &TensorView<'_>, dtype: DType) -> Result<Tensor> {
-    fn decode<T: steel_runtime::Element>(data: &[u8], width: usize, f: impl Fn(&[u8]) -> f64) -> Vec<T> {
+    fn decode<T: steel_runtime::Element>(
+        data: &[u8],
+        width: usize,
+        f: impl Fn(&[u8]) -> f64,
+    ) -> Vec<T> {
         data.chunks_exact(width).map(|b| T::from_f64(f(b))).collect()
     }
     fn read<T: steel_runtime::Element>(name: &str, view: &TensorView<'_>) -> Result<Vec<T>> {
@@ -42,8 +46,15 @@ fn convert(name: &str, view: &TensorView<'_>, dtype: DType) -> Result<Tensor> {
             Dtype::F32 => decode(data, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
             Dtype::BF16 => decode(data, 2, |b| bf16::from_le_bytes([b[0], b[1]]).to_f64()),
             Dtype::F16 => decode(data, 2, |b| f16::from_le_bytes([b[0], b[1]]).to_f64()),
-            Dtype::F64 => decode(data, 8, |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
-            other => return Err(ModelError::DType { name: name.to_string(), dtype: format!("{other:?}") }),
+            Dtype::F64 => decode(data, 8, |b| {
+                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            }),
+            other => {
+                return Err(ModelError::DType {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         })
     }
     Ok(match dtype {

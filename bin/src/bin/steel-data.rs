@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use steel_cli::data_cli;
 
 #[derive(Parser)]
-#[command(name = "steel-data", version, about = "Steel's data pipeline: convert → clean → tokenize into packed shards")]
+#[command(
+    name = "steel-data",
+    version,
+    about = "Steel's data pipeline: convert → clean → tokenize into packed shards"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
