@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 export PROPTEST_CASES="${PROPTEST_CASES:-32}"
 export CARGO_TERM_PROGRESS_WHEN=never
+export CARGO_TERM_COLOR=never
 
 step() { printf '\n==> %s\n' "$*"; }
 
