@@ -32,3 +32,27 @@ pub fn parse_ids(s: &str) -> anyhow::Result<Vec<i64>> {
 pub fn gib(bytes: f64) -> String {
     format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
 }
+
+/// A rayon pool of `threads` threads (default: every core), and that count.
+pub fn thread_pool(threads: Option<usize>) -> anyhow::Result<(rayon::ThreadPool, usize)> {
+    if threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    let n = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| anyhow::anyhow!("building a pool of {n} threads: {e}"))?;
+    Ok((pool, n))
+}
+
+/// A spinner for long work, showing elapsed time and a message.
+pub fn spinner() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar
+}

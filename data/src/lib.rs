@@ -45,3 +45,19 @@ impl DataError {
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
+
+/// The `"text"` of one `{"text": …}` jsonl line, or why the line is malformed (not UTF-8, not
+/// JSON, not an object, no string `text`). Shared by every step that reads step-1 output.
+pub fn text_of_jsonl_line(line: &[u8]) -> std::result::Result<String, String> {
+    let line = std::str::from_utf8(line).map_err(|_| "not valid UTF-8".to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    match v {
+        serde_json::Value::Object(mut o) => match o.remove("text") {
+            Some(serde_json::Value::String(s)) => Ok(s),
+            Some(_) => Err("\"text\" is not a string".into()),
+            None => Err("no \"text\" key".into()),
+        },
+        _ => Err("not a JSON object".into()),
+    }
+}

@@ -102,20 +102,6 @@ pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The text of one jsonl line, or why it is malformed.
-fn text_of(line: &str) -> std::result::Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    match v {
-        serde_json::Value::Object(mut o) => match o.remove("text") {
-            Some(serde_json::Value::String(s)) => Ok(s),
-            Some(_) => Err("\"text\" is not a string".into()),
-            None => Err("no \"text\" key".into()),
-        },
-        _ => Err("not a JSON object".into()),
-    }
-}
-
 /// Tokenizes `inputs` into shards in `out_dir` (see the module docs). Parallelism comes from the
 /// rayon pool the call runs in.
 pub fn tokenize(
@@ -170,11 +156,11 @@ pub fn tokenize(
         for (i, line) in reader.split(b'\n').enumerate() {
             let line = line.map_err(|e| DataError::io(file, e))?;
             bytes_read += line.len() as u64 + 1;
-            let text = match std::str::from_utf8(&line) {
-                Ok(l) if l.trim().is_empty() => continue,
-                Ok(l) => text_of(l.trim_end_matches('\r')),
-                Err(_) => Err("not valid UTF-8".to_string()),
-            };
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let text = crate::text_of_jsonl_line(line);
             match text {
                 Ok(t) => batch.push(t),
                 Err(reason) => {

@@ -57,13 +57,7 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v.get("text").and_then(|t| t.as_str()).map(str::to_string))
         .collect();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
+    let (pool, threads) = steel_cli::thread_pool(args.threads)?;
     let mut tokens = 0usize;
     let secs = pool.install(|| {
         median_secs(args.repeats, || {
@@ -149,13 +143,7 @@ fn rand(be: &dyn Backend, shape: &[usize], seed: u64) -> Result<Tensor> {
 }
 
 fn cpu(args: CpuArgs) -> Result<()> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
+    let (pool, threads) = steel_cli::thread_pool(args.threads)?;
     pool.install(|| cpu_in_pool(&args, threads))
 }
 

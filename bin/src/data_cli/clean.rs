@@ -1,7 +1,6 @@
 //! `steel-data clean`: step 2, rule-based cleaning of `{"text": …}` jsonl (spec §2).
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 use steel_data::clean::{clean, CleanConfig, CleanOptions, Pipeline, Preset};
@@ -81,20 +80,8 @@ pub fn run(args: CleanArgs) -> Result<()> {
     }
     let output = args.output.context("--output is required")?;
     let pipeline = Pipeline::new(&config)?;
-    let threads = match args.threads {
-        Some(0) => anyhow::bail!("--threads must be at least 1"),
-        Some(n) => n,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
+    let (pool, threads) = crate::thread_pool(args.threads)?;
+    let bar = crate::spinner();
     let start = Instant::now();
     let report = pool.install(|| {
         clean(&pipeline, &args.input, &output, &CleanOptions::default(), &mut |p| {

@@ -6,7 +6,6 @@
 //! an input or output that cannot be used at all.
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use steel_data::convert::{self, Source};
@@ -58,11 +57,7 @@ fn sources_help() -> String {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let start = Instant::now();
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
+    let bar = crate::spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
     let summary = convert::convert(args.source, &args.input, &args.output, |p| {
         let file = p.file.display();

@@ -1,7 +1,6 @@
 //! `steel-data tokenize`: `{"text": …}` jsonl → TinyLlama-compatible packed shards.
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 use steel_data::tokenize::{tokenize, TokenizeOptions};
@@ -61,18 +60,8 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         prefix,
         ..TokenizeOptions::default()
     };
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the thread pool")?;
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
+    let (pool, threads) = crate::thread_pool(args.threads)?;
+    let bar = crate::spinner();
     let start = Instant::now();
     let summary = pool.install(|| {
         tokenize(&tok, &args.input, &args.output, &opts, &mut |p| {

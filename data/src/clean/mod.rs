@@ -390,21 +390,6 @@ impl Default for CleanOptions {
     }
 }
 
-/// The text of one jsonl line, or why it is malformed.
-fn text_of(line: &[u8]) -> std::result::Result<String, String> {
-    let line = std::str::from_utf8(line).map_err(|_| "not valid UTF-8".to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    match v {
-        serde_json::Value::Object(mut o) => match o.remove("text") {
-            Some(serde_json::Value::String(s)) => Ok(s),
-            Some(_) => Err("\"text\" is not a string".into()),
-            None => Err("no \"text\" key".into()),
-        },
-        _ => Err("not a JSON object".into()),
-    }
-}
-
 /// A file path with `suffix` appended to its name (the temporary files beside the output).
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -494,7 +479,7 @@ pub fn clean(
         let results: Vec<std::result::Result<Processed, String>> = batch
             .par_iter()
             .map(|raw| {
-                let text = text_of(&raw.bytes)?;
+                let text = crate::text_of_jsonl_line(&raw.bytes)?;
                 let outcome = pipeline.process(&text);
                 let kept = outcome.removed_by.is_none();
                 let exact = match (&pipeline.exact, kept) {
