@@ -167,7 +167,8 @@ fn cpu_in_pool(args: &CpuArgs, threads: usize) -> Result<()> {
     let dy = rand(be.as_ref(), &[rows, h], 3)?;
     let dw = Tensor::zeros(&[h, h], DType::F32);
     let flops = 2.0 * rows as f64 * h as f64 * h as f64;
-    let cases: [Case; 3] = [
+    let fwd_out = Tensor::zeros(&[rows, h], DType::F32);
+    let cases: [Case; 4] = [
         (
             "x·Wᵀ   [{r},1792]x[1792,1792]ᵀ (forward)",
             Box::new(|| be.matmul(&x, &w, None, Matmul::NT, None).map(drop).map_err(Into::into)),
@@ -175,6 +176,10 @@ fn cpu_in_pool(args: &CpuArgs, threads: usize) -> Result<()> {
         (
             "dy·W   [{r},1792]x[1792,1792] (input grad)",
             Box::new(|| be.matmul(&dy, &w, None, Matmul::NN, None).map(drop).map_err(Into::into)),
+        ),
+        (
+            "x·Wᵀ into a preallocated output",
+            Box::new(|| be.matmul_into(&x, &w, Matmul::NT, &fwd_out).map_err(Into::into)),
         ),
         (
             "dyᵀ·x  [1792,{r}]x[{r},1792] (weight grad)",
