@@ -6,6 +6,7 @@
 //! reference every GPU kernel is tested against, and it is deterministic at any thread count.
 
 pub mod backend;
+pub mod comm;
 pub mod cpu;
 mod device;
 mod dtype;

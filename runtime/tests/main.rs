@@ -6,6 +6,7 @@
 //! `PROPTEST_CASES` sets the number of cases of every property test (defaults 24–32).
 
 mod adamw;
+mod comm;
 mod common;
 mod determinism;
 mod errors;
