@@ -10,7 +10,7 @@ fn data(rank: usize, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let v = ((i * 7 + rank * 13) % 17) as f32 / 17.0 + 0.1;
-            if (i + rank) % 2 == 0 {
+            if (i + rank).is_multiple_of(2) {
                 v
             } else {
                 -v
