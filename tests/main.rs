@@ -5,4 +5,5 @@
 mod common;
 mod model;
 mod tape;
+mod train;
 mod training;
