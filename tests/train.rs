@@ -89,3 +89,93 @@ fn a_non_finite_step_is_skipped_and_reported() {
     assert_eq!(opt.step, 0);
     assert_eq!(store.grad_norm().unwrap(), 0.0, "the bad gradients are dropped");
 }
+
+mod checkpoints {
+    use std::path::{Path, PathBuf};
+    use steel_train::checkpoint::{latest_valid, list, prune, verify, write_checkpoint};
+    use steel_train::{Result, TrainError};
+
+    fn root(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("steel-ckpt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn write_bytes(bytes: Vec<u8>) -> impl Fn(&Path) -> Result<()> {
+        move |p: &Path| std::fs::write(p, &bytes).map_err(|e| TrainError::Invalid(e.to_string()))
+    }
+
+    fn save(root: &Path, step: u64) -> PathBuf {
+        let weights = write_bytes(vec![step as u8; 1000]);
+        let state = write_bytes(format!("{{\"step\": {step}}}").into_bytes());
+        write_checkpoint(
+            root,
+            step,
+            &[("model.safetensors", &weights), ("state.json", &state)],
+            serde_json::json!({ "step": step }),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn newest_valid_checkpoint_is_found_and_damage_is_named() {
+        let r = root("latest");
+        save(&r, 10);
+        let newest = save(&r, 20);
+        let (found, warnings) = latest_valid(&r).unwrap();
+        assert_eq!(found.unwrap().1.step, 20);
+        assert!(warnings.is_empty());
+        // Truncate a file of the newest: it is detected by checksum and skipped with a warning.
+        let f = newest.join("model.safetensors");
+        let bytes = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &bytes[..500]).unwrap();
+        let err = verify(&newest).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors") && err.contains("checksum"), "{err}");
+        let (found, warnings) = latest_valid(&r).unwrap();
+        assert_eq!(found.unwrap().1.step, 10);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("step-000020"), "{}", warnings[0]);
+        // A flipped byte (same size) is caught too.
+        let mut bytes = bytes.clone();
+        bytes[3] ^= 0xff;
+        std::fs::write(&f, &bytes).unwrap();
+        assert!(verify(&newest).is_err());
+    }
+
+    #[test]
+    fn a_crash_while_writing_leaves_the_previous_checkpoint_loadable() {
+        let r = root("crash");
+        save(&r, 5);
+        let ok = write_bytes(vec![1; 64]);
+        let crash = |_: &Path| -> Result<()> { Err(TrainError::Invalid("killed".into())) };
+        assert!(write_checkpoint(
+            &r,
+            6,
+            &[("model.safetensors", &ok), ("optimizer.safetensors", &crash)],
+            serde_json::json!({})
+        )
+        .is_err());
+        assert!(
+            r.join(".tmp-step-000006").exists(),
+            "the half-written checkpoint stays a temporary"
+        );
+        assert_eq!(list(&r).unwrap().len(), 1);
+        let (found, warnings) = latest_valid(&r).unwrap();
+        assert_eq!(found.unwrap().1.step, 5);
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_k() {
+        let r = root("prune");
+        for s in [1, 2, 3, 4] {
+            save(&r, s);
+        }
+        std::fs::create_dir_all(r.join(".tmp-step-000005")).unwrap();
+        let removed = prune(&r, 2).unwrap();
+        assert_eq!(removed.len(), 3);
+        let left: Vec<u64> = list(&r).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, vec![4, 3]);
+        assert!(!r.join(".tmp-step-000005").exists());
+    }
+}

@@ -1,6 +1,8 @@
 //! Steel's training building blocks (DESIGN §6): AdamW over the named parameters with global-norm
-//! clipping and non-finite-step skipping, and the learning-rate schedule in optimizer steps.
+//! clipping and non-finite-step skipping, the learning-rate schedule in optimizer steps, and
+//! crash-safe checkpoint directories.
 
+pub mod checkpoint;
 mod optimizer;
 mod schedule;
 
