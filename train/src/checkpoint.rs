@@ -36,6 +36,12 @@ fn io(path: &Path, e: std::io::Error) -> TrainError {
     TrainError::Invalid(format!("{}: {e}", path.display()))
 }
 
+/// Writes one checkpoint file at the path it is given.
+pub type FileWriter<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
+/// The newest valid checkpoint (directory and manifest), if any.
+pub type Found = Option<(PathBuf, Manifest)>;
+
 /// The directory name of step `step`.
 pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:06}")
@@ -57,7 +63,7 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
 pub fn write_checkpoint(
     root: &Path,
     step: u64,
-    files: &[(&str, &dyn Fn(&Path) -> Result<()>)],
+    files: &[(&str, FileWriter<'_>)],
     meta: serde_json::Value,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
@@ -130,12 +136,12 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
             p.is_dir().then_some((step, p))
         })
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     Ok(out)
 }
 
 /// The newest checkpoint that verifies, and a warning for every newer one that did not.
-pub fn latest_valid(root: &Path) -> Result<(Option<(PathBuf, Manifest)>, Vec<String>)> {
+pub fn latest_valid(root: &Path) -> Result<(Found, Vec<String>)> {
     let mut warnings = Vec::new();
     for (_, dir) in list(root)? {
         match verify(&dir) {
