@@ -94,6 +94,14 @@ fn no_tokenization(name: &str, tokenization: bool) -> Result<()> {
     Ok(())
 }
 
+/// The n-gram length of a repetition filter, which must be at least 1.
+fn rep_len(name: &str, n: usize) -> Result<usize> {
+    if n == 0 {
+        return Err(DataError::Invalid(format!("{name}: rep_len must be at least 1")));
+    }
+    Ok(n)
+}
+
 impl Pipeline {
     /// Compiles `config`: regexes, the OpenCC dictionaries, parameter checks. De-duplicators
     /// must come after every mapper and filter, at most one of each kind.
@@ -180,12 +188,7 @@ impl Pipeline {
                     filter(name, Box::new(filters::average_line_length), p.min_len, p.max_len)
                 }
                 CharacterRepetitionFilter(p) => {
-                    let n = p.rep_len;
-                    if n == 0 {
-                        return Err(DataError::Invalid(format!(
-                            "{name}: rep_len must be at least 1"
-                        )));
-                    }
+                    let n = rep_len(name, p.rep_len)?;
                     filter(
                         name,
                         Box::new(move |t| filters::character_repetition_ratio(t, n)),
@@ -214,12 +217,7 @@ impl Pipeline {
                 }
                 WordRepetitionFilter(p) => {
                     no_tokenization(name, p.tokenization)?;
-                    let n = p.rep_len;
-                    if n == 0 {
-                        return Err(DataError::Invalid(format!(
-                            "{name}: rep_len must be at least 1"
-                        )));
-                    }
+                    let n = rep_len(name, p.rep_len)?;
                     filter(
                         name,
                         Box::new(move |t| filters::word_repetition_ratio(t, n)),
