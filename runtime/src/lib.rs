@@ -14,7 +14,9 @@ mod error;
 mod tensor;
 
 pub use backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul, Transpose};
-pub use device::Device;
+pub use device::{
+    choose_device, probe_cuda_driver, Device, DeviceChoice, DeviceRequest, DriverProbe,
+};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::bf16;
