@@ -32,6 +32,8 @@ pub(crate) type BackwardFn = Box<dyn FnOnce(&mut BackwardCtx<'_>) -> Result<()> 
 
 struct Record {
     name: &'static str,
+    /// The trace range the op was recorded in (see `steel_runtime::trace`).
+    scope: String,
     inputs: Vec<Var>,
     outputs: Vec<Var>,
     backward: BackwardFn,
@@ -144,6 +146,7 @@ impl Tape {
         if rg {
             self.records.push(Record {
                 name,
+                scope: steel_runtime::trace::current(),
                 inputs: inputs.to_vec(),
                 outputs: outs.clone(),
                 backward: Box::new(backward),
@@ -170,6 +173,17 @@ impl Tape {
             let out_grads: Vec<Option<Tensor>> =
                 rec.outputs.iter().map(|o| self.nodes[o.0].grad.clone()).collect();
             if out_grads.iter().any(Option::is_some) {
+                // The op's forward scope, replayed as a backward range: fwd/layer.3/attention
+                // becomes bwd/layer.3/attention.
+                let _range = (!rec.scope.is_empty()).then(|| {
+                    let name = match rec.scope.strip_prefix("fwd") {
+                        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                            format!("bwd{rest}")
+                        }
+                        _ => format!("bwd/{}", rec.scope),
+                    };
+                    steel_runtime::trace::range_absolute(&name)
+                });
                 let backend = self.backend.clone();
                 let mut ctx = BackwardCtx {
                     backend: backend.as_ref(),

@@ -2,6 +2,7 @@
 //!
 //! - [`tokenizer`]: the Qwen byte-level BPE tokenizer (`tokenizers`), special ids, and
 //!   [`chat`], the chat template rendered from `tokenizer_config.json`'s own Jinja text.
+//! - [`bpe`]: a small byte-level BPE learned from text (the demo's tokenizer).
 //! - [`convert`]: step 1, every raw source to `{"text": …}` jsonl.
 //! - [`clean`]: step 2, native rule-based filters and mappers, exact and SimHash de-duplication.
 //! - [`shard`] and [`tokenize`]: step 3, TinyLlama-compatible packed `.bin` shards.
@@ -9,6 +10,7 @@
 //!
 //! This crate depends on no other crate of Steel's: it owns text and tokens.
 
+pub mod bpe;
 pub mod chat;
 pub mod clean;
 pub mod convert;

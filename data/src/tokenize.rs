@@ -8,7 +8,7 @@
 //! their line numbers; they never abort the run.
 
 use crate::shard::{ShardWriter, TokenDType, WriterSummary};
-use crate::tokenizer::{Tokenizer, IM_END_ID, PAD_ID};
+use crate::tokenizer::Tokenizer;
 use crate::{DataError, Result};
 use rayon::prelude::*;
 use std::io::BufRead;
@@ -123,8 +123,9 @@ pub fn tokenize(
         &opts.prefix,
         opts.block_size * opts.blocks_per_shard,
         dtype,
-        PAD_ID,
+        tokenizer.pad_id(),
     )?;
+    let separator = tokenizer.im_end_id();
     let mut summary = TokenizeSummary { input_files: files.len(), ..TokenizeSummary::default() };
     let mut bytes_read = 0u64;
     let mut batch: Vec<String> = Vec::with_capacity(opts.batch_docs);
@@ -137,7 +138,7 @@ pub fn tokenize(
             batch.par_iter().map(|t| tokenizer.encode(t)).collect();
         for ids in encoded {
             let mut ids = ids?;
-            ids.push(IM_END_ID);
+            ids.push(separator);
             summary.tokens += ids.len() as u64;
             writer.add(&ids)?;
         }

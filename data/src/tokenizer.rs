@@ -44,6 +44,16 @@ impl Tokenizer {
         Ok(Tokenizer { inner, chat, source: file })
     }
 
+    /// The id of `<|im_end|>` (the document separator and eos), 151645 in Qwen's vocabulary.
+    pub fn im_end_id(&self) -> u32 {
+        self.token_to_id("<|im_end|>").unwrap_or(IM_END_ID)
+    }
+
+    /// The id of `<|endoftext|>` (pad, shard filler and ignored target), 151643 in Qwen's.
+    pub fn pad_id(&self) -> u32 {
+        self.token_to_id("<|endoftext|>").unwrap_or(PAD_ID)
+    }
+
     /// The `tokenizer.json` this was loaded from.
     pub fn source(&self) -> &Path {
         &self.source

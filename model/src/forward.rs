@@ -7,7 +7,7 @@
 use crate::model::{Ffn, Layer, Mlp};
 use crate::{ModelError, Result, SteelModel};
 use steel_autograd::{LossOptions, Tape, Var};
-use steel_runtime::{CpuStorage, CrossEntropy, DType, Matmul, Tensor};
+use steel_runtime::{trace, CpuStorage, CrossEntropy, DType, Matmul, Tensor};
 
 /// The reference pretraining ignores targets equal to `<|endoftext|>`.
 pub const DEFAULT_IGNORE_INDEX: i64 = 151643;
@@ -173,21 +173,38 @@ impl SteelModel {
         let s = &self.params;
         let ids = self.backend().upload(ids)?;
         let embed = tape.param(s, self.embed)?;
-        let x0 = tape.embedding(&ids, embed)?;
+        let x0 = {
+            let _r = trace::range("embedding");
+            tape.embedding(&ids, embed)?
+        };
         // (residual, branch) of the previous layer, added by the next fused norm.
         let mut pending: Option<(Var, Var)> = None;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let _layer = trace::range(&format!("layer.{i}"));
             let w = tape.param(s, layer.input_norm)?;
-            let (x, n) = match pending {
-                Some((h, f)) => tape.add_rms_norm(h, f, w, eps)?,
-                None => (x0, tape.rms_norm(x0, w, eps)?),
+            let (x, n) = {
+                let _r = trace::range("input_norm");
+                match pending {
+                    Some((h, f)) => tape.add_rms_norm(h, f, w, eps)?,
+                    None => (x0, tape.rms_norm(x0, w, eps)?),
+                }
             };
-            let o = self.attention(tape, layer, n, 0)?;
+            let o = {
+                let _r = trace::range("attention");
+                self.attention(tape, layer, n, 0)?
+            };
             let w2 = tape.param(s, layer.post_norm)?;
-            let (h, m) = tape.add_rms_norm(x, o, w2, eps)?;
-            let f = self.ffn(tape, layer, m)?;
+            let (h, m) = {
+                let _r = trace::range("post_norm");
+                tape.add_rms_norm(x, o, w2, eps)?
+            };
+            let f = {
+                let _r = trace::range("ffn");
+                self.ffn(tape, layer, m)?
+            };
             pending = Some((h, f));
         }
+        let _final = trace::range("final_norm");
         let w = tape.param(s, self.norm)?;
         Ok(match pending {
             Some((h, f)) => tape.add_rms_norm(h, f, w, eps)?.1,
@@ -220,6 +237,7 @@ impl SteelModel {
         let hidden = self.hidden_states(tape, &inputs)?;
         let hidden = tape.reshape(hidden, &[b * t, self.config.hidden_size])?;
         let head = tape.param(&self.params, self.head_id())?;
+        let _r = trace::range("lm_head_ce");
         let opts = LossOptions {
             ce: CrossEntropy {
                 ignore_index: batch.ignore_index,
@@ -269,6 +287,7 @@ impl SteelModel {
             .backend()
             .upload(&Tensor::from_vec(ids[1..].iter().map(|&x| x as i32).collect(), &[t - 1])?)?;
         let head = tape.param(&self.params, self.head_id())?;
+        let _r = trace::range("lm_head_ce");
         let opts = LossOptions {
             ce: CrossEntropy { ignore_index: -1, chunk_tokens: 1024 },
             normalizer: None,

@@ -9,7 +9,7 @@
 
 use crate::{CpuStorage, DType, Error, Result, Tensor};
 use std::marker::PhantomData;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// How contributions are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,11 +34,73 @@ pub trait Communicator: Send {
     fn broadcast(&mut self, t: &Tensor, root: usize) -> Result<()>;
 }
 
+/// A reusable barrier that a failing rank can break, so the others get an error instead of
+/// waiting forever.
+struct AbortableBarrier {
+    /// (threads arrived in this generation, generation, aborted by rank)
+    state: Mutex<(usize, u64, Option<usize>)>,
+    cv: Condvar,
+    n: usize,
+}
+
+impl AbortableBarrier {
+    fn new(n: usize) -> Self {
+        AbortableBarrier { state: Mutex::new((0, 0, None)), cv: Condvar::new(), n }
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let aborted = |r: usize| {
+            Error::invalid(
+                "InProcessComm",
+                format!("rank {r} failed; the collective was abandoned"),
+            )
+        };
+        if let Some(r) = st.2 {
+            return Err(aborted(r));
+        }
+        let gen = st.1;
+        st.0 += 1;
+        if st.0 == self.n {
+            st.0 = 0;
+            st.1 += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while st.1 == gen && st.2.is_none() {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        match st.2 {
+            Some(r) if st.1 == gen => Err(aborted(r)),
+            _ => Ok(()),
+        }
+    }
+
+    fn abort(&self, rank: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.2.get_or_insert(rank);
+        self.cv.notify_all();
+    }
+}
+
 /// The exchange area of an in-process group.
 struct Shared {
     world: usize,
-    barrier: Barrier,
+    barrier: AbortableBarrier,
     slots: Mutex<Vec<Option<CpuStorage>>>,
+}
+
+/// Breaks an in-process group on behalf of one rank (see [`InProcessComm::abort`]).
+#[derive(Clone)]
+pub struct AbortHandle {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        self.shared.barrier.abort(self.rank);
+    }
 }
 
 /// One rank of an in-process group (see the module docs).
@@ -57,12 +119,23 @@ impl InProcessComm {
         }
         let shared = Arc::new(Shared {
             world,
-            barrier: Barrier::new(world),
+            barrier: AbortableBarrier::new(world),
             slots: Mutex::new(vec![None; world]),
         });
         Ok((0..world)
             .map(|rank| InProcessComm { rank, shared: shared.clone(), _not_sync: PhantomData })
             .collect())
+    }
+
+    /// Breaks the group: every rank waiting in (or later entering) a collective gets an error
+    /// naming this rank. A rank that fails calls this so the others do not wait forever.
+    pub fn abort(&self) {
+        self.shared.barrier.abort(self.rank);
+    }
+
+    /// A handle that can break the group from elsewhere (e.g. a guard dropped on error).
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle { rank: self.rank, shared: self.shared.clone() }
     }
 
     /// Deposits this rank's data, waits for every rank, runs `f` on all contributions (in rank
@@ -73,14 +146,14 @@ impl InProcessComm {
             slots[self.rank] = Some(mine);
         }
         // Why: every contribution must be deposited before anyone reads them.
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         let result = {
             let slots = self.shared.slots.lock().unwrap_or_else(|p| p.into_inner());
             let all: Option<Vec<CpuStorage>> = slots.iter().cloned().collect();
             all.map(|v| f(&v))
         };
         // Why: the next collective must not overwrite a slot another rank is still reading.
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         result.ok_or_else(|| {
             Error::invalid("InProcessComm", "a rank did not contribute to the collective")
         })

@@ -12,6 +12,7 @@ mod device;
 mod dtype;
 mod error;
 mod tensor;
+pub mod trace;
 
 pub use backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul, Transpose};
 pub use device::{

@@ -1,13 +1,19 @@
-//! Steel's training building blocks (DESIGN §6): AdamW over the named parameters with global-norm
-//! clipping and non-finite-step skipping, the learning-rate schedule in optimizer steps, and
-//! crash-safe checkpoint directories.
+//! Steel's training (DESIGN §6): recipes, the data-parallel training loop with token-weighted
+//! accumulation and exact resume, AdamW with global-norm clipping and non-finite-step skipping,
+//! the learning-rate schedule in optimizer steps, crash-safe checkpoints and the metrics log.
 
 pub mod checkpoint;
+pub mod metrics;
 mod optimizer;
+pub mod prepare;
+pub mod recipe;
 mod schedule;
+pub mod trainer;
 
 pub use optimizer::{AdamWConfig, Optimizer, StepReport};
+pub use recipe::Recipe;
 pub use schedule::LrSchedule;
+pub use trainer::{dry_run, train, Event, Resume, RunOptions, StepLog, Summary};
 
 /// Errors of the training crate.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +22,8 @@ pub enum TrainError {
     Runtime(#[from] steel_runtime::Error),
     #[error(transparent)]
     Autograd(#[from] steel_autograd::Error),
+    #[error(transparent)]
+    Model(#[from] steel_model::ModelError),
     #[error("{0}")]
     Invalid(String),
 }

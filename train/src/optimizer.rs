@@ -56,6 +56,37 @@ impl Optimizer {
         Ok(Optimizer { config, moments, step: 0 })
     }
 
+    /// An optimizer continuing from saved moments (store order) after `step` applied steps.
+    pub fn restore(
+        store: &ParamStore,
+        config: AdamWConfig,
+        moments: Vec<(Tensor, Tensor)>,
+        step: u64,
+    ) -> Result<Optimizer> {
+        if moments.len() != store.len() {
+            return Err(TrainError::Invalid(format!(
+                "{} saved moments for {} parameters",
+                moments.len(),
+                store.len()
+            )));
+        }
+        let be = store.backend();
+        let mut out = Vec::with_capacity(moments.len());
+        for ((_, p), (m, v)) in store.iter().zip(moments) {
+            if m.shape() != p.value.shape() || v.shape() != p.value.shape() {
+                return Err(TrainError::Invalid(format!(
+                    "optimizer state of {} has shape {:?}, the parameter {:?}",
+                    p.name,
+                    m.shape(),
+                    p.value.shape()
+                )));
+            }
+            let dt = if p.value.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+            out.push((be.upload(&be.cast(&m, dt)?)?, be.upload(&be.cast(&v, dt)?)?));
+        }
+        Ok(Optimizer { config, moments: out, step })
+    }
+
     /// The moments of every parameter, in store order (for checkpoints).
     pub fn moments(&self) -> &[(Tensor, Tensor)] {
         &self.moments

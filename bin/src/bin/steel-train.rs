@@ -1,0 +1,327 @@
+//! `steel-train`: trains a Steel model from a recipe (TOML). Without `--config` it runs the
+//! embedded demo (configs/demo.toml): a tiny Steel model learns the text that ships with Steel,
+//! on the CPU, in a few minutes.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use steel_train::{dry_run, train, Event, Recipe, Resume, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "steel-train",
+    version,
+    about = "Train a Steel model from a recipe (TOML); without --config, the embedded demo",
+    long_about = "Train a Steel model from a recipe (TOML: [model], [data], [optim], [train]).\n\n\
+        Without --config this runs the embedded demo (configs/demo.toml): a tiny Steel model \
+        learns the English and Chinese text that ships with Steel, on the CPU, in a few minutes, \
+        with a byte-level BPE tokenizer learned from that text.\n\n\
+        --out DIR receives metrics.jsonl (one JSON object per logged step) and \
+        checkpoints/step-NNNNNN/ (weights, optimizer, data iterator, counters, recipe, \
+        tokenizer; each file checksummed). Ctrl-C (SIGINT) or SIGTERM finishes the current \
+        step, writes a checkpoint and exits 0; continue with --resume auto.",
+    after_help = "Examples:\n  \
+        steel-train                                   # the demo\n  \
+        steel-train --config configs/demo.toml --max-steps 50 --out runs/quick\n  \
+        steel-train --config configs/demo.toml --out runs/quick --resume auto --max-steps 100\n  \
+        steel-train --config configs/steel-1.1b.toml --dry-run\n  \
+        steel-train --config my.toml --set optim.lr=1e-3 --set 'data.train=[{path=\"shards\"}]'"
+)]
+struct Args {
+    /// The recipe (TOML). Default: the embedded demo recipe.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Output directory (metrics.jsonl, checkpoints/, prepared data). Default: runs/<recipe name>
+    /// (for the demo, the first of runs/demo, runs/demo-2, … without checkpoints).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Optimizer steps to train (train.max_steps).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Checkpoint cadence in steps (train.checkpoint_every).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Log cadence in steps (train.log_every).
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// `auto`: the newest valid checkpoint under --out (damaged ones are skipped with a warning);
+    /// or a checkpoint directory.
+    #[arg(long, value_name = "auto|DIR")]
+    resume: Option<String>,
+    /// Keep the newest K checkpoints (train.keep_checkpoints; default 3).
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// On resume, append the shards under DIR to the training data (repeatable).
+    #[arg(long, value_name = "DIR")]
+    add_data: Vec<PathBuf>,
+    /// auto (the GPU when one is usable, else the CPU), cpu or cuda (train.device).
+    #[arg(long)]
+    device: Option<String>,
+    /// Data-parallel ranks; on the CPU, worker threads with a model replica each (train.ranks).
+    #[arg(long)]
+    ranks: Option<usize>,
+    /// Bracket steps A..=B with cudaProfilerStart/Stop for `nsys profile --capture-range=cudaProfilerApi`.
+    #[arg(long, value_name = "A:B")]
+    profile_steps: Option<String>,
+    /// Device peak in TFLOP/s for MFU (train.peak_tflops).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Override any recipe key, e.g. --set optim.lr=1e-3 (repeatable; TOML values).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print parameters, FLOPs per token, memory per device and tokens per step, then exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn parse_profile(s: &str) -> anyhow::Result<(u64, u64)> {
+    let (a, b) = s.split_once(':').context("--profile-steps expects A:B, e.g. 10:12")?;
+    let (a, b): (u64, u64) = (
+        a.trim().parse().context("--profile-steps: A is not a step number")?,
+        b.trim().parse().context("--profile-steps: B is not a step number")?,
+    );
+    if a == 0 || b < a {
+        bail!("--profile-steps {s}: need 1 ≤ A ≤ B");
+    }
+    Ok((a, b))
+}
+
+fn fmt_count(n: f64) -> String {
+    if n >= 1e12 {
+        format!("{:.2}T", n / 1e12)
+    } else if n >= 1e9 {
+        format!("{:.2}G", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1}k", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
+fn has_checkpoints(out: &Path) -> bool {
+    std::fs::read_dir(out.join("checkpoints"))
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+        .unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    steel_cli::run("steel-train", || {
+        let args = Args::parse();
+        let mut overrides = Vec::new();
+        let mut named = |key: &str, v: Option<String>| {
+            if let Some(v) = v {
+                overrides.push(format!("{key}={v}"));
+            }
+        };
+        named("train.max_steps", args.max_steps.map(|v| v.to_string()));
+        named("train.checkpoint_every", args.checkpoint_every.map(|v| v.to_string()));
+        named("train.log_every", args.log_every.map(|v| v.to_string()));
+        named("train.keep_checkpoints", args.keep_checkpoints.map(|v| v.to_string()));
+        named("train.device", args.device.as_ref().map(|v| format!("{v:?}")));
+        named("train.ranks", args.ranks.map(|v| v.to_string()));
+        named("train.peak_tflops", args.peak_tflops.map(|v| v.to_string()));
+        overrides.extend(args.set.iter().cloned());
+        let (recipe, name) = match &args.config {
+            Some(p) => (
+                Recipe::load(p, &overrides)?,
+                p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or("run".into()),
+            ),
+            None => (Recipe::demo(&overrides)?, "demo".to_string()),
+        };
+        if args.dry_run {
+            let d = dry_run(&recipe)?;
+            println!("parameters           {} ({})", d.params, fmt_count(d.params as f64));
+            println!(
+                "FLOPs per token      {} (training: 6N + attention)",
+                fmt_count(d.flops_per_token)
+            );
+            println!(
+                "tokens per step      {} ({} sequences of {} tokens)",
+                d.tokens_per_step, d.sequences_per_step, recipe.data.seq_len
+            );
+            println!("ranks                {}", d.ranks);
+            println!(
+                "state per rank       {} (fp32 weights, gradients, AdamW moments: 16 B/parameter)",
+                steel_cli::gib(d.state_bytes_per_rank as f64)
+            );
+            println!(
+                "activations per rank {} (estimate, one micro-batch of {} × {})",
+                steel_cli::gib(d.activation_bytes_per_rank as f64),
+                recipe.train.micro_batch,
+                recipe.data.seq_len
+            );
+            println!(
+                "memory per device    {} (estimate)",
+                steel_cli::gib((d.state_bytes_per_rank + d.activation_bytes_per_rank) as f64)
+            );
+            println!(
+                "steps                {} ({} tokens, {:.3e} FLOPs)",
+                d.max_steps,
+                fmt_count(d.total_tokens as f64),
+                d.total_tokens as f64 * d.flops_per_token
+            );
+            return Ok(());
+        }
+        let resume = match args.resume.as_deref() {
+            None => Resume::No,
+            Some("auto") => Resume::Auto,
+            Some(dir) => Resume::Dir(PathBuf::from(dir)),
+        };
+        let out = match (&args.out, &args.config, &resume) {
+            (Some(o), _, _) => o.clone(),
+            (None, None, Resume::No) => {
+                // The demo is run again and again: take a fresh directory each time.
+                let mut i = 1;
+                loop {
+                    let p = if i == 1 {
+                        PathBuf::from("runs/demo")
+                    } else {
+                        PathBuf::from(format!("runs/demo-{i}"))
+                    };
+                    if !has_checkpoints(&p) {
+                        break p;
+                    }
+                    i += 1;
+                }
+            }
+            (None, _, _) => PathBuf::from("runs").join(&name),
+        };
+        let profile_steps = args.profile_steps.as_deref().map(parse_profile).transpose()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let stop = stop.clone();
+            ctrlc::set_handler(move || {
+                if stop.swap(true, Ordering::SeqCst) {
+                    eprintln!("\nsteel-train: second interrupt, exiting without a checkpoint");
+                    std::process::exit(130);
+                }
+                eprintln!("\nsteel-train: stopping after this step (a checkpoint will be written; Ctrl-C again to quit now)");
+            })
+            .context("installing the SIGINT/SIGTERM handler")?;
+        }
+        let opts = RunOptions {
+            out: out.clone(),
+            resume,
+            add_data: args.add_data.clone(),
+            stop: Some(stop.clone()),
+            profile_steps,
+            hook: None,
+        };
+        eprintln!(
+            "steel-train: recipe {} → {}",
+            args.config
+                .as_ref()
+                .map_or("configs/demo.toml (embedded)".into(), |p| p.display().to_string()),
+            out.display()
+        );
+        let tty = std::io::stderr().is_terminal();
+        let bar = ProgressBar::with_draw_target(
+            None,
+            if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+        );
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let say = |bar: &ProgressBar, line: String| bar.suspend(|| eprintln!("{line}"));
+        let mut first_loss: Option<f64> = None;
+        let summary = train(&recipe, &opts, &mut |e| {
+            match e {
+            Event::Notice(n) => say(&bar, n.clone()),
+            Event::Started { start_step, max_steps, params, flops_per_token } => {
+                bar.set_length(*max_steps);
+                bar.set_position(*start_step);
+                bar.reset_eta();
+                say(&bar, format!(
+                    "model: {} parameters, {} FLOPs/token; {} tokens/step; steps {}..{}",
+                    fmt_count(*params as f64), fmt_count(*flops_per_token), recipe.tokens_per_step(), start_step + 1, max_steps
+                ));
+            }
+            Event::Step { log, logged } => {
+                first_loss.get_or_insert(log.loss);
+                bar.set_position(log.step);
+                let mfu = log.mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default();
+                bar.set_message(format!("loss {:.4} lr {:.2e} {} tok/s{mfu}", log.loss, log.lr, fmt_count(log.tokens_per_s)));
+                if *logged {
+                    let val = log.val_loss.map(|v| format!(" val_loss {v:.4}")).unwrap_or_default();
+                    say(&bar, format!(
+                        "step {:>6} loss {:.4}{val} lr {:.3e} grad_norm {:.3} {} tok/s{mfu} ({:.0} ms/step)",
+                        log.step, log.loss, log.lr, log.grad_norm, fmt_count(log.tokens_per_s), log.step_ms
+                    ));
+                }
+            }
+            Event::Skipped { step, loss, grad_norm } => say(&bar, format!(
+                "step {step}: SKIPPED (loss {loss}, grad_norm {grad_norm}): not finite, nothing applied"
+            )),
+            Event::Validation { .. } => {}
+            Event::Checkpoint { dir, .. } => say(&bar, format!("checkpoint: {}", dir.display())),
+            Event::ProfilerStart { step } => say(&bar, format!(
+                "profile: step {step}: cudaProfilerStart — on the CPU there is no CUDA profiler; the NVTX-named ranges are recorded only on a GPU"
+            )),
+            Event::ProfilerStop { step } => say(&bar, format!("profile: step {step}: cudaProfilerStop")),
+        }
+        })?;
+        bar.finish_and_clear();
+        let exe = |tool: &str| {
+            if args.config.is_none() && args.out.is_none() {
+                format!("cargo run --release --bin {tool} --")
+            } else {
+                tool.to_string()
+            }
+        };
+        if let (Some(first), Some(last)) = (first_loss, summary.losses.last()) {
+            eprintln!(
+                "steel-train: steps {}..{}: loss {first:.4} → {last:.4}{}",
+                summary.start_step + 1,
+                summary.last_step,
+                if summary.stopped { " (stopped by signal)" } else { "" }
+            );
+        } else {
+            eprintln!(
+                "steel-train: nothing to train (already at step {} of {})",
+                summary.last_step, recipe.train.max_steps
+            );
+        }
+        if let Some(ck) = &summary.last_checkpoint {
+            let export = out.join("export");
+            println!("checkpoint: {}", ck.display());
+            println!("next:");
+            println!(
+                "  {} --checkpoint {} --out {}",
+                exe("steel-export"),
+                ck.display(),
+                export.display()
+            );
+            println!(
+                "  {} ppl --model {} --text \"The river town woke slowly.\"",
+                exe("steel-eval"),
+                export.display()
+            );
+            println!(
+                "  {} --config {} --out {} --resume auto --max-steps {}",
+                exe("steel-train"),
+                args.config
+                    .as_ref()
+                    .map_or("configs/demo.toml".into(), |p| p.display().to_string()),
+                out.display(),
+                recipe.train.max_steps * 2
+            );
+            println!(
+                "  {} {} --out {}",
+                exe("steel-plot"),
+                out.join("metrics.jsonl").display(),
+                out.join("loss.svg").display()
+            );
+        }
+        Ok(())
+    })
+}
