@@ -6,4 +6,5 @@ mod common;
 mod model;
 mod tape;
 mod train;
+mod trainer;
 mod training;

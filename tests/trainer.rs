@@ -1,0 +1,242 @@
+//! The training loop end to end on the embedded demo recipe: the loss falls, N ranks equal one
+//! rank with N times the micro-batch, a non-finite step is skipped and reported, damaged or
+//! half-written checkpoints are skipped by `--resume auto`, the LR of the 1.1B recipe, and recipe
+//! overrides.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use steel_runtime::Tensor;
+use steel_train::{train, Event, Recipe, Resume, RunOptions, Summary};
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("steel-trainer-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn demo(overrides: &[&str]) -> Recipe {
+    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Recipe::demo(&o).unwrap()
+}
+
+fn run(recipe: &Recipe, opts: &RunOptions) -> (Summary, Vec<Event>) {
+    let mut events = Vec::new();
+    let s = train(recipe, opts, &mut |e| events.push(e.clone())).unwrap();
+    (s, events)
+}
+
+fn opts(out: &Path) -> RunOptions {
+    RunOptions { out: out.to_path_buf(), ..RunOptions::default() }
+}
+
+/// Weights of a checkpoint's model.safetensors, by name.
+fn weights(dir: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let t = Tensor::from_bytes(v.data(), steel_runtime::DType::F32, v.shape()).unwrap();
+            (n, t.to_vec::<f32>().unwrap())
+        })
+        .collect()
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn demo_loss_falls() {
+    let out = out_dir("falls");
+    let recipe = demo(&["train.max_steps=60", "train.eval_every=60"]);
+    let (s, events) = run(&recipe, &opts(&out));
+    assert_eq!(s.losses.len(), 60);
+    let first = s.losses[0];
+    let last10: f64 = s.losses[50..].iter().sum::<f64>() / 10.0;
+    // ln(1024) ≈ 6.93 at initialisation; measured ≈ 5.2 after 60 steps.
+    assert!(first > 6.5, "initial loss {first}");
+    assert!(last10 < first - 1.0, "loss {first} → {last10}: did not fall by 1 nat");
+    let val = events.iter().find_map(|e| match e {
+        Event::Validation { loss, .. } => Some(*loss),
+        _ => None,
+    });
+    assert!(val.is_some_and(|v| v.is_finite() && v < first), "validation ran: {val:?}");
+    // metrics.jsonl: one object per logged step with the promised keys
+    let rows = steel_train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.len(), 6, "log_every 10 over 60 steps");
+    for k in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+        assert!(rows.iter().all(|r| r[k].is_number()), "metrics lack {k}");
+    }
+    assert!(out.join("checkpoints/step-000060/tokenizer.json").is_file());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_twice_the_micro_batch() {
+    let (a, b) = (out_dir("rank1"), out_dir("rank2"));
+    let r1 =
+        demo(&["train.max_steps=4", "train.micro_batch=8", "train.ranks=1", "train.eval_every=0"]);
+    let r2 =
+        demo(&["train.max_steps=4", "train.micro_batch=4", "train.ranks=2", "train.eval_every=0"]);
+    let (s1, _) = run(&r1, &opts(&a));
+    let (s2, _) = run(&r2, &opts(&b));
+    for (x, y) in s1.losses.iter().zip(&s2.losses) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "losses {x} vs {y}");
+    }
+    let (w1, w2) =
+        (weights(&a.join("checkpoints/step-000004")), weights(&b.join("checkpoints/step-000004")));
+    assert_eq!(w1.len(), w2.len());
+    for (name, v) in &w1 {
+        // The key bias's exact gradient is zero (a constant added to every key's score leaves
+        // the softmax unchanged): its computed gradient is pure rounding noise, which Adam
+        // normalises into lr-sized steps, so its values agree only in magnitude.
+        if name.ends_with("k_proj.bias") {
+            let mag = |x: &[f32]| x.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            assert!((mag(&w2[name]) - mag(v)).abs() <= 4.0 * 3e-3 * 4.0 * 1.1, "{name}");
+            continue;
+        }
+        let d = rel_diff(&w2[name], v);
+        assert!(d <= 1e-5, "{name}: relative difference {d}");
+    }
+    // and the replicas of the 2-rank run did not simply stay at their initialisation
+    let init = out_dir("rank0");
+    let (_, _) = run(
+        &demo(&["train.max_steps=1", "optim.lr=0", "optim.min_lr=0", "train.eval_every=0"]),
+        &opts(&init),
+    );
+    let w0 = weights(&init.join("checkpoints/step-000001"));
+    assert!(w0.iter().any(|(n, v)| rel_diff(&w2[n], v) > 1e-4), "training changed the weights");
+    for d in [a, b, init] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn a_nan_gradient_skips_the_step_and_is_reported() {
+    let (a, b) = (out_dir("nan-ref"), out_dir("nan"));
+    let base = ["train.eval_every=0", "train.log_every=1", "train.checkpoint_every=2"];
+    let mut r2 = base.to_vec();
+    r2.push("train.max_steps=2");
+    let (_, _) = run(&demo(&r2), &opts(&a));
+    let mut r3 = base.to_vec();
+    r3.push("train.max_steps=3");
+    let mut o = opts(&b);
+    let hits = Arc::new(Mutex::new(0));
+    let h = hits.clone();
+    o.hook = Some(Arc::new(move |step, _rank, params: &steel_autograd::ParamStore| {
+        if step == 3 {
+            let (id, _) = params.iter().nth(5).unwrap();
+            let g = params.grad_buffer(id)?;
+            let mut w = g.cpu_write()?;
+            if let steel_runtime::CpuStorage::F32(v) = &mut *w {
+                v[7] = f32::NAN;
+            }
+            *h.lock().unwrap() += 1;
+        }
+        Ok(())
+    }));
+    let (s, events) = run(&demo(&r3), &o);
+    assert_eq!(*hits.lock().unwrap(), 1);
+    assert!(events.iter().any(|e| matches!(e, Event::Skipped { step: 3, .. })), "skip reported");
+    assert!(s.losses[2].is_finite(), "the loss itself was fine");
+    let rows = steel_train::metrics::read_metrics(&b.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows[2]["skipped"], true);
+    assert!(rows[2]["grad_norm"].is_null() || !rows[2]["grad_norm"].as_f64().unwrap().is_finite());
+    // Nothing was applied: the weights after step 3 are those after step 2, bit for bit.
+    let (w2, w3) =
+        (weights(&a.join("checkpoints/step-000002")), weights(&b.join("checkpoints/step-000003")));
+    assert_eq!(w2, w3);
+    for d in [a, b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn resume_auto_skips_damaged_and_half_written_checkpoints() {
+    let (a, b) = (out_dir("dmg-ref"), out_dir("dmg"));
+    let base = ["train.eval_every=0", "train.log_every=1", "train.checkpoint_every=2"];
+    let mut full = base.to_vec();
+    full.push("train.max_steps=6");
+    let (ref_run, _) = run(&demo(&full), &opts(&a));
+    let mut part = base.to_vec();
+    part.push("train.max_steps=4");
+    run(&demo(&part), &opts(&b));
+    // step 4 corrupted (one byte flipped), and a crash while writing step 6 left a temporary
+    let ck = b.join("checkpoints");
+    let f = ck.join("step-000004/optimizer.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x55;
+    std::fs::write(&f, bytes).unwrap();
+    let tmp = ck.join(".tmp-step-000006");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), b"partial").unwrap();
+    let mut o = opts(&b);
+    o.resume = Resume::Auto;
+    let (s, events) = run(&demo(&full), &o);
+    let warned = events.iter().any(|e| {
+        matches!(e, Event::Notice(n) if n.contains("step-000004") && n.contains("optimizer.safetensors"))
+    });
+    assert!(warned, "the damaged file is named in a warning");
+    assert_eq!(s.start_step, 2, "resumed from the newest valid checkpoint");
+    // exact: steps 3..6 equal the uninterrupted run's, bit for bit
+    assert_eq!(&s.losses[..], &ref_run.losses[2..]);
+    assert_eq!(weights(&a.join("checkpoints/step-000006")), weights(&ck.join("step-000006")));
+    // a damaged checkpoint named explicitly is an error naming the file
+    let mut o = opts(&b);
+    o.resume = Resume::Dir(ck.join("step-000006"));
+    let f = ck.join("step-000006/model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    let err = train(&demo(&full), &o, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("truncated or corrupted"), "{err}");
+    for d in [a, b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn the_1_1b_recipe_reproduces_the_reference_hyper_parameters() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/steel-1.1b.toml");
+    let r = Recipe::load(&path, &[]).unwrap();
+    assert_eq!(r.tokens_per_step(), 1_048_576);
+    assert_eq!(r.global_batch(), 512);
+    assert_eq!(
+        (r.optim.beta1, r.optim.beta2, r.optim.weight_decay, r.optim.eps),
+        (0.9, 0.95, 0.05, 1e-8)
+    );
+    assert_eq!(r.optim.clip, 1.0);
+    let s = steel_train::LrSchedule::new(
+        r.optim.lr,
+        r.optim.min_lr,
+        r.optim.warmup_steps,
+        r.optim.decay_steps,
+    )
+    .unwrap();
+    // the reference's check points in micro-iterations (8 per step): it 8000 → step 1000,
+    // it 4,324,000 → step 540,500, it 8,640,000 → step 1,080,000
+    assert!((s.lr(1000) - 3e-4).abs() < 1e-15);
+    assert!((s.lr(540_500) - 1.5e-4).abs() < 1e-12);
+    assert_eq!(s.lr(1_080_000), 0.0);
+    assert_eq!(r.train.max_steps, 1_080_000);
+    let d = steel_train::dry_run(&r).unwrap();
+    assert_eq!(d.params, 1_122_922_770);
+}
+
+#[test]
+fn recipe_overrides_and_mistakes() {
+    let r = demo(&["optim.lr=1e-3", "train.micro_batch=2", "data.seq_len=32"]);
+    assert_eq!((r.optim.lr, r.train.micro_batch, r.data.seq_len), (1e-3, 2, 32));
+    let err = Recipe::demo(&["optim.lrr=1".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("lrr"), "{err}");
+    let err = Recipe::demo(&["train.micro_batch=0".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("train.micro_batch"), "{err}");
+    let err = Recipe::demo(&["optim.lr".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("key=value"), "{err}");
+    let err = Recipe::demo(&["train.device=tpu".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("train.device"), "{err}");
+}
