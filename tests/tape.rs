@@ -103,6 +103,34 @@ fn embedding_loss_and_repeated_inputs_gradients_match() {
     .unwrap();
 }
 
+/// The one-pass (training) path of `lm_head_ce`, taken when the normalizer is given, followed by
+/// more ops so that its upstream gradient is not 1.
+#[test]
+fn fused_loss_with_a_normalizer_and_a_scaled_upstream_gradient_matches() {
+    let be = cpu();
+    let targets = Tensor::from_vec(vec![1i32, -100, 0, 4, 3, 1, 2], &[7]).unwrap();
+    let inputs = vec![
+        random_tensor(be.as_ref(), &[7, 6], DType::F64, 1.0, 21).unwrap(),
+        random_tensor(be.as_ref(), &[5, 6], DType::F64, 1.0, 22).unwrap(),
+    ];
+    let opts = LossOptions {
+        ce: CrossEntropy { ignore_index: -100, chunk_tokens: 3 },
+        normalizer: Some(11.0),
+    };
+    check_gradients(
+        be,
+        &inputs,
+        |tape, v| {
+            let (loss, count) = tape.lm_head_ce(v[0], v[1], &targets, opts)?;
+            assert_eq!(count, 6);
+            let l2 = tape.scale(loss, -2.5)?;
+            tape.add(l2, loss)
+        },
+        CHECK,
+    )
+    .unwrap();
+}
+
 #[test]
 fn backward_frees_consumed_values_and_no_grad_records_nothing() {
     let be = cpu();

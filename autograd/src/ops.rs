@@ -1,6 +1,7 @@
 //! Differentiable ops on the tape. Each forwards to the backend's forward op and records the
 //! backend's backward op with the tensors it needs.
 
+use crate::params::grad_dtype;
 use crate::tape::{BackwardCtx, Tape, Var};
 use crate::{Error, Result};
 use steel_runtime::{Backend, CrossEntropy, Matmul, Tensor, Transpose};
@@ -349,6 +350,42 @@ impl Tape {
         opts: LossOptions,
     ) -> Result<(Var, usize)> {
         let (xt, wt) = (self.value(x)?.clone(), self.value(w)?.clone());
+        let needs_grad = self.grad_enabled() && (self.requires_grad(x) || self.requires_grad(w));
+        if let (true, Some(norm)) = (needs_grad, opts.normalizer) {
+            // Training with a known normalizer: one pass computes the loss and the gradients
+            // for an upstream gradient of 1 (each logits chunk formed once, not twice);
+            // backward scales them by the actual upstream gradient.
+            if norm.is_nan() || norm <= 0.0 {
+                return Err(Error::Tape(format!(
+                    "lm_head_ce: the normalizer must be positive, got {norm}"
+                )));
+            }
+            let gd = grad_dtype(xt.dtype());
+            let dx = self.backend().zeros(xt.shape(), gd)?;
+            let dw = self.backend().zeros(wt.shape(), gd)?;
+            let out = self.backend().lm_head_ce_fwd_bwd(
+                &xt,
+                &wt,
+                targets,
+                1.0 / norm,
+                opts.ce,
+                &dx,
+                &dw,
+            )?;
+            let loss = self.backend().scale(&out.loss_sum, 1.0 / norm)?;
+            let v = self.record("lm_head_ce", &[x, w], vec![loss], move |ctx| {
+                if let Some(dl) = ctx.out_grad(0).cloned() {
+                    let g = dl.scalar()?;
+                    for (i, d) in [(0, dx), (1, dw)] {
+                        let d = if g == 1.0 { d } else { ctx.backend().scale(&d, g)? };
+                        let target = ctx.grad(i)?;
+                        ctx.backend().add_assign(&target, &d)?;
+                    }
+                }
+                Ok(())
+            })?;
+            return Ok((v[0], out.count));
+        }
         let out = self.backend().lm_head_ce_fwd(&xt, &wt, targets, opts.ce)?;
         let norm = opts.normalizer.unwrap_or(out.count.max(1) as f64);
         if norm.is_nan() || norm <= 0.0 {

@@ -319,6 +319,27 @@ pub trait Backend: Send + Sync {
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<()>;
+    /// Forward and backward in one pass, for training where the loss's scale is known up front:
+    /// the loss as `lm_head_ce_fwd`, and `dx += dlogits · w`, `dw += dlogitsᵀ · x` with
+    /// `dlogits = scale · (softmax − onehot)` (as `lm_head_ce_bwd` with `dloss = 1`). Each chunk's
+    /// logits are formed once instead of twice. The default runs the two halves.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_ce_fwd_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        spec: CrossEntropy,
+        dx: &Tensor,
+        dw: &Tensor,
+    ) -> Result<CrossEntropyOut> {
+        let out = self.lm_head_ce_fwd(x, w, targets, spec)?;
+        let one = self.zeros(&[1], dx.dtype())?;
+        self.fill(&one, 1.0)?;
+        self.lm_head_ce_bwd(x, w, targets, &out.lse, &one, scale, spec, dx, dw)?;
+        Ok(out)
+    }
 
     // ---- optimizer ----------------------------------------------------------------------------
 

@@ -132,6 +132,33 @@ fn lm_head_ce_is_deterministic() {
     });
 }
 
+/// The one-pass training variant equals the forward followed by the backward, bit for bit (the
+/// same expressions in the same order), accumulating into non-zero gradients.
+#[test]
+fn lm_head_ce_fwd_bwd_equals_fwd_then_bwd() {
+    let be = be();
+    let (x, w) = (t32(&[70, 40], 4), t32(&[3000, 40], 5));
+    let mut tg = rand_ids(70, 3000, 6);
+    tg[3] = -100;
+    tg[69] = -100;
+    let targets = ids_tensor(&tg, &[70]);
+    let spec = CrossEntropy { ignore_index: -100, chunk_tokens: 16 };
+    let scale = 1.0 / 97.0;
+    let (dx1, dw1) = (t32(&[70, 40], 7), t32(&[3000, 40], 8));
+    let (dx2, dw2) = (dx1.deep_copy().unwrap(), dw1.deep_copy().unwrap());
+    let out = be.lm_head_ce_fwd(&x, &w, &targets, spec).unwrap();
+    let dloss = Tensor::from_slice(&[1.0f32], &[1]).unwrap();
+    be.lm_head_ce_bwd(&x, &w, &targets, &out.lse, &dloss, scale, spec, &dx1, &dw1).unwrap();
+    let fused = be.lm_head_ce_fwd_bwd(&x, &w, &targets, scale, spec, &dx2, &dw2).unwrap();
+    assert_eq!(out.count, 68);
+    assert_eq!(fused.count, 68);
+    assert_eq!(out.loss_sum.to_vec::<f32>().unwrap(), fused.loss_sum.to_vec::<f32>().unwrap());
+    assert_eq!(out.lse.to_vec::<f32>().unwrap(), fused.lse.to_vec::<f32>().unwrap());
+    assert_eq!(dx1.to_vec::<f32>().unwrap(), dx2.to_vec::<f32>().unwrap());
+    assert_eq!(dw1.to_vec::<f32>().unwrap(), dw2.to_vec::<f32>().unwrap());
+    assert!(dx2.to_vec::<f32>().unwrap().iter().any(|v| *v != 0.0));
+}
+
 #[test]
 fn reductions_are_deterministic() {
     let be = be();

@@ -29,6 +29,111 @@ enum Command {
     /// Tokenizer throughput: documents of a jsonl file encoded in parallel, as `steel-data
     /// tokenize` does (compare with bench/tokenize_hf.py, HF tokenizers' encode_batch).
     Tokenize(TokenizeArgs),
+    /// Full training steps (forward, backward, AdamW) of a model config on random tokens; prints
+    /// one JSON line with the medians (compare with bench/train_torch.py, PyTorch eager).
+    Train(TrainArgs),
+}
+
+#[derive(Parser)]
+struct TrainArgs {
+    /// A model config.json (e.g. configs/bench-h512/config.json).
+    #[arg(long)]
+    model_config: PathBuf,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Timed steps (after `--warmup` untimed ones); the median is reported.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 =
+        s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let req: steel_runtime::DeviceRequest = args.device.parse()?;
+    let choice = steel_runtime::choose_device(req, false)?;
+    eprintln!("steel-bench train: {}", choice.notice);
+    if args.seq == 0 || args.batch == 0 || args.steps == 0 {
+        anyhow::bail!("--seq, --batch and --steps must be at least 1");
+    }
+    let config = steel_model::SteelConfig::from_file(&args.model_config)?;
+    let (pool, threads) = steel_cli::thread_pool(args.threads)?;
+    pool.install(|| -> Result<()> {
+        let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+        let model = steel_model::SteelModel::init(config.clone(), be.clone(), DType::F32, 1)?;
+        let mut opt =
+            steel_train::Optimizer::new(&model.params, steel_train::AdamWConfig::default())?;
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let v = config.vocab_size as u64;
+        let mut times = Vec::with_capacity(args.steps);
+        let mut loss = f64::NAN;
+        for i in 0..args.warmup + args.steps {
+            let blocks: Vec<u32> =
+                (0..args.batch * (args.seq + 1)).map(|_| (next() % v) as u32).collect();
+            let t0 = Instant::now();
+            let mut tape = Tape::new(be.clone());
+            let batch = steel_model::TrainingBatch::new(Tensor::from_vec(
+                blocks,
+                &[args.batch, args.seq + 1],
+            )?);
+            let (l, _) = model.loss(&mut tape, &batch)?;
+            loss = tape.value(l)?.scalar()?;
+            tape.backward(l)?;
+            opt.step(&model.params, 3e-4)?;
+            let dt = t0.elapsed().as_secs_f64();
+            if i >= args.warmup {
+                times.push(dt);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let step_s = times[times.len() / 2];
+        let tps = (args.batch * args.seq) as f64 / step_s;
+        let (ghz, fpc) = steel_train::metrics::cpu_peak_per_core();
+        let peak = ghz * 1e9 * fpc * threads as f64;
+        let mfu = tps * config.training_flops_per_token(args.seq) / peak;
+        println!(
+            "{}",
+            serde_json::json!({
+                "tokens_per_s": tps,
+                "step_ms": step_s * 1e3,
+                "mfu": mfu,
+                "peak_mem_bytes": peak_rss(),
+                "device": "cpu",
+                "threads": threads,
+                "params": config.num_params(),
+                "seq": args.seq,
+                "batch": args.batch,
+                "steps": args.steps,
+                "loss": loss,
+                "peak_flops_estimate": peak,
+            })
+        );
+        Ok(())
+    })
 }
 
 #[derive(Parser)]
@@ -111,30 +216,6 @@ fn median_secs(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64>
     Ok(times[times.len() / 2])
 }
 
-/// (GHz, FLOP per cycle per core) of this CPU for f32 FMA, from /proc/cpuinfo and the ISA.
-fn peak_per_core() -> (f64, f64) {
-    let mhz = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("cpu MHz"))
-                .and_then(|l| l.split(':').nth(1))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .unwrap_or(2000.0);
-    #[cfg(target_arch = "x86_64")]
-    let flops = if is_x86_feature_detected!("avx512f") {
-        64.0
-    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        32.0
-    } else {
-        8.0
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let flops = 16.0;
-    (mhz / 1000.0, flops)
-}
-
 /// A named benchmark body.
 type Case<'a> = (&'a str, Box<dyn Fn() -> Result<()> + 'a>);
 
@@ -150,7 +231,7 @@ fn cpu(args: CpuArgs) -> Result<()> {
 fn cpu_in_pool(args: &CpuArgs, threads: usize) -> Result<()> {
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let (ghz, fpc) = peak_per_core();
+    let (ghz, fpc) = steel_train::metrics::cpu_peak_per_core();
     let peak = ghz * fpc * threads as f64;
     println!("steel-bench cpu: {cores} cores available, {threads} threads; peak estimate {peak:.0} GFLOP/s");
     println!(
@@ -273,10 +354,13 @@ fn cpu_in_pool(args: &CpuArgs, threads: usize) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Cpu(a) => cpu(a),
-        Command::Tokenize(a) => tokenize(a),
-    }
+fn main() -> std::process::ExitCode {
+    steel_cli::run("steel-bench", || {
+        let cli = Cli::parse();
+        match cli.command {
+            Command::Cpu(a) => cpu(a),
+            Command::Tokenize(a) => tokenize(a),
+            Command::Train(a) => train(a),
+        }
+    })
 }

@@ -112,6 +112,55 @@ fn chunk_logits<T: Float>(xs: &[T], ws: &[T], dm: &Dims, r0: usize, rows: usize,
     }
 }
 
+/// `dx[r0..] += dlogits · w` and `dw += dlogitsᵀ · x[r0..]` for one chunk.
+#[allow(clippy::too_many_arguments)]
+fn chunk_grads<T: Float>(
+    xs: &[T],
+    ws: &[T],
+    dm: &Dims,
+    r0: usize,
+    rows: usize,
+    lgt: &[T],
+    dxs: &mut [T],
+    dws: &mut [T],
+) {
+    assert!(
+        lgt.len() >= rows * dm.v && dxs.len() >= (r0 + rows) * dm.h && dws.len() >= dm.v * dm.h
+    );
+    // SAFETY: dlogits is rows·V, w is V·H, dx rows r0.. are inside N·H, x rows likewise,
+    // dw is V·H; dx/dw are exclusively borrowed and do not alias the inputs (checked).
+    unsafe {
+        gemm_batched(
+            1,
+            rows,
+            dm.h,
+            dm.v,
+            T::one(),
+            MatRef { ptr: lgt.as_ptr(), rs: dm.v as isize, cs: 1 },
+            0,
+            MatRef { ptr: ws.as_ptr(), rs: dm.h as isize, cs: 1 },
+            0,
+            T::one(),
+            MatMut { ptr: dxs.as_mut_ptr().add(r0 * dm.h), rs: dm.h as isize, cs: 1 },
+            0,
+        );
+        gemm_batched(
+            1,
+            dm.v,
+            dm.h,
+            rows,
+            T::one(),
+            MatRef { ptr: lgt.as_ptr(), rs: 1, cs: dm.v as isize },
+            0,
+            MatRef { ptr: xs.as_ptr().add(r0 * dm.h), rs: dm.h as isize, cs: 1 },
+            0,
+            T::one(),
+            MatMut { ptr: dws.as_mut_ptr(), rs: dm.h as isize, cs: 1 },
+            0,
+        );
+    }
+}
+
 fn log_sum_exp<T: Float>(row: &[T]) -> T {
     let m = row.iter().copied().fold(T::neg_infinity(), T::max);
     let s = row.iter().map(|&l| (l - m).exp()).fold(T::zero(), |a, b| a + b);
@@ -225,39 +274,74 @@ pub(crate) fn lm_head_ce_bwd(
                     }
                 },
             );
-            // SAFETY: dlogits is rows·V, w is V·H, dx rows r0.. are inside N·H, x rows likewise,
-            // dw is V·H; dx/dw are exclusively borrowed and do not alias the inputs (checked).
-            unsafe {
-                gemm_batched(
-                    1,
-                    rows,
-                    dm.h,
-                    dm.v,
-                    T::one(),
-                    MatRef { ptr: lgt.as_ptr(), rs: dm.v as isize, cs: 1 },
-                    0,
-                    MatRef { ptr: ws.as_ptr(), rs: dm.h as isize, cs: 1 },
-                    0,
-                    T::one(),
-                    MatMut { ptr: dxs.as_mut_ptr().add(r0 * dm.h), rs: dm.h as isize, cs: 1 },
-                    0,
-                );
-                gemm_batched(
-                    1,
-                    dm.v,
-                    dm.h,
-                    rows,
-                    T::one(),
-                    MatRef { ptr: lgt.as_ptr(), rs: 1, cs: dm.v as isize },
-                    0,
-                    MatRef { ptr: xs.as_ptr().add(r0 * dm.h), rs: dm.h as isize, cs: 1 },
-                    0,
-                    T::one(),
-                    MatMut { ptr: dws.as_mut_ptr(), rs: dm.h as isize, cs: 1 },
-                    0,
-                );
-            }
+            chunk_grads(xs, ws, &dm, r0, rows, lgt, dxs, dws);
         }
         Ok(())
+    })
+}
+
+pub(crate) fn lm_head_ce_fwd_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+    spec: CrossEntropy,
+    dx: &Tensor,
+    dw: &Tensor,
+) -> Result<CrossEntropyOut> {
+    const OP: &str = "lm_head_ce_fwd_bwd";
+    check_cpu(OP, &[x, w, targets, dx, dw])?;
+    distinct(OP, &[dx, dw], &[x, w, targets])?;
+    let dm = dims(OP, x, w, targets, spec)?;
+    let tg = read_targets(OP, targets, dm.v, spec.ignore_index)?;
+    let count = tg.iter().filter(|&&t| t != spec.ignore_index).count();
+    let cd = compute_dtype(x);
+    for t in [dx, dw] {
+        if t.dtype() != cd {
+            return Err(Error::dtype(OP, t.dtype(), format!("the gradients must be {cd}")));
+        }
+    }
+    if dx.shape() != x.shape() || dw.shape() != w.shape() {
+        return Err(Error::shape(
+            OP,
+            format!("dx {:?} or dw {:?} do not fit x and w", dx.shape(), dw.shape()),
+        ));
+    }
+    with_float!(OP, cd, T => {
+        let (xv, wv) = (widened::<T>(OP, x)?, widened::<T>(OP, w)?);
+        let (xs, ws) = (xv.get(), wv.get());
+        let g = T::from_f64(scale);
+        let (mut dxg, mut dwg) = (dx.cpu_write()?, dw.cpu_write()?);
+        let (dxs, dws) = (slice_mut::<T>(OP, &mut dxg)?, slice_mut::<T>(OP, &mut dwg)?);
+        let mut lse = vec![T::zero(); dm.n];
+        let mut nll = vec![0f64; dm.n];
+        let mut logits = vec![T::zero(); spec.chunk_tokens.min(dm.n) * dm.v];
+        for r0 in (0..dm.n).step_by(spec.chunk_tokens) {
+            let rows = spec.chunk_tokens.min(dm.n - r0);
+            let lgt = &mut logits[..rows * dm.v];
+            chunk_logits(xs, ws, &dm, r0, rows, lgt);
+            lgt.par_chunks_mut(dm.v.max(1))
+                .zip(lse[r0..r0 + rows].par_iter_mut().zip(nll[r0..r0 + rows].par_iter_mut()))
+                .zip(tg[r0..r0 + rows].par_iter())
+                .for_each(|((row, (l, nl)), &t)| {
+                    if t == spec.ignore_index {
+                        row.iter_mut().for_each(|x| *x = T::zero());
+                    } else {
+                        // the same expressions as the forward and the backward
+                        *l = log_sum_exp(row);
+                        *nl = (*l - row[t as usize]).as_f64();
+                        let lv = *l;
+                        row.iter_mut().for_each(|x| *x = (*x - lv).exp() * g);
+                        row[t as usize] -= g;
+                    }
+                });
+            chunk_grads(xs, ws, &dm, r0, rows, lgt, dxs, dws);
+        }
+        let total: f64 = nll.iter().sum();
+        Ok(CrossEntropyOut {
+            loss_sum: Tensor::from_vec(vec![T::from_f64(total)], &[1])?,
+            lse: Tensor::from_vec(lse, &[dm.n])?,
+            count,
+        })
     })
 }

@@ -475,6 +475,19 @@ impl Backend for CpuBackend {
         lm_head_ce::lm_head_ce_bwd(x, w, targets, lse, dloss, scale, spec, dx, dw)
     }
 
+    fn lm_head_ce_fwd_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        spec: CrossEntropy,
+        dx: &Tensor,
+        dw: &Tensor,
+    ) -> Result<CrossEntropyOut> {
+        lm_head_ce::lm_head_ce_fwd_bwd(x, w, targets, scale, spec, dx, dw)
+    }
+
     fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()> {
         adamw::adamw_step(params, hp)
     }
