@@ -452,3 +452,40 @@ fn golden_values_from_the_float64_reference() {
         assert!(e <= 1e-4, "{variant}: full-sequence logits differ by {e:.2e}");
     }
 }
+
+/// Forward opens `fwd/layer.i/{input_norm,attention,post_norm,ffn}` ranges (under the caller's
+/// `fwd`), and backward replays each op's scope as `bwd/…`: the names nsys shows.
+#[test]
+fn forward_and_backward_open_named_ranges_per_layer() {
+    use steel_runtime::trace;
+    let rec = trace::Recorder::new();
+    trace::set_sink(Some(rec.clone()));
+    let model = random_model(tiny(FfnType::SoftMoeV3, MlpType::Senet, false, 2), DType::F32, 5);
+    let mut tape = Tape::new(cpu());
+    let mut batch = TrainingBatch::new(blocks(2, 8, 37, 6));
+    batch.ignore_index = 0;
+    let loss = {
+        let _fwd = trace::range("fwd");
+        model.loss(&mut tape, &batch).unwrap().0
+    };
+    tape.backward(loss).unwrap();
+    trace::set_sink(None);
+    let names = rec.names();
+    for want in [
+        "fwd/embedding",
+        "fwd/layer.0/input_norm",
+        "fwd/layer.1/attention",
+        "fwd/layer.1/ffn",
+        "fwd/lm_head_ce",
+        "bwd/lm_head_ce",
+        "bwd/layer.1/ffn",
+        "bwd/layer.0/attention",
+        "bwd/embedding",
+    ] {
+        assert!(names.iter().any(|n| n == want), "no range {want} in {names:?}");
+    }
+    // backward runs in reverse: the last layer's backward comes before the first layer's
+    let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+    assert!(pos("bwd/layer.1/attention") < pos("bwd/layer.0/attention"));
+    assert!(pos("fwd/layer.0/attention") < pos("fwd/layer.1/attention"));
+}

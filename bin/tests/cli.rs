@@ -92,7 +92,7 @@ fn stop_and_resume_in_separate_processes_is_bit_identical() {
 #[test]
 fn sigint_finishes_the_step_writes_a_checkpoint_and_exits_0() {
     let out = out_dir("sigint");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+    let child = Command::new(env!("CARGO_BIN_EXE_steel-train"))
         .args(["--out", out.to_str().unwrap(), "--max-steps", "100000", "--log-every", "1"])
         .args(["--set", "train.eval_every=0", "--checkpoint-every", "100000"])
         .stdout(Stdio::piped())

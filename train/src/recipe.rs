@@ -331,11 +331,17 @@ impl Recipe {
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
             return Err("optim.beta1 and optim.beta2 must be in [0, 1)".into());
         }
-        if !(o.clip >= 0.0) || !(o.eps > 0.0) || !(o.weight_decay >= 0.0) {
+        if o.clip.is_nan()
+            || o.clip < 0.0
+            || o.eps.is_nan()
+            || o.eps <= 0.0
+            || o.weight_decay.is_nan()
+            || o.weight_decay < 0.0
+        {
             return Err("optim.clip and optim.weight_decay must be ≥ 0 and optim.eps > 0".into());
         }
         if let Some(p) = t.peak_tflops {
-            if !(p > 0.0) {
+            if p.is_nan() || p <= 0.0 {
                 return Err("train.peak_tflops must be positive".into());
             }
         }

@@ -393,6 +393,9 @@ fn validate(sh: &Shared<'_>, model: &SteelModel) -> Result<Option<(f64, u64)>> {
     Ok((count > 0).then(|| (sum / count as f64, count)))
 }
 
+/// Writes one checkpoint file by copying.
+type Copier = dyn Fn(&Path) -> Result<()>;
+
 fn save_checkpoint(
     sh: &Shared<'_>,
     r: &Rank,
@@ -461,12 +464,12 @@ fn save_checkpoint(
             .collect(),
         None => Vec::new(),
     };
-    let copiers: Vec<Box<dyn Fn(&Path) -> Result<()>>> = tok_copies
+    let copiers: Vec<Box<Copier>> = tok_copies
         .iter()
         .map(|(_, src)| {
             let src = src.clone();
             Box::new(move |p: &Path| std::fs::copy(&src, p).map(|_| ()).map_err(|e| io(&src, e)))
-                as Box<dyn Fn(&Path) -> Result<()>>
+                as Box<Copier>
         })
         .collect();
     for ((name, _), c) in tok_copies.iter().zip(&copiers) {
@@ -594,7 +597,8 @@ fn run_rank(
             continue;
         }
         let last = step == rec.train.max_steps || stopping;
-        let eval_due = rec.train.eval_every > 0 && (step % rec.train.eval_every == 0 || last);
+        let eval_due =
+            rec.train.eval_every > 0 && (step.is_multiple_of(rec.train.eval_every) || last);
         let mut val = None;
         if eval_due {
             let _r = trace::range("eval");
@@ -603,7 +607,8 @@ fn run_rank(
                 val = Some(vl);
             }
         }
-        let logged = step % rec.train.log_every == 0 || last || val.is_some() || report.skipped;
+        let logged =
+            step.is_multiple_of(rec.train.log_every) || last || val.is_some() || report.skipped;
         let tps = if window.1 > 0.0 { window.0 as f64 / window.1 } else { 0.0 };
         let entry = StepLog {
             step,
@@ -627,7 +632,7 @@ fn run_rank(
             window = (0, 0.0);
         }
         emit(Event::Step { log: entry, logged });
-        if step % rec.train.checkpoint_every == 0 || last {
+        if step.is_multiple_of(rec.train.checkpoint_every) || last {
             let _r = trace::range("checkpoint");
             let dir = save_checkpoint(sh, &r, step, tokens, elapsed)?;
             emit(Event::Checkpoint { step, dir: dir.clone() });

@@ -107,6 +107,9 @@ fn range(points: &[(f64, f64)]) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// A named curve and its colour.
+type Curve<'a> = (&'a str, &'a [(f64, f64)], RGBColor);
+
 /// `n + 1` evenly spaced values from `lo` to `hi`.
 fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     (0..=n).map(|i| lo + (hi - lo) * i as f64 / n as f64).collect()
@@ -123,7 +126,7 @@ fn panel<DB: DrawingBackend>(
     x_name: Option<&str>,
     y_name: &str,
     y_fmt: &dyn Fn(f64) -> String,
-    series: &[(&str, &[(f64, f64)], RGBColor)],
+    series: &[Curve<'_>],
 ) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
@@ -236,7 +239,7 @@ where
     let x_min =
         s.loss.iter().chain(&s.lr).map(|p| p.0).fold(f64::INFINITY, f64::min).min(x_max - 1.0);
     let all: Vec<(f64, f64)> = s.loss.iter().chain(&s.val).copied().collect();
-    let mut losses: Vec<(&str, &[(f64, f64)], RGBColor)> = vec![("train loss", &s.loss, BLUE)];
+    let mut losses: Vec<Curve<'_>> = vec![("train loss", &s.loss, BLUE)];
     if !s.val.is_empty() {
         losses.push(("validation loss", &s.val, RED));
     }
