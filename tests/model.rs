@@ -489,3 +489,124 @@ fn forward_and_backward_open_named_ranges_per_layer() {
     assert!(pos("bwd/layer.1/attention") < pos("bwd/layer.0/attention"));
     assert!(pos("fwd/layer.0/attention") < pos("fwd/layer.1/attention"));
 }
+
+mod generation {
+    use super::*;
+    use steel_model::{GenerationOptions, SeqCache};
+
+    fn model() -> SteelModel {
+        random_model(tiny(FfnType::SoftMoeV3, MlpType::Senet, false, 2), DType::F32, 11)
+    }
+
+    fn argmax(row: &[f32]) -> u32 {
+        row.iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as u32
+    }
+
+    /// Greedy decoding with the cache equals a from-scratch recomputation (full causal attention,
+    /// no cache) in which the soft-MoE runs on the same segments the calls showed it: the prompt,
+    /// then one token at a time. Several prompts of different lengths decode together.
+    #[test]
+    fn greedy_kv_cache_decoding_equals_segmented_recomputation() {
+        let m = model();
+        let prompts = vec![vec![3u32, 17, 5, 30, 2], vec![9u32, 1, 22], vec![4u32]];
+        let opts = GenerationOptions {
+            max_new_tokens: 7,
+            temperature: 0.0,
+            ..GenerationOptions::default()
+        };
+        let mut streamed = vec![Vec::new(); 3];
+        let out = m.generate(&prompts, &opts, &mut |i, t| streamed[i].push(t)).unwrap();
+        assert_eq!(out, streamed, "every token was streamed");
+        for (p, gen) in prompts.iter().zip(&out) {
+            assert_eq!(gen.len(), 7);
+            let mut ids = p.clone();
+            let mut segments = vec![p.len()];
+            for &tok in gen {
+                let logits = m.logits_segmented(&ids, &segments).unwrap();
+                let v = m.config.vocab_size;
+                let all = logits.to_vec::<f32>().unwrap();
+                assert_eq!(argmax(&all[all.len() - v..]), tok, "prompt {p:?}");
+                ids.push(tok);
+                segments.push(1);
+            }
+        }
+    }
+
+    #[test]
+    fn cached_logits_match_the_recomputation_and_differ_from_a_plain_forward() {
+        let m = model();
+        let ids: Vec<u32> = vec![3, 17, 5, 30, 2, 8, 8, 21];
+        let mut cache = vec![SeqCache::default()];
+        let prompt =
+            Tensor::from_vec(ids[..5].iter().map(|&t| t as i32).collect(), &[1, 5]).unwrap();
+        m.decode_step(&prompt, &mut cache).unwrap();
+        let mut last = Vec::new();
+        for &t in &ids[5..] {
+            let x = Tensor::from_vec(vec![t as i32], &[1, 1]).unwrap();
+            last = m.decode_step(&x, &mut cache).unwrap().to_vec::<f32>().unwrap();
+        }
+        assert_eq!(cache[0].len(), 8);
+        let seg = m.logits_segmented(&ids, &[5, 1, 1, 1]).unwrap().to_vec::<f32>().unwrap();
+        let v = m.config.vocab_size;
+        let reference = &seg[seg.len() - v..];
+        let e = rel_err(
+            &last.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            &reference.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        );
+        assert!(e < 1e-5, "cached vs recomputed logits: {e}");
+        // a plain forward lets the MoE see all 8 tokens at once: different numbers
+        let full = m.logits_segmented(&ids, &[8]).unwrap().to_vec::<f32>().unwrap();
+        let e2 = rel_err(
+            &full[full.len() - v..].iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            &reference.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        );
+        assert!(e2 > 1e-3, "the soft-MoE is not causal, so the two must differ ({e2})");
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_its_options_behave() {
+        let m = model();
+        let prompts = vec![vec![3u32, 17, 5]];
+        let greedy = GenerationOptions {
+            max_new_tokens: 10,
+            temperature: 0.0,
+            ..GenerationOptions::default()
+        };
+        let g = m.generate(&prompts, &greedy, &mut |_, _| {}).unwrap();
+        // top-k 1 keeps only the argmax: greedy at any temperature
+        let k1 = GenerationOptions { temperature: 1.7, top_k: Some(1), seed: 5, ..greedy.clone() };
+        assert_eq!(m.generate(&prompts, &k1, &mut |_, _| {}).unwrap(), g);
+        // a tiny top-p keeps only the most likely token as well
+        let p = GenerationOptions { temperature: 1.0, top_p: 1e-6, seed: 9, ..greedy.clone() };
+        assert_eq!(m.generate(&prompts, &p, &mut |_, _| {}).unwrap(), g);
+        let hot = GenerationOptions { temperature: 3.0, seed: 1, ..greedy.clone() };
+        let a = m.generate(&prompts, &hot, &mut |_, _| {}).unwrap();
+        assert_eq!(a, m.generate(&prompts, &hot, &mut |_, _| {}).unwrap(), "same seed, same text");
+        let others: Vec<_> = (2..6)
+            .map(|s| {
+                m.generate(&prompts, &GenerationOptions { seed: s, ..hot.clone() }, &mut |_, _| {})
+                    .unwrap()
+            })
+            .collect();
+        assert!(others.iter().any(|o| *o != a), "seeds change a hot sample");
+        // generation stops at an eos id, which is included
+        let stop = g[0][3];
+        let e = GenerationOptions { eos: vec![stop], ..greedy.clone() };
+        let out = m.generate(&prompts, &e, &mut |_, _| {}).unwrap();
+        let first = g[0].iter().position(|&t| t == stop).unwrap();
+        assert_eq!(out[0], g[0][..=first].to_vec());
+        // a strong repetition penalty moves greedy decoding away from tokens already present
+        let rp = GenerationOptions { repetition_penalty: 50.0, ..greedy.clone() };
+        let r = m.generate(&prompts, &rp, &mut |_, _| {}).unwrap();
+        let seen: Vec<u32> = prompts[0].iter().chain(&r[0]).copied().collect();
+        let mut uniq = seen.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        assert!(uniq.len() as f64 >= 0.8 * seen.len() as f64, "{seen:?}");
+        let err = m.generate(&[vec![99u32]], &greedy, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("99"), "{err}");
+    }
+}

@@ -115,7 +115,13 @@ impl SteelModel {
         Ok(tape.matmul(combine, ys, None, Matmul::NN)?) // [B, T, H]
     }
 
-    fn attention(&self, tape: &mut Tape, layer: &Layer, n: Var, pos_offset: usize) -> Result<Var> {
+    pub(crate) fn attention(
+        &self,
+        tape: &mut Tape,
+        layer: &Layer,
+        n: Var,
+        pos_offset: usize,
+    ) -> Result<Var> {
         let c = &self.config;
         let s = &self.params;
         let shape = tape.value(n)?.shape().to_vec();
@@ -150,7 +156,7 @@ impl SteelModel {
         self.ffn(tape, layer, m)
     }
 
-    fn ffn(&self, tape: &mut Tape, layer: &Layer, m: Var) -> Result<Var> {
+    pub(crate) fn ffn(&self, tape: &mut Tape, layer: &Layer, m: Var) -> Result<Var> {
         match &layer.ffn {
             Ffn::SoftMoe { phi, scale, experts } => {
                 let (phi, scale) =
@@ -163,6 +169,48 @@ impl SteelModel {
 
     /// The final normalised hidden states `[B, T, H]` of integer `ids [B, T]` (a CPU tensor).
     pub fn hidden_states(&self, tape: &mut Tape, ids: &Tensor) -> Result<Var> {
+        self.hidden_states_segmented(tape, ids, None)
+    }
+
+    /// The soft-MoE on consecutive token segments of `m [1, T, H]` separately (each segment is
+    /// what one call of incremental decoding shows it).
+    pub(crate) fn ffn_segmented(
+        &self,
+        tape: &mut Tape,
+        layer: &Layer,
+        m: Var,
+        segments: &[usize],
+    ) -> Result<Var> {
+        let shape = tape.value(m)?.shape().to_vec();
+        let (t, h) = (shape[1], shape[2]);
+        if shape[0] != 1 || segments.iter().sum::<usize>() != t || segments.contains(&0) {
+            return Err(ModelError::Input(format!(
+                "segments {segments:?} must be non-empty and cover the {t} tokens of one row"
+            )));
+        }
+        let flat = tape.reshape(m, &[t, h])?;
+        let mut outs = Vec::with_capacity(segments.len());
+        let mut start = 0;
+        for &len in segments {
+            let part = tape.slice0(flat, start, len)?;
+            let part = tape.reshape(part, &[1, len, h])?;
+            let y = self.ffn(tape, layer, part)?;
+            outs.push(tape.reshape(y, &[len, h])?);
+            start += len;
+        }
+        let y = tape.concat0(&outs)?;
+        Ok(tape.reshape(y, &[1, t, h])?)
+    }
+
+    /// `hidden_states`, with the FFN applied per segment of the row when `segments` is given
+    /// (attention still sees the whole causal prefix): the full recomputation that matches
+    /// incremental decoding with a KV cache, where each call's soft-MoE sees only its tokens.
+    pub fn hidden_states_segmented(
+        &self,
+        tape: &mut Tape,
+        ids: &Tensor,
+        segments: Option<&[usize]>,
+    ) -> Result<Var> {
         if ids.dims() != 2 || ids.numel() == 0 {
             return Err(ModelError::Input(format!(
                 "token ids must be [batch, seq] and non-empty, got {:?}",
@@ -200,7 +248,10 @@ impl SteelModel {
             };
             let f = {
                 let _r = trace::range("ffn");
-                self.ffn(tape, layer, m)?
+                match segments {
+                    Some(seg) => self.ffn_segmented(tape, layer, m, seg)?,
+                    None => self.ffn(tape, layer, m)?,
+                }
             };
             pending = Some((h, f));
         }
