@@ -6,7 +6,7 @@
 //! A missing, extra or mis-shaped tensor is an error naming it. Saving writes bf16 or f32
 //! shards of at most `max_shard_bytes` each, with an index when there is more than one.
 
-use crate::{reference_auto_map, ModelError, Result, SteelConfig, SteelModel};
+use crate::{reference_auto_map, ModelError, Result, SteelConfig, SteelModel, TokenIds};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView, View};
 use safetensors::SafeTensors;
@@ -238,11 +238,19 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 }
 
 /// The `generation_config.json` of the reference base model (spec §7.1).
-pub fn generation_config() -> Value {
+pub fn generation_config(config: &SteelConfig) -> Value {
+    let first = |ids: &Option<TokenIds>| match ids {
+        Some(TokenIds::One(i)) => Some(*i),
+        Some(TokenIds::Many(v)) => v.first().copied(),
+        None => None,
+    };
+    // Qwen's ids unless the config names its own (a model with its own tokenizer).
+    let bos = first(&config.bos_token_id).unwrap_or(151643);
+    let eos = first(&config.eos_token_id).unwrap_or(151645);
     json!({
-        "bos_token_id": 151643,
-        "pad_token_id": 151643,
-        "eos_token_id": [151645, 151643],
+        "bos_token_id": bos,
+        "pad_token_id": bos,
+        "eos_token_id": [eos, bos],
         "do_sample": true,
         "top_p": 0.8,
         "repetition_penalty": 1.1
@@ -260,7 +268,7 @@ pub fn save_hf_dir(model: &SteelModel, dir: &Path, opts: &ExportOptions) -> Resu
     config.auto_map.get_or_insert_with(reference_auto_map);
     config.model_type.get_or_insert_with(|| "steel".to_string());
     config.to_file(&dir.join("config.json"))?;
-    write_json(&dir.join("generation_config.json"), &generation_config())?;
+    write_json(&dir.join("generation_config.json"), &generation_config(&model.config))?;
 
     // Shards in model order, each at most max_shard_bytes (a larger single tensor gets its own).
     let backend = model.backend();

@@ -25,6 +25,8 @@ pub struct PreparedData {
     /// Tokens of the tokenizer's vocabulary, if there is a tokenizer.
     pub vocab: Option<usize>,
     pub ignore_index: i64,
+    /// `<|endoftext|>` and `<|im_end|>` of the tokenizer, if there is one.
+    pub special_ids: Option<(u32, u32)>,
 }
 
 fn data_err(e: steel_data::DataError) -> TrainError {
@@ -112,6 +114,7 @@ pub fn prepare_data(
             tokenizer: d.tokenizer.clone(),
             vocab: given_tok.as_ref().map(Tokenizer::vocab_size),
             ignore_index: d.ignore_index.unwrap_or(pad as i64),
+            special_ids: given_tok.as_ref().map(|t| (t.pad_id(), t.im_end_id())),
         });
     }
     // Plain text.
@@ -196,5 +199,6 @@ pub fn prepare_data(
         tokenizer: Some(tok_dir),
         vocab: Some(tok.vocab_size()),
         ignore_index: d.ignore_index.unwrap_or(tok.pad_id() as i64),
+        special_ids: Some((tok.pad_id(), tok.im_end_id())),
     })
 }

@@ -444,7 +444,7 @@ fn save_checkpoint(
     let w_recipe = write_text(recipe_toml);
     let w_config = write_text(config_json);
     let w_gen = write_text(
-        serde_json::to_string_pretty(&steel_model::generation_config())
+        serde_json::to_string_pretty(&steel_model::generation_config(&sh.config))
             .map_err(|e| inv(e.to_string()))?,
     );
     let mut files: Vec<(String, FileWriter<'_>)> = vec![
@@ -754,6 +754,13 @@ pub fn train(
                 config.vocab_size
             )));
         }
+    }
+    // A model trained with its own tokenizer names that tokenizer's special ids (generation
+    // stops at its <|im_end|>), unless its config already does.
+    let mut config = config;
+    if let Some((pad, im_end)) = prepared.special_ids {
+        config.bos_token_id.get_or_insert(steel_model::TokenIds::One(pad as i64));
+        config.eos_token_id.get_or_insert(steel_model::TokenIds::One(im_end as i64));
     }
     let o = &recipe.optim;
     let schedule = LrSchedule::new(o.lr, o.min_lr, o.warmup_steps, o.decay_steps)?;

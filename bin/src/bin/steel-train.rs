@@ -307,6 +307,12 @@ fn main() -> ExitCode {
                 export.display()
             );
             println!(
+                "  {} --model {} --prompt \"The river town\" --temperature 0.7",
+                exe("steel-generate"),
+                export.display()
+            );
+            println!("  {} --model {}", exe("steel-chat"), export.display());
+            println!(
                 "  {} --config {} --out {} --resume auto --max-steps {}",
                 exe("steel-train"),
                 args.config
