@@ -205,3 +205,114 @@ fn the_demo_model_generates_and_chats() {
     assert_eq!(String::from_utf8_lossy(&r.stdout).lines().count(), 3, "three replies");
     let _ = std::fs::remove_dir_all(out);
 }
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+#[test]
+fn multiple_choice_evaluation_on_the_fixtures() {
+    use steel_cli::eval_mc::{
+        cmmlu_example, cmmlu_prompt, read_questions, Format, Question, LETTERS,
+    };
+    let out = out_dir("mc");
+    let o = out.to_str().unwrap();
+    ok(&train(&["--out", o, "--max-steps", "4", "--set", "train.eval_every=0"]));
+    let ck = out.join("checkpoints/step-000004");
+    // the CSV layouts: C-Eval by column name, CMMLU by position after the index column
+    let ce =
+        read_questions(&fixtures().join("ceval/val/high_school_physics_val.csv"), Format::Ceval)
+            .unwrap();
+    assert_eq!(ce.len(), 4);
+    assert_eq!((ce[3].options[0].as_str(), ce[3].answer.as_str()), ("桌面对它的支持力", "A"));
+    let cm = read_questions(&fixtures().join("cmmlu/test/astronomy.csv"), Format::Cmmlu).unwrap();
+    assert_eq!(
+        cm[0],
+        Question {
+            id: "0".into(),
+            question: "太阳系中体积最大的行星是".into(),
+            options: vec!["地球".into(), "木星".into(), "火星".into(), "金星".into()],
+            answer: "B".into(),
+        }
+    );
+    assert_eq!(
+        cmmlu_example(&cm[0], true),
+        "题目：太阳系中体积最大的行星是\nA. 地球\nB. 木星\nC. 火星\nD. 金星\n答案是：B\n\n"
+    );
+    for format in ["ceval", "cmmlu"] {
+        let json = out.join(format!("{format}.json"));
+        let r = Command::new(env!("CARGO_BIN_EXE_steel-eval"))
+            .args(["mc", "--model", ck.to_str().unwrap(), "--format", format])
+            .args([
+                "--data",
+                fixtures().join(format).to_str().unwrap(),
+                "--out",
+                json.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        ok(&r);
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let qs = v["questions"].as_array().unwrap();
+        assert_eq!(qs.len(), 7, "{format}: every question listed");
+        assert!(qs
+            .iter()
+            .all(|q| ["A", "B", "C", "D"].contains(&q["prediction"].as_str().unwrap())));
+        let overall = v["overall"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&overall));
+        if format == "cmmlu" {
+            // the logits method picks the argmax option of a direct forward of the prompt
+            let lm = steel_cli::generation::Loaded::load(&ck, None, true).unwrap();
+            let tok = lm.tokenizer.as_ref().unwrap();
+            let ids: Vec<u32> = LETTERS.iter().map(|l| tok.encode(l).unwrap()[0]).collect();
+            for q in &cm {
+                let prompt = cmmlu_prompt(tok, "天文学", &[], q, 2048).unwrap();
+                assert!(prompt.starts_with(
+                    "以下是关于天文学的单项选择题，请直接给出正确答案的选项。\n\n题目："
+                ));
+                let t = tok.encode(&prompt).unwrap();
+                let x = steel_runtime::Tensor::from_vec(
+                    t.iter().map(|&i| i as i32).collect(),
+                    &[1, t.len()],
+                )
+                .unwrap();
+                let logits = lm.model.logits(&x).unwrap().to_vec::<f32>().unwrap();
+                let last = &logits[logits.len() - lm.model.config.vocab_size..];
+                let best = (0..4)
+                    .max_by(|&a, &b| last[ids[a] as usize].total_cmp(&last[ids[b] as usize]))
+                    .unwrap();
+                let pred = qs
+                    .iter()
+                    .find(|x| x["subject"] == "astronomy" && x["id"] == q.id.as_str())
+                    .unwrap();
+                assert_eq!(pred["prediction"], LETTERS[best], "question {}", q.id);
+            }
+            // the few-shot budget drops all longest examples until the rest fits
+            let dev =
+                read_questions(&fixtures().join("cmmlu/dev/astronomy.csv"), Format::Cmmlu).unwrap();
+            let full = cmmlu_prompt(tok, "天文学", &dev, &cm[0], 2048).unwrap();
+            assert!(
+                full.contains("答案是：C\n\n题目：太阳是一颗") || full.contains("题目：太阳是一颗")
+            );
+            let tight =
+                cmmlu_prompt(tok, "天文学", &dev, &cm[0], tok.encode(&full).unwrap().len() - 5)
+                    .unwrap();
+            assert!(tight.len() < full.len());
+        }
+        // a second run resumes and changes nothing
+        let again = Command::new(env!("CARGO_BIN_EXE_steel-eval"))
+            .args(["mc", "--model", ck.to_str().unwrap(), "--format", format])
+            .args([
+                "--data",
+                fixtures().join(format).to_str().unwrap(),
+                "--out",
+                json.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        ok(&again);
+        assert!(String::from_utf8_lossy(&again.stderr).contains("resuming"));
+    }
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -23,6 +23,9 @@ enum Command {
     /// of tokens 2..T predicted from their prefixes (HF's shifted loss). Prints one JSON line
     /// {"loss": …, "tokens": <scored tokens, T−1>, "ppl": …}.
     Ppl(PplArgs),
+    /// Multiple-choice accuracy on C-Eval or CMMLU CSVs (logits of the option letters, or the
+    /// reference's generation protocols); per subject, per category and overall.
+    Mc(steel_cli::eval_mc::McArgs),
 }
 
 #[derive(Parser)]
@@ -47,6 +50,7 @@ struct PplArgs {
 fn main() -> ExitCode {
     steel_cli::run("steel-eval", || match Cli::parse().command {
         Command::Ppl(a) => ppl(a),
+        Command::Mc(a) => steel_cli::eval_mc::run(a),
     })
 }
 
