@@ -240,3 +240,111 @@ fn recipe_overrides_and_mistakes() {
     let err = Recipe::demo(&["train.device=tpu".to_string()]).unwrap_err().to_string();
     assert!(err.contains("train.device"), "{err}");
 }
+
+mod sft {
+    use super::*;
+    use steel_data::tokenizer::Tokenizer;
+    use steel_train::sft::{parse_record, render, IGNORE};
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sft/chat.jsonl")
+    }
+
+    /// A tokenizer with Qwen's special tokens: the demo's, learned by a 2-step demo run.
+    fn pretrained(name: &str) -> PathBuf {
+        let out = out_dir(name);
+        run(&demo(&["train.max_steps=2", "train.eval_every=0"]), &opts(&out));
+        out.join("checkpoints/step-000002")
+    }
+
+    #[test]
+    fn only_assistant_turns_and_their_im_end_are_trained() {
+        let ck = pretrained("sft-mask");
+        let tok = Tokenizer::load(&ck).unwrap();
+        let line = std::fs::read_to_string(fixture()).unwrap();
+        let rec: serde_json::Value = serde_json::from_str(line.lines().nth(2).unwrap()).unwrap();
+        let conv = parse_record(&rec).unwrap();
+        assert_eq!(conv.turns.len(), 2);
+        let ex = render(&tok, &conv, "You are a helpful assistant.", 10_000).unwrap();
+        // the rendering is the chat template's text
+        let text = tok.decode(&ex.ids, false).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHow long should rice rest after cooking?<|im_end|>\n<|im_start|>assistant\nTen minutes, with the lid on.<|im_end|>\n<|im_start|>user\nAnd before that?<|im_end|>\n<|im_start|>assistant\nFifteen minutes on the lowest heat.<|im_end|>\n"
+        );
+        // token by token: trained exactly on the two answers and their <|im_end|>
+        let trained: Vec<u32> =
+            ex.ids.iter().zip(&ex.labels).filter(|(_, &l)| l != IGNORE).map(|(&t, _)| t).collect();
+        let mut expect = tok.encode("Ten minutes, with the lid on.<|im_end|>").unwrap();
+        expect.extend(tok.encode("Fifteen minutes on the lowest heat.<|im_end|>").unwrap());
+        assert_eq!(trained, expect);
+        for (&t, &l) in ex.ids.iter().zip(&ex.labels) {
+            assert!(l == IGNORE || l == t as i64);
+        }
+        let im_end = tok.im_end_id();
+        let n_im_end_trained =
+            ex.ids.iter().zip(&ex.labels).filter(|(&t, &l)| t == im_end && l != IGNORE).count();
+        assert_eq!(n_im_end_trained, 2, "system and user <|im_end|> are not trained");
+        // cut after N tokens
+        assert_eq!(render(&tok, &conv, "x", 12).unwrap().ids.len(), 12);
+        let _ = std::fs::remove_dir_all(ck.parent().unwrap().parent().unwrap());
+    }
+
+    #[test]
+    fn fine_tuning_loss_falls_and_resumes_exactly() {
+        let ck = pretrained("sft-run");
+        let set = |extra: &[&str]| {
+            let mut o: Vec<String> = vec![
+                format!("model.init_from={:?}", ck.to_str().unwrap()),
+                format!("data.sft=[{:?}]", fixture().to_str().unwrap()),
+                "data.seq_len=96".into(),
+                "train.micro_batch=2".into(),
+                "train.epochs=12.0".into(),
+                "train.eval_every=0".into(),
+                "train.log_every=1".into(),
+                "train.checkpoint_every=5".into(),
+                "optim.lr=3e-3".into(),
+                "optim.warmup_steps=2".into(),
+                "optim.decay_steps=0".into(),
+            ];
+            o.extend(extra.iter().map(|s| s.to_string()));
+            let mut text = steel_train::recipe::DEMO_RECIPE.to_string();
+            // the SFT recipe takes its model from init_from
+            let start = text.find("[model]").unwrap();
+            let end = text.find("[data]").unwrap();
+            text.replace_range(start..end, "[model]\n");
+            let text = text.replace("demo_corpus = true", "");
+            Recipe::parse(&text, "sft test", Path::new("."), &o).unwrap()
+        };
+        let (a, b) = (out_dir("sft-a"), out_dir("sft-b"));
+        let (s, events) = run(&set(&[]), &opts(&a));
+        assert!(events.iter().any(|e| matches!(e, Event::Notice(n) if n.contains("6 examples") && n.contains("2 malformed"))));
+        // 6 examples × 12 epochs / 2 per step = 36 steps
+        assert_eq!(s.losses.len(), 36);
+        let first: f64 = s.losses[..3].iter().sum::<f64>() / 3.0;
+        let last: f64 = s.losses[33..].iter().sum::<f64>() / 3.0;
+        // measured 6.15 → 3.88
+        assert!(last < first - 1.0, "SFT loss {first} → {last}");
+        // stopped after step 10 (as by SIGINT) and resumed: the same losses
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let mut o = opts(&b);
+        o.stop = Some(stop);
+        o.hook = Some(Arc::new(move |step, _, _: &steel_autograd::ParamStore| {
+            if step == 10 {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(())
+        }));
+        let (first_part, _) = run(&set(&[]), &o);
+        assert!(first_part.stopped && first_part.last_step == 10);
+        assert_eq!(&first_part.losses[..], &s.losses[..10]);
+        let mut o = opts(&b);
+        o.resume = Resume::Auto;
+        let (s2, _) = run(&set(&[]), &o);
+        assert_eq!(&s2.losses[..], &s.losses[10..]);
+        for d in [a, b, ck.parent().unwrap().parent().unwrap().to_path_buf()] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}

@@ -132,7 +132,7 @@ impl Pcg64 {
         a
     }
 
-    fn to_state(&self) -> RngState {
+    pub fn to_state(&self) -> RngState {
         RngState {
             state: format!("{:032x}", self.state),
             inc: format!("{:032x}", self.inc),
@@ -141,7 +141,7 @@ impl Pcg64 {
         }
     }
 
-    fn from_state(s: &RngState) -> Result<Pcg64> {
+    pub fn from_state(s: &RngState) -> Result<Pcg64> {
         let parse = |x: &str| {
             u128::from_str_radix(x, 16)
                 .map_err(|_| DataError::Invalid(format!("bad generator state {x:?}")))
@@ -157,7 +157,7 @@ impl Pcg64 {
 
 /// A generator's state as saved (hex strings: JSON numbers cannot hold 128 bits).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct RngState {
+pub struct RngState {
     state: String,
     inc: String,
     has_uint32: bool,

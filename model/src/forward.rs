@@ -21,6 +21,9 @@ pub struct TrainingBatch {
     pub normalizer: Option<f64>,
     /// Tokens per chunk of the fused lm_head + cross entropy.
     pub chunk_tokens: usize,
+    /// Explicit targets `[B, T]` (fine-tuning masks: a target equal to `ignore_index` is not
+    /// counted); `None`: `blocks[:, 1:]`.
+    pub targets: Option<Tensor>,
 }
 
 impl TrainingBatch {
@@ -30,6 +33,7 @@ impl TrainingBatch {
             ignore_index: DEFAULT_IGNORE_INDEX,
             normalizer: None,
             chunk_tokens: 1024,
+            targets: None,
         }
     }
 }
@@ -284,6 +288,18 @@ impl SteelModel {
             targets.extend(row[1..].iter().map(|&x| x as i32));
         }
         let inputs = Tensor::from_vec(inputs, &[b, t])?;
+        let targets = match &batch.targets {
+            Some(explicit) => {
+                if explicit.shape() != [b, t] {
+                    return Err(ModelError::Input(format!(
+                        "targets {:?} must be [batch, seq] = [{b}, {t}]",
+                        explicit.shape()
+                    )));
+                }
+                ids_of(explicit)?.into_iter().map(|x| x as i32).collect()
+            }
+            None => targets,
+        };
         let targets = self.backend().upload(&Tensor::from_vec(targets, &[b * t])?)?;
         let hidden = self.hidden_states(tape, &inputs)?;
         let hidden = tape.reshape(hidden, &[b * t, self.config.hidden_size])?;

@@ -8,6 +8,7 @@ mod optimizer;
 pub mod prepare;
 pub mod recipe;
 mod schedule;
+pub mod sft;
 pub mod trainer;
 
 pub use optimizer::{AdamWConfig, Optimizer, StepReport};

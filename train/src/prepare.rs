@@ -8,6 +8,7 @@
 //! and reused when nothing changed, so a resumed run finds the very files its data state names.
 
 use crate::recipe::{Recipe, DEMO_CORPUS};
+use crate::sft::SftExample;
 use crate::{Result, TrainError};
 use std::path::{Path, PathBuf};
 use steel_data::bpe::train_bpe;
@@ -27,6 +28,16 @@ pub struct PreparedData {
     pub ignore_index: i64,
     /// `<|endoftext|>` and `<|im_end|>` of the tokenizer, if there is one.
     pub special_ids: Option<(u32, u32)>,
+    /// Fine-tuning examples (with `data.sft`).
+    pub sft: Option<SftData>,
+}
+
+/// Rendered fine-tuning examples and the hashes of their files.
+#[derive(Clone, Debug)]
+pub struct SftData {
+    pub examples: std::sync::Arc<Vec<SftExample>>,
+    pub hashes: Vec<String>,
+    pub report: crate::sft::LoadReport,
 }
 
 fn data_err(e: steel_data::DataError) -> TrainError {
@@ -102,6 +113,40 @@ pub fn prepare_data(
         Some(dir) => Some(Tokenizer::load(dir).map_err(data_err)?),
         None => None,
     };
+    if !d.sft.is_empty() {
+        let dir =
+            d.tokenizer.clone().or_else(|| recipe.model.init_from.clone()).ok_or_else(|| {
+                TrainError::Invalid(
+                    "data.sft needs data.tokenizer (or model.init_from with one)".into(),
+                )
+            })?;
+        let tok = Tokenizer::load(&dir).map_err(data_err)?;
+        let (examples, report) = crate::sft::load(&d.sft, &tok, &d.system, d.seq_len)?;
+        notice(format!(
+            "sft: {} examples from {} file(s) ({} malformed, {} without assistant tokens after the cut at {})",
+            report.examples,
+            d.sft.len(),
+            report.malformed,
+            report.empty,
+            d.seq_len
+        ));
+        for e in &report.first_errors {
+            notice(format!("sft: skipped {e}"));
+        }
+        return Ok(PreparedData {
+            train: Vec::new(),
+            val: Vec::new(),
+            tokenizer: Some(dir),
+            vocab: Some(tok.vocab_size()),
+            ignore_index: crate::sft::IGNORE,
+            special_ids: Some((tok.pad_id(), tok.im_end_id())),
+            sft: Some(SftData {
+                examples: std::sync::Arc::new(examples),
+                hashes: crate::sft::hash_files(&d.sft)?,
+                report,
+            }),
+        });
+    }
     if !d.train.is_empty() {
         let pad = given_tok.as_ref().map_or(PAD_ID, Tokenizer::pad_id);
         return Ok(PreparedData {
@@ -115,6 +160,7 @@ pub fn prepare_data(
             vocab: given_tok.as_ref().map(Tokenizer::vocab_size),
             ignore_index: d.ignore_index.unwrap_or(pad as i64),
             special_ids: given_tok.as_ref().map(|t| (t.pad_id(), t.im_end_id())),
+            sft: None,
         });
     }
     // Plain text.
@@ -200,5 +246,6 @@ pub fn prepare_data(
         vocab: Some(tok.vocab_size()),
         ignore_index: d.ignore_index.unwrap_or(tok.pad_id() as i64),
         special_ids: Some((tok.pad_id(), tok.im_end_id())),
+        sft: None,
     })
 }

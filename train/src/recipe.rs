@@ -42,7 +42,13 @@ pub enum ConfigSource {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    pub config: ConfigSource,
+    /// The model config; may be omitted with `init_from` (its config.json is used).
+    #[serde(default)]
+    pub config: Option<ConfigSource>,
+    /// Start from these weights (a HF directory or a checkpoint) instead of a fresh init, e.g.
+    /// a pretrained model for fine-tuning.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     /// Seed of the parameter initialisation.
     #[serde(default = "default_seed")]
     pub init_seed: u64,
@@ -73,6 +79,13 @@ pub struct DataSection {
     /// `<out>/data`.
     #[serde(default)]
     pub text: Vec<PathBuf>,
+    /// Fine-tuning chat data (jsonl: Alpaca instruction/input/output or ShareGPT conversations),
+    /// one example per sequence, loss on the assistant turns only; cut after `seq_len` tokens.
+    #[serde(default)]
+    pub sft: Vec<PathBuf>,
+    /// The system message of fine-tuning examples that have none.
+    #[serde(default = "default_system")]
+    pub system: String,
     /// With `text`/`demo_corpus`: every n-th document is held out for validation (0: none).
     #[serde(default)]
     pub holdout_every: usize,
@@ -100,7 +113,7 @@ pub struct OptimSection {
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
-    /// The optimizer step at which the cosine reaches min_lr.
+    /// The optimizer step at which the cosine reaches min_lr (0: the last step).
     pub decay_steps: u64,
     pub weight_decay: f32,
     pub beta1: f32,
@@ -134,8 +147,12 @@ pub struct TrainSection {
     /// Micro-batches per optimizer step.
     #[serde(default = "default_one")]
     pub grad_accum: usize,
-    /// Optimizer steps to train (the run ends there).
+    /// Optimizer steps to train (the run ends there); with `epochs`, computed from the data.
+    #[serde(default)]
     pub max_steps: u64,
+    /// Fine-tuning: passes over the examples (sets max_steps).
+    #[serde(default)]
+    pub epochs: Option<f64>,
     #[serde(default = "default_log_every")]
     pub log_every: u64,
     #[serde(default = "default_checkpoint_every")]
@@ -167,6 +184,9 @@ pub struct TrainSection {
 
 fn default_seed() -> u64 {
     3407
+}
+fn default_system() -> String {
+    "You are a helpful assistant.".into()
 }
 fn default_weight() -> f64 {
     1.0
@@ -270,9 +290,13 @@ impl Recipe {
                 *p = base.join(&*p);
             }
         };
-        if let ConfigSource::Path(p) = &mut self.model.config {
+        if let Some(ConfigSource::Path(p)) = &mut self.model.config {
             abs(p);
         }
+        if let Some(p) = &mut self.model.init_from {
+            abs(p);
+        }
+        self.data.sft.iter_mut().for_each(abs);
         self.data.train.iter_mut().for_each(|d| abs(&mut d.path));
         self.data.val.iter_mut().for_each(abs);
         self.data.text.iter_mut().for_each(abs);
@@ -286,11 +310,28 @@ impl Recipe {
         let d = &self.data;
         let sources = usize::from(!d.train.is_empty())
             + usize::from(d.demo_corpus)
-            + usize::from(!d.text.is_empty());
+            + usize::from(!d.text.is_empty())
+            + usize::from(!d.sft.is_empty());
         if sources != 1 {
             return Err(
-                "exactly one of data.train, data.text and data.demo_corpus must be given".into()
+                "exactly one of data.train, data.text, data.sft and data.demo_corpus must be given"
+                    .into(),
             );
+        }
+        if self.model.config.is_none() && self.model.init_from.is_none() {
+            return Err("model.config or model.init_from must be given".into());
+        }
+        if self.train.epochs.is_some() && d.sft.is_empty() {
+            return Err(
+                "train.epochs applies to fine-tuning data (data.sft); use train.max_steps".into()
+            );
+        }
+        if let Some(e) = self.train.epochs {
+            if e.is_nan() || e <= 0.0 {
+                return Err(format!("train.epochs must be positive, got {e}"));
+            }
+        } else if self.train.max_steps == 0 {
+            return Err("train.max_steps must be at least 1".into());
         }
         if d.seq_len == 0 {
             return Err("data.seq_len must be at least 1".into());
@@ -322,7 +363,7 @@ impl Recipe {
         if !(o.lr.is_finite() && o.lr >= 0.0 && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
             return Err(format!("optim: need 0 ≤ min_lr ({}) ≤ lr ({})", o.min_lr, o.lr));
         }
-        if o.decay_steps < o.warmup_steps {
+        if o.decay_steps != 0 && o.decay_steps < o.warmup_steps {
             return Err(format!(
                 "optim.decay_steps ({}) must not be fewer than optim.warmup_steps ({})",
                 o.decay_steps, o.warmup_steps

@@ -20,6 +20,7 @@ use crate::checkpoint::{self, FileWriter};
 use crate::metrics::{self, MetricsLog};
 use crate::prepare::{prepare_data, PreparedData};
 use crate::recipe::{ConfigSource, Recipe};
+use crate::sft::SftOrder;
 use crate::{AdamWConfig, LrSchedule, Optimizer, Result, TrainError};
 use safetensors::tensor::TensorView;
 use serde_json::json;
@@ -161,8 +162,16 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
 /// The model config of a recipe.
 pub fn model_config(recipe: &Recipe) -> Result<SteelConfig> {
     let config = match &recipe.model.config {
-        ConfigSource::Path(p) => SteelConfig::from_file(p)?,
-        ConfigSource::Inline(map) => {
+        None => {
+            let dir = recipe
+                .model
+                .init_from
+                .as_ref()
+                .ok_or_else(|| inv("model.config or model.init_from must be given"))?;
+            SteelConfig::from_file(&dir.join("config.json"))?
+        }
+        Some(ConfigSource::Path(p)) => SteelConfig::from_file(p)?,
+        Some(ConfigSource::Inline(map)) => {
             let text = serde_json::to_string(map).map_err(|e| inv(e.to_string()))?;
             SteelConfig::from_json(&text).map_err(|e| inv(format!("model.config: {e}")))?
         }
@@ -259,12 +268,74 @@ fn load_checkpoint(dir: &Path, config: &SteelConfig) -> Result<Loaded> {
     })
 }
 
+/// Where a rank's training examples come from.
+enum Source {
+    /// Packed blocks of shards.
+    Packed(Dataset),
+    /// Fine-tuning examples, one per sequence.
+    Sft(SftOrder),
+}
+
+/// One forward/backward unit of a step: `[rows, len + 1]` tokens and, for fine-tuning, the
+/// explicit targets `[rows, len]`.
+struct Micro {
+    blocks: Tensor,
+    targets: Option<Tensor>,
+    counted: u64,
+    tokens: u64,
+}
+
 /// Per-rank state.
 struct Rank {
     model: SteelModel,
     opt: Optimizer,
-    data: Dataset,
+    data: Source,
     comm: InProcessComm,
+}
+
+impl Rank {
+    /// The micro-batches of one step (see the module docs).
+    fn next_micros(&mut self, sh: &Shared<'_>) -> Result<Vec<Micro>> {
+        let rec = sh.recipe;
+        let (b, t1) = (rec.train.micro_batch, rec.data.seq_len + 1);
+        let mut out = Vec::new();
+        for _ in 0..rec.train.grad_accum {
+            match &mut self.data {
+                Source::Packed(ds) => {
+                    let blocks = ds.next_batch(b).map_err(|e| inv(e.to_string()))?;
+                    let c = counted(&blocks, t1, sh.prepared.ignore_index);
+                    out.push(Micro {
+                        blocks: Tensor::from_vec(blocks, &[b, t1])?,
+                        targets: None,
+                        counted: c,
+                        tokens: (b * (t1 - 1)) as u64,
+                    });
+                }
+                Source::Sft(order) => {
+                    let examples = sh
+                        .prepared
+                        .sft
+                        .as_ref()
+                        .map(|s| &s.examples)
+                        .ok_or_else(|| inv("no fine-tuning data"))?;
+                    for _ in 0..b {
+                        let ex = &examples[order.next_index()];
+                        let n = ex.ids.len();
+                        let targets: Vec<i32> = ex.labels[1..].iter().map(|&l| l as i32).collect();
+                        let c = targets.iter().filter(|&&t| t as i64 != crate::sft::IGNORE).count()
+                            as u64;
+                        out.push(Micro {
+                            blocks: Tensor::from_vec(ex.ids.clone(), &[1, n])?,
+                            targets: Some(Tensor::from_vec(targets, &[1, n - 1])?),
+                            counted: c,
+                            tokens: (n - 1) as u64,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Everything shared by the ranks.
@@ -313,12 +384,32 @@ fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> Result<Rank>
             (model, opt)
         }
         None => {
-            let model =
-                SteelModel::init(sh.config.clone(), be, DType::F32, sh.recipe.model.init_seed)?;
+            let model = match &sh.recipe.model.init_from {
+                Some(dir) => steel_model::load_hf_dir(dir, be, DType::F32)?,
+                None => {
+                    SteelModel::init(sh.config.clone(), be, DType::F32, sh.recipe.model.init_seed)?
+                }
+            };
             let opt = Optimizer::new(&model.params, adamw_config(sh.recipe))?;
             (model, opt)
         }
     };
+    if let Some(sft) = &sh.prepared.sft {
+        let order = match &sh.loaded {
+            Some(l) => {
+                let p = l.dir.join("data.json");
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| io(&p, e))?)
+                        .map_err(|e| io(&p, e))?;
+                if v["hashes"] != serde_json::json!(sft.hashes) {
+                    return Err(io(&p, "the fine-tuning data files changed since this checkpoint"));
+                }
+                SftOrder::from_json(&v["order"], rank, world)?
+            }
+            None => SftOrder::new(sft.examples.len(), sh.recipe.data.seed, rank, world),
+        };
+        return Ok(Rank { model, opt, data: Source::Sft(order), comm });
+    }
     let data_err = |e: steel_data::DataError| inv(e.to_string());
     let mut data = match &sh.loaded {
         Some(l) => {
@@ -346,7 +437,7 @@ fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> Result<Rank>
     for dir in &sh.opts.add_data {
         data.append(0, dir).map_err(data_err)?;
     }
-    Ok(Rank { model, opt, data, comm })
+    Ok(Rank { model, opt, data: Source::Packed(data), comm })
 }
 
 /// Counted targets of `[b, T+1]` blocks.
@@ -385,6 +476,7 @@ fn validate(sh: &Shared<'_>, model: &SteelModel) -> Result<Option<(f64, u64)>> {
             ignore_index: sh.prepared.ignore_index,
             normalizer: Some(1.0),
             chunk_tokens: sh.recipe.train.chunk_tokens,
+            targets: None,
         };
         let (loss, c) = model.loss(&mut tape, &batch)?;
         sum += tape.value(loss)?.scalar()?;
@@ -438,7 +530,19 @@ fn save_checkpoint(
     let write_model = |p: &Path| write_tensors(p, &names, HashMap::new());
     let opt_meta: HashMap<String, String> = [("step".to_string(), r.opt.step.to_string())].into();
     let write_opt = |p: &Path| write_tensors(p, &moments, opt_meta.clone());
-    let write_data = |p: &Path| r.data.save(p).map_err(|e| inv(e.to_string()));
+    let data_name = match &r.data {
+        Source::Packed(_) => "data.safetensors",
+        Source::Sft(_) => "data.json",
+    };
+    let write_data = |p: &Path| match &r.data {
+        Source::Packed(ds) => ds.save(p).map_err(|e| inv(e.to_string())),
+        Source::Sft(order) => {
+            let hashes = sh.prepared.sft.as_ref().map(|s| s.hashes.clone()).unwrap_or_default();
+            let v =
+                json!({"format": "steel-sft-data-v1", "hashes": hashes, "order": order.to_json()});
+            std::fs::write(p, v.to_string()).map_err(|e| io(p, e))
+        }
+    };
     let write_text = |text: String| move |p: &Path| std::fs::write(p, &text).map_err(|e| io(p, e));
     let w_trainer = write_text(trainer_text);
     let w_recipe = write_text(recipe_toml);
@@ -452,7 +556,7 @@ fn save_checkpoint(
         ("config.json".into(), &w_config),
         ("generation_config.json".into(), &w_gen),
         ("optimizer.safetensors".into(), &write_opt),
-        ("data.safetensors".into(), &write_data),
+        (data_name.into(), &write_data),
         ("trainer.json".into(), &w_trainer),
         ("recipe.toml".into(), &w_recipe),
     ];
@@ -490,8 +594,6 @@ fn run_rank(
 ) -> Result<Summary> {
     let rec = sh.recipe;
     let world = rec.train.ranks;
-    let t1 = rec.data.seq_len + 1;
-    let b = rec.train.micro_batch;
     let rank = r.comm.rank();
     let flops_per_token = sh.config.training_flops_per_token(rec.data.seq_len);
     let peak = metrics::peak_flops(rec.train.peak_tflops);
@@ -522,23 +624,27 @@ fn run_rank(
         }
         let t0 = Instant::now();
         let lr = sh.schedule.lr(step);
-        let micro: Vec<Vec<u32>> = (0..rec.train.grad_accum)
-            .map(|_| r.data.next_batch(b).map_err(|e| inv(e.to_string())))
-            .collect::<Result<_>>()?;
-        let local: u64 = micro.iter().map(|m| counted(m, t1, sh.prepared.ignore_index)).sum();
+        let micro = r.next_micros(sh)?;
+        let local: u64 = micro.iter().map(|m| m.counted).sum();
+        let local_tokens: u64 = micro.iter().map(|m| m.tokens).sum();
         let count_t = scalar(local as f64)?;
         if world > 1 {
             r.comm.all_reduce(&count_t, ReduceOp::Sum)?;
         }
         let global = count_t.scalar()? as u64;
         let mut loss_sum = 0.0f64;
-        for blocks in micro {
+        for m in micro {
             let mut tape = Tape::new(r.model.backend().clone());
             let batch = TrainingBatch {
-                blocks: Tensor::from_vec(blocks, &[b, t1])?,
-                ignore_index: sh.prepared.ignore_index,
+                blocks: m.blocks,
+                ignore_index: if m.targets.is_some() {
+                    crate::sft::IGNORE
+                } else {
+                    sh.prepared.ignore_index
+                },
                 normalizer: Some(global.max(1) as f64),
                 chunk_tokens: rec.train.chunk_tokens,
+                targets: m.targets,
             };
             let loss = {
                 let _r = trace::range("fwd");
@@ -570,7 +676,7 @@ fn run_rank(
             }
         };
         let step_s = t0.elapsed().as_secs_f64();
-        let step_tokens = (b * rec.data.seq_len * rec.train.grad_accum * world) as u64;
+        let step_tokens = local_tokens * world as u64;
         tokens += step_tokens;
         elapsed += step_s;
         window.0 += step_tokens;
@@ -709,6 +815,15 @@ pub fn train(
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| io(&opts.out, e))?;
     let config = model_config(recipe)?;
+    if let Some(dir) = &recipe.model.init_from {
+        let theirs = SteelConfig::from_file(&dir.join("config.json"))?;
+        if theirs.param_shapes() != config.param_shapes() {
+            return Err(inv(format!(
+                "model.init_from {}: its config.json describes another model than model.config",
+                dir.display()
+            )));
+        }
+    }
     let ckpt_root = opts.out.join("checkpoints");
     let found = match &opts.resume {
         Resume::No => {
@@ -755,6 +870,23 @@ pub fn train(
             )));
         }
     }
+    // Fine-tuning counts epochs; a decay of 0 steps means "to the last step".
+    let mut adjusted = recipe.clone();
+    if let (Some(ep), Some(sft)) = (recipe.train.epochs, &prepared.sft) {
+        let per_step = recipe.global_batch() as f64;
+        adjusted.train.max_steps =
+            ((ep * sft.examples.len() as f64) / per_step).ceil().max(1.0) as u64;
+        events(&Event::Notice(format!(
+            "sft: {ep} epochs of {} examples at {} per step = {} steps",
+            sft.examples.len(),
+            recipe.global_batch(),
+            adjusted.train.max_steps
+        )));
+    }
+    if adjusted.optim.decay_steps == 0 {
+        adjusted.optim.decay_steps = adjusted.train.max_steps;
+    }
+    let recipe = &adjusted;
     // A model trained with its own tokenizer names that tokenizer's special ids (generation
     // stops at its <|im_end|>), unless its config already does.
     let mut config = config;
