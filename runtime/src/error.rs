@@ -19,6 +19,9 @@ pub enum Error {
     /// Any other invalid argument (out-of-range index, aliasing outputs, bad option).
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },
+    /// The CUDA layer failed (library missing, driver call, compile, out of memory, ...).
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
 }
 
 impl Error {

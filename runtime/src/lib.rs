@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod comm;
 pub mod cpu;
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

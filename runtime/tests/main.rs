@@ -8,6 +8,7 @@
 mod adamw;
 mod comm;
 mod common;
+mod cuda;
 mod determinism;
 mod errors;
 mod forward;
