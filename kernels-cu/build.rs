@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 include!("src/scan.rs");
 
 fn main() {
-    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     if arch != "x86_64" {
@@ -45,12 +46,19 @@ fn main() {
         let source = std::fs::read_to_string(path).expect("a readable .cu file");
         let symbols = global_symbols(&source);
         let mut unit = format!("#include \"{}\"\n#include \"registry.h\"\n", path.display());
-        let _ = writeln!(unit, "extern \"C\" const ::steel_emu::KernelEntry steel_emu_table_{stem}[] = {{");
+        let _ = writeln!(
+            unit,
+            "extern \"C\" const ::steel_emu::KernelEntry steel_emu_table_{stem}[] = {{"
+        );
         for s in &symbols {
             let _ = writeln!(unit, "    STEEL_EMU_ENTRY({s}),");
         }
         let _ = writeln!(unit, "}};");
-        let _ = writeln!(unit, "extern \"C\" const size_t steel_emu_table_{stem}_len = {};", symbols.len());
+        let _ = writeln!(
+            unit,
+            "extern \"C\" const size_t steel_emu_table_{stem}_len = {};",
+            symbols.len()
+        );
         let file = out.join(format!("emu_{stem}.cpp"));
         write_if_changed(&file, &unit);
         units.push(file);
@@ -107,7 +115,10 @@ fn main() {
         }
     }
     if std::env::var("STEEL_EMU_ASAN").is_ok_and(|v| v == "1") {
-        build.define("STEEL_EMU_ASAN", None).flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
+        build
+            .define("STEEL_EMU_ASAN", None)
+            .flag("-fsanitize=address")
+            .flag("-fno-omit-frame-pointer");
         println!("cargo:rustc-link-lib=dylib=asan");
     }
     build.compile("steel_emu");

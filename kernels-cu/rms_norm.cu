@@ -9,9 +9,9 @@
 
 struct AddRmsNormFwdParams {
     const float* x;  // (rows, h)
-    const float* r;  // (rows, h)
+    const float* r;  // (rows, h), or null: the plain RMSNorm
     const float* w;  // (h)
-    float* sum;      // (rows, h)
+    float* sum;      // (rows, h), null exactly when r is
     float* y;        // (rows, h)
     float* rstd;     // (rows)
     u64 rows;
@@ -31,15 +31,16 @@ extern "C" __global__ void add_rms_norm_fwd_f32(const AddRmsNormFwdParams p) {
 #endif
     float ss = 0.0f;
     for (u64 j = threadIdx.x; j < h; j += blockDim.x) {
-        const float s = p.x[base + j] + p.r[base + j];
-        p.sum[base + j] = s;
+        const float s = p.r ? p.x[base + j] + p.r[base + j] : p.x[base + j];
+        if (p.sum) p.sum[base + j] = s;
         ss += s * s;
     }
     ss = block_sum(ss, scratch);
     const float rstd = 1.0f / sqrtf(ss / (float)p.h + p.eps);
     if (threadIdx.x == 0) p.rstd[blockIdx.x] = rstd;
     // Each thread reads back only the sums it wrote itself: no barrier needed.
-    for (u64 j = threadIdx.x; j < h; j += blockDim.x) p.y[base + j] = p.w[j] * (p.sum[base + j] * rstd);
+    const float* s = p.sum ? p.sum : p.x;
+    for (u64 j = threadIdx.x; j < h; j += blockDim.x) p.y[base + j] = p.w[j] * (s[base + j] * rstd);
 }
 
 struct AddRmsNormBwdParams {

@@ -11,9 +11,8 @@ pub fn global_symbols(source: &str) -> Vec<String> {
         let mut rest = &code[pos + "__global__".len()..];
         while let Some(paren) = rest.find('(') {
             let head = rest[..paren].trim_end();
-            let start = head
-                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .map_or(0, |i| i + 1);
+            let start =
+                head.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
             let name = &head[start..];
             if name == "__launch_bounds__" {
                 let Some(close) = rest[paren..].find(')') else { break };

@@ -12,6 +12,7 @@ pub mod cuda;
 mod device;
 mod dtype;
 mod error;
+pub mod gpu;
 mod tensor;
 
 pub use backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul, Transpose};

@@ -10,6 +10,7 @@ mod comm;
 mod common;
 mod cuda;
 mod determinism;
+mod emu;
 mod errors;
 mod forward;
 mod grad_check;
