@@ -213,13 +213,13 @@ fn ptxas_report_is_parsed_per_kernel() {
         (10, 1, 1024, 360)
     );
     assert!(!k[1].spills());
-    // ptxas's own wording, minus the prefix and the run-to-run compile time.
+    // ptxas's own lines, without the run-to-run compile time.
     assert_eq!(
         k[1].lines,
         [
-            "Function properties for add_one",
-            "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
-            "Used 10 registers, used 1 barriers, 1024 bytes smem, 360 bytes cmem[0]",
+            "ptxas info    : Function properties for add_one",
+            "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+            "ptxas info    : Used 10 registers, used 1 barriers, 1024 bytes smem, 360 bytes cmem[0]",
         ]
     );
     assert!(ptxas::warnings(PTXAS_LOG).is_empty());

@@ -240,15 +240,23 @@ impl Stream {
             .map_err(|e| CudaError::driver("cuMemcpyDtoDAsync", e))
     }
 
-    /// Sets `bytes` bytes at `dst` to `value`, in stream order.
-    pub fn memset(&self, dst: u64, value: u8, bytes: usize) -> Result<()> {
-        if bytes == 0 {
+    /// Writes `count` copies of `value` (1, 2 or 4 bytes wide) at `dst`, in stream order.
+    pub fn memset(&self, dst: u64, value: crate::gpu::Fill, count: usize) -> Result<()> {
+        use crate::gpu::Fill;
+        if count == 0 {
             return Ok(());
         }
         self.ctx.bind()?;
-        // SAFETY: `dst` holds at least `bytes` (caller's contract).
-        unsafe { drv::memset_d8_async(dst, value, bytes, self.raw) }
-            .map_err(|e| CudaError::driver("cuMemsetD8Async", e))
+        // SAFETY: `dst` holds at least `count` elements of the pattern's width, aligned to it
+        // (caller's contract).
+        let rc = unsafe {
+            match value {
+                Fill::U8(v) => sys::cuMemsetD8Async(dst, v, count, self.raw),
+                Fill::U16(v) => sys::cuMemsetD16Async(dst, v, count, self.raw),
+                Fill::U32(v) => sys::cuMemsetD32Async(dst, v, count, self.raw),
+            }
+        };
+        rc.result().map_err(|e| CudaError::driver("cuMemsetAsync", e))
     }
 
     /// Launches `f` with `params` (one pointer per kernel parameter, each pointing at the

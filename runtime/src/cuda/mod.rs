@@ -24,6 +24,7 @@ pub mod bundle;
 pub mod cache;
 mod context;
 pub mod gemm;
+mod gpu;
 pub mod headers;
 pub mod libs;
 pub mod nvml;
@@ -32,6 +33,7 @@ pub mod profile;
 pub mod ptxas;
 
 pub use context::{CudaContext, DeviceInfo, DriverMemory, Event, Function, Module, Stream};
+pub use gpu::CudaGpu;
 
 use std::path::PathBuf;
 

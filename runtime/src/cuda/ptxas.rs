@@ -20,8 +20,8 @@ pub struct KernelReport {
     pub name: String,
     /// The architecture ptxas compiled for (`sm_90`).
     pub arch: String,
-    /// ptxas's lines about this kernel, verbatim minus the `ptxas info    :` prefix, without the
-    /// compile time (which differs run to run).
+    /// ptxas's lines about this kernel, verbatim, without the compile time (which differs run to
+    /// run).
     pub lines: Vec<String>,
     pub registers: u32,
     pub barriers: u32,
@@ -82,7 +82,7 @@ pub fn parse(log: &str) -> Vec<KernelReport> {
             k.shared_bytes = number_before(msg, "bytes smem").unwrap_or(0);
             k.cmem0_bytes = number_before(msg, "bytes cmem[0]").unwrap_or(0);
         }
-        k.lines.push(msg.to_string());
+        k.lines.push(line.trim_end().to_string());
     }
     out
 }
