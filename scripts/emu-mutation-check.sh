@@ -33,8 +33,8 @@ for m in "${names[@]}"; do
     if ! STEEL_EMU_MUTATE="$m" cargo test --release -p steel-runtime --no-run -q 2>/tmp/emu-mutation-build.log; then
         echo "build with STEEL_EMU_MUTATE=$m failed:" >&2; cat /tmp/emu-mutation-build.log >&2; exit 2
     fi
-    out=$(STEEL_EMU_MUTATE="$m" cargo test --release -p steel-runtime -q "$t" -- --exact "emu::$t" 2>&1 || true)
-    if grep -q "emu::$t ... FAILED\|test result: FAILED" <<<"$out"; then
+    out=$(STEEL_EMU_MUTATE="$m" cargo test --release -p steel-runtime -q "$t" -- --exact "gpu_kernels::$t" 2>&1 || true)
+    if grep -q "gpu_kernels::$t ... FAILED\|test result: FAILED" <<<"$out"; then
         printf '%-18s %-40s %s\n' "$m" "$t" "caught (test failed)"
     else
         printf '%-18s %-40s %s\n' "$m" "$t" "SURVIVED (test passed)"

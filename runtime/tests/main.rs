@@ -10,7 +10,7 @@ mod comm;
 mod common;
 mod cuda;
 mod determinism;
-mod emu;
+mod gpu_kernels;
 mod errors;
 mod forward;
 mod grad_check;

@@ -15,11 +15,19 @@ use std::sync::Arc;
 /// The `Backend` of a [`Gpu`].
 pub struct GpuBackend<G: Gpu> {
     gpu: Arc<G>,
+    poison: bool,
 }
 
 impl<G: Gpu> GpuBackend<G> {
     pub fn new(gpu: Arc<G>) -> Self {
-        GpuBackend { gpu }
+        GpuBackend { gpu, poison: false }
+    }
+
+    /// A backend whose fresh outputs start as `0xFF` bytes (NaN), so a kernel that forgets to
+    /// write an element fails its test (property tests on a real device; the emulator poisons
+    /// every allocation anyway).
+    pub fn with_poisoned_outputs(gpu: Arc<G>) -> Self {
+        GpuBackend { gpu, poison: true }
     }
 
     /// The device underneath (tests read the emulator's launch log through it).
@@ -31,7 +39,12 @@ impl<G: Gpu> GpuBackend<G> {
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
         let g: Arc<dyn Gpu> = self.gpu.clone();
-        Tensor::from_gpu_buffer(GpuBuffer::new(g, bytes)?, shape, dtype)
+        let t = Tensor::from_gpu_buffer(GpuBuffer::new(g, bytes)?, shape, dtype)?;
+        if self.poison {
+            // SAFETY: the buffer holds exactly `bytes` bytes.
+            unsafe { self.gpu.memset(ptr(&t), Fill::U8(0xFF), bytes)? };
+        }
+        Ok(t)
     }
 
     fn on_device(&self, op: &'static str, ts: &[&Tensor]) -> Result<()> {

@@ -19,10 +19,12 @@
 //!   hierarchy with [`Gpu::nvtx_push`] (e.g. `fwd/layer.3`).
 
 mod backend;
+mod comm;
 mod emu;
 pub mod launch;
 
 pub use backend::GpuBackend;
+pub use comm::StagedComm;
 pub use emu::{EmuGpu, LaunchRecord};
 
 use crate::{DType, Result};
