@@ -65,3 +65,24 @@ extern "C" __global__ void emu_test_divergent_barrier(const EmuTestDivergentPara
     __syncthreads();
     p.out[threadIdx.x] += 1.0f;
 }
+
+struct EmuTestSyncLoopParams {
+    float* out;       // (gridDim.x · blockDim.x)
+    u64 iterations;
+};
+STEEL_PARAMS_SIZE(EmuTestSyncLoopParams, 16);
+
+// A barrier-bound loop: `iterations` rounds of (shared write, __syncthreads, warp shuffle,
+// shared read, __syncthreads). Measures the emulator's switching cost and checks the result.
+extern "C" __global__ void emu_test_sync_loop(const EmuTestSyncLoopParams p) {
+    __shared__ float buf[1024];
+    const unsigned t = threadIdx.x, n = blockDim.x;
+    float acc = 0.0f;
+    for (u64 i = 0; i < p.iterations; ++i) {
+        buf[t] = (float)(t + i);
+        __syncthreads();  // why: every value is written before the neighbour reads it
+        acc += buf[(t + 1) % n] + __shfl_xor_sync(STEEL_FULL_MASK, (float)t, 1);
+        __syncthreads();  // why: every read is done before the next round overwrites buf
+    }
+    p.out[(u64)blockIdx.x * n + t] = acc;
+}

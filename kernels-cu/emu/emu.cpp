@@ -328,14 +328,16 @@ void sync_warp(unsigned mask) {
     leave(b, f, false);
 }
 
-void warp_exchange(unsigned mask, const uint64_t* mine, unsigned words, uint64_t* all) {
+const uint64_t* warp_exchange(unsigned mask, const uint64_t* mine, unsigned words) {
     Block& b = current_block();
     Fiber& f = current_fiber();
     Warp& w = b.warps[f.warp];
     unsigned g = f.xgen++ & 1u;
     for (unsigned i = 0; i < words; ++i) w.slots[g][f.lane][i] = mine[i];
     sync_warp(mask);
-    std::memcpy(all, w.slots[g], sizeof w.slots[g]);
+    // Generation g is overwritten only after every lane of the mask passed barrier g + 1, i.e.
+    // after this lane's next collective: reading it in place until then is safe.
+    return &w.slots[g][0][0];
 }
 
 void fail(const char* what, unsigned detail) {
@@ -362,8 +364,8 @@ void ldmatrix_x4(unsigned r[4], const void* row, bool trans) {
     // .trans, lane l receives from matrix j the pair at (row l / 4, cols 2(l % 4), 2(l % 4) + 1);
     // with .trans the pair at (rows 2(l % 4), 2(l % 4) + 1, col l / 4).
     if ((uintptr_t)row % 16 != 0) fail("ldmatrix row address is not 16-byte aligned", (unsigned)(uintptr_t)row);
-    uint64_t mine = (uint64_t)(uintptr_t)row, all[128];
-    warp_exchange(0xffffffffu, &mine, 1, all);
+    uint64_t mine = (uint64_t)(uintptr_t)row;
+    const uint64_t* all = warp_exchange(0xffffffffu, &mine, 1);
     unsigned l = lane_id();
     for (unsigned j = 0; j < 4; ++j) {
         uint16_t lo, hi;
@@ -400,8 +402,7 @@ void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], con
     // accumulating in fp32 in k order.
     uint64_t mine[3] = {(uint64_t)a[0] | ((uint64_t)a[1] << 32),
                         (uint64_t)a[2] | ((uint64_t)a[3] << 32), (uint64_t)b[0] | ((uint64_t)b[1] << 32)};
-    uint64_t all[128];
-    warp_exchange(0xffffffffu, mine, 3, all);
+    const uint64_t* all = warp_exchange(0xffffffffu, mine, 3);
     unsigned l = lane_id(), g = l / 4, t = l % 4;
     float out[4];
     for (unsigned i = 0; i < 4; ++i) {

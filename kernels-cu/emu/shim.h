@@ -61,10 +61,10 @@ namespace steel_emu {
 void sync_block();
 // Barrier among the lanes of `mask` in the calling warp (`__syncwarp`).
 void sync_warp(unsigned mask);
-// Each lane of `mask` contributes `words` (≤ 4) 64-bit words; after the warp barrier, `all`
-// receives every lane's words (`all[lane * 4 + w]`). Lanes outside the mask read as garbage
-// and are rejected by the callers.
-void warp_exchange(unsigned mask, const uint64_t* mine, unsigned words, uint64_t* all);
+// Each lane of `mask` contributes `words` (≤ 4) 64-bit words; after the warp barrier, the
+// result points at every lane's words (`[lane * 4 + w]`), valid until the calling lane's next
+// warp collective returns. Lanes outside the mask hold stale data and are rejected by callers.
+const uint64_t* warp_exchange(unsigned mask, const uint64_t* mine, unsigned words);
 // Reports a misuse from inside a kernel and ends the block (never returns).
 [[noreturn]] void fail(const char* what, unsigned detail);
 // The calling thread's lane (threadIdx linearised % 32).
@@ -92,8 +92,8 @@ static inline T from_word(uint64_t w) {
 // Shuffle core: `src` is the lane to read, or -1 to keep the own value.
 template <class T>
 static inline T shfl(unsigned mask, T v, int src) {
-    uint64_t mine = to_word(v), all[128];
-    warp_exchange(mask, &mine, 1, all);
+    uint64_t mine = to_word(v);
+    const uint64_t* all = warp_exchange(mask, &mine, 1);
     if (src < 0) return v;
     if (!((mask >> src) & 1u)) fail("__shfl_*_sync reads a lane outside its mask", (unsigned)src);
     return from_word<T>(all[src * 4]);
@@ -134,8 +134,8 @@ static inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 3
     return steel_emu::shfl(mask, v, s < seg ? -1 : s);
 }
 static inline unsigned __ballot_sync(unsigned mask, int pred) {
-    uint64_t mine = pred != 0, all[128];
-    steel_emu::warp_exchange(mask, &mine, 1, all);
+    uint64_t mine = pred != 0;
+    const uint64_t* all = steel_emu::warp_exchange(mask, &mine, 1);
     unsigned bits = 0;
     for (unsigned l = 0; l < 32; ++l)
         if (((mask >> l) & 1u) && all[l * 4]) bits |= 1u << l;

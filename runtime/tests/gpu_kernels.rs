@@ -569,3 +569,48 @@ fn emu_staged_collectives_match_direct_computation() {
         assert_eq!(b, &inputs[1], "broadcast on rank {r}");
     }
 }
+
+/// A barrier-bound kernel gives the right result; with `--ignored --nocapture` it reports the
+/// emulator's cost per fiber switch (`cargo test --release emu_sync_loop -- --ignored`).
+fn run_sync_loop(blocks: usize, threads: usize, iterations: usize) -> std::time::Duration {
+    let gpu = EmuGpu::new();
+    let out = gpu.alloc(blocks * threads * 4).unwrap();
+    let cfg = LaunchConfig {
+        grid: Dim3::x(blocks as u32),
+        block: Dim3::x(threads as u32),
+        shared_bytes: 0,
+    };
+    let t0 = std::time::Instant::now();
+    launch_raw(&gpu, "emu_test_sync_loop", cfg, &[out, iterations as u64]).unwrap();
+    let elapsed = t0.elapsed();
+    let got = download_i32(&gpu, out, blocks * threads);
+    for t in 0..threads {
+        let want: f32 = (0..iterations)
+            .map(|i| ((t + 1) % threads + i) as f32 + (t ^ 1) as f32)
+            .fold(0.0, |a, x| a + x);
+        for b in 0..blocks {
+            assert_eq!(f32::from_bits(got[b * threads + t] as u32), want, "block {b} thread {t}");
+        }
+    }
+    elapsed
+}
+
+#[test]
+fn emu_sync_loop_is_exact() {
+    run_sync_loop(3, 96, 5);
+}
+
+#[test]
+#[ignore = "timing report, run with --ignored --nocapture"]
+fn emu_sync_loop_switch_cost() {
+    let (blocks, threads, iterations) = (8, 256, 200);
+    let d = run_sync_loop(blocks, threads, iterations);
+    // Per thread and iteration: two block barriers and one shuffle = 3 switches out and back.
+    let switches = (blocks * threads * iterations * 3) as f64;
+    println!(
+        "emu_test_sync_loop: {blocks} blocks × {threads} threads × {iterations} rounds in {:.1} ms, \
+         {:.0} ns per fiber switch (incl. scheduling)",
+        d.as_secs_f64() * 1e3,
+        d.as_secs_f64() * 1e9 / switches
+    );
+}
