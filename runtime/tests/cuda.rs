@@ -471,6 +471,8 @@ fn no_driver_means_errors_not_panics() {
             steel_runtime::cuda::CudaContext::new(0).err().expect("no context without a driver");
         let msg = e.to_string();
         assert!(msg.starts_with("no CUDA driver found; use --device cpu"), "{msg} ({why})");
+        let e = steel_runtime::cuda::CudaGpu::new(0).err().expect("no CudaGpu without a driver");
+        assert!(e.to_string().contains("no CUDA driver found; use --device cpu"), "{e}");
         let e = steel_runtime::choose_device(steel_runtime::DeviceRequest::Cuda, true).unwrap_err();
         assert!(e.to_string().contains("no CUDA driver found; use --device cpu"), "{e}");
         assert!(matches!(libs::require(CudaLib::Driver), Err(CudaError::LibraryMissing { .. })));

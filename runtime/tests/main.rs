@@ -10,7 +10,7 @@ mod comm;
 mod common;
 mod cuda;
 mod determinism;
-mod gpu_kernels;
 mod errors;
 mod forward;
+mod gpu_kernels;
 mod grad_check;

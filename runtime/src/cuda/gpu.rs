@@ -110,6 +110,35 @@ impl CudaGpu {
         Ok(self.memory().alloc.empty_cache()?)
     }
 
+    /// A general cuBLASLt GEMM: strided batches (a stride of 0 broadcasts an operand), a bias
+    /// epilogue, bf16 or fp32 output, fp32 accumulation, queued on the compute stream with the
+    /// device's workspace. The `Gpu` trait's `gemm` is its unbatched, fp32-output case.
+    ///
+    /// # Safety
+    /// Every pointer of `ptrs` addresses live device memory covering its layout of
+    /// `gemm::plan(shape)` (see `gemm::span`) in the shape's dtypes (the bias: `n` elements of
+    /// the output dtype); the output does not overlap the inputs.
+    pub unsafe fn gemm_ex(
+        &self,
+        shape: &GemmShape,
+        ptrs: GemmPtrs,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let plan = gemm::plan(shape)?;
+        let mut lt = self.lt.lock().unwrap_or_else(|p| p.into_inner());
+        self.ctx.bind()?;
+        Ok(lt.matmul(
+            &plan,
+            ptrs,
+            alpha,
+            beta,
+            self.workspace,
+            gemm::WORKSPACE_BYTES,
+            self.stream.raw(),
+        )?)
+    }
+
     fn memory(&self) -> MutexGuard<'_, Memory> {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -210,19 +239,10 @@ impl Gpu for CudaGpu {
             DType::F32,
             false,
         );
-        let plan = gemm::plan(&shape)?;
-        let ptrs = GemmPtrs { a, b, out: c, bias: None };
-        let mut lt = self.lt.lock().unwrap_or_else(|p| p.into_inner());
-        self.ctx.bind()?;
-        Ok(lt.matmul(
-            &plan,
-            ptrs,
-            desc.alpha,
-            desc.beta,
-            self.workspace,
-            gemm::WORKSPACE_BYTES,
-            self.stream.raw(),
-        )?)
+        // SAFETY: the trait's contract: a, b and c cover m·k, k·n and m·n elements.
+        unsafe {
+            self.gemm_ex(&shape, GemmPtrs { a, b, out: c, bias: None }, desc.alpha, desc.beta)
+        }
     }
 
     fn synchronize(&self) -> Result<()> {
