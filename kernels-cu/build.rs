@@ -100,6 +100,8 @@ fn main() {
         .flag("-Wno-unused-function")
         .flag("-Wno-unused-parameter")
         .flag("-fno-strict-aliasing")
+        // Large frames probe every page, so an overflowing fiber always hits its guard page.
+        .flag("-fstack-clash-protection")
         .define("STEEL_EMU", None)
         .include(root.join("emu"))
         .include(root.join("include"))

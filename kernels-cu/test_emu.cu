@@ -86,3 +86,17 @@ extern "C" __global__ void emu_test_sync_loop(const EmuTestSyncLoopParams p) {
     }
     p.out[(u64)blockIdx.x * n + t] = acc;
 }
+
+struct EmuTestStackParams {
+    float* out;  // (1)
+    u64 n;       // elements written into the local array
+};
+STEEL_PARAMS_SIZE(EmuTestStackParams, 16);
+
+// A 128 KiB local array: twice the emulator's default fiber stack (the stack-overflow report),
+// fine with STEEL_EMU_STACK_KB=512. Never launched on a device.
+extern "C" __global__ void emu_test_stack(const EmuTestStackParams p) {
+    volatile float local[32 * 1024];
+    for (u64 i = 0; i < p.n; ++i) local[(p.n - 1 - i) % (32 * 1024)] = (float)i;
+    if (threadIdx.x == 0) p.out[0] = local[0];
+}

@@ -17,6 +17,7 @@
 // - Warp exchange slots are double-buffered by a per-lane generation counter: a lane can only
 //   overwrite generation g's slot after passing barrier g + 1, i.e. after every lane of the mask
 //   has finished reading generation g.
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -282,6 +283,78 @@ bool run_block(Block& b) {
     }
 }
 
+// ---- stack overflow: the guard page below every fiber stack ------------------------------------
+//
+// A fiber that overflows its stack faults on the PROT_NONE page below it. The SIGSEGV handler
+// (on an alternate signal stack, since the faulting stack is exhausted) recognises that page,
+// names the kernel, block and thread, and aborts; any other fault goes to the previous handler
+// (Rust's own guard-page handler, or the default action).
+
+struct sigaction g_old_segv;
+
+void segv_handler(int sig, siginfo_t* info, void* uctx) {
+    const Block* b = tls_block;
+    if (b && b->cur) {
+        const char* addr = static_cast<const char*>(info->si_addr);
+        const char* lo = b->cur->stack.lo;
+        if (addr >= lo - page_size() && addr < lo) {
+            const Builtins& x = b->cur->b;
+            char msg[512];
+            int n = snprintf(msg, sizeof msg,
+                             "steel emulator: kernel %s, block (%u,%u,%u), thread (%u,%u,%u) overflowed "
+                             "its %zu KiB fiber stack (large local arrays? raise STEEL_EMU_STACK_KB)\n",
+                             b->kernel->symbol, x.block_idx.x, x.block_idx.y, x.block_idx.z,
+                             x.thread_idx.x, x.thread_idx.y, x.thread_idx.z, stack_bytes() / 1024);
+            if (n > 0) (void)!write(2, msg, (size_t)std::min(n, (int)sizeof msg - 1));
+            std::abort();
+        }
+    }
+    if (g_old_segv.sa_flags & SA_SIGINFO) {
+        g_old_segv.sa_sigaction(sig, info, uctx);
+    } else if (g_old_segv.sa_handler != SIG_DFL && g_old_segv.sa_handler != SIG_IGN) {
+        g_old_segv.sa_handler(sig);
+    } else {
+        signal(sig, SIG_DFL);  // returning re-runs the access, which now takes the default action
+    }
+}
+
+void install_segv_handler() {
+#ifndef STEEL_EMU_ASAN  // AddressSanitizer reports overflows itself
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        std::memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = segv_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &g_old_segv);
+    });
+#endif
+}
+
+// An alternate signal stack for the calling thread while it runs fibers (kept if one exists).
+struct AltStack {
+    std::vector<char> mem;
+    bool installed = false;
+    AltStack() {
+        stack_t old;
+        if (sigaltstack(nullptr, &old) == 0 && !(old.ss_flags & SS_DISABLE)) return;
+        mem.resize(64 * 1024);
+        stack_t ss;
+        ss.ss_sp = mem.data();
+        ss.ss_size = mem.size();
+        ss.ss_flags = 0;
+        installed = sigaltstack(&ss, nullptr) == 0;
+    }
+    ~AltStack() {
+        if (!installed) return;
+        stack_t ss;
+        std::memset(&ss, 0, sizeof ss);
+        ss.ss_flags = SS_DISABLE;
+        sigaltstack(&ss, nullptr);
+    }
+};
+
 Block& current_block() { return *tls_block; }
 Fiber& current_fiber() { return *tls_block->cur; }
 
@@ -494,6 +567,8 @@ void worker(Launch& L) {
         pthread_attr_destroy(&attr);
     }
 #endif
+    install_segv_handler();
+    AltStack alt;
     Block* saved = tls_block;
     const Builtins* saved_builtins = steel_emu_builtins;
     tls_block = &b;

@@ -614,3 +614,32 @@ fn emu_sync_loop_switch_cost() {
         d.as_secs_f64() * 1e9 / switches
     );
 }
+
+/// A fiber that overflows its stack is reported with the kernel's name (in a child process,
+/// since the report aborts), and the same kernel runs with a larger `STEEL_EMU_STACK_KB`.
+#[test]
+fn emu_stack_overflow_is_reported() {
+    if std::env::var_os("STEEL_EMU_STACK_CHILD").is_some() {
+        let gpu = EmuGpu::new();
+        let out = gpu.alloc(4).unwrap();
+        let cfg = LaunchConfig { grid: Dim3::x(2), block: Dim3::x(32), shared_bytes: 0 };
+        launch_raw(&gpu, "emu_test_stack", cfg, &[out, 3]).unwrap();
+        return;
+    }
+    let run = |stack_kb: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "gpu_kernels::emu_stack_overflow_is_reported", "--test-threads=1"])
+            .env("STEEL_EMU_STACK_CHILD", "1")
+            .env("STEEL_EMU_STACK_KB", stack_kb)
+            .output()
+            .unwrap()
+    };
+    let small = run("64");
+    let err = String::from_utf8_lossy(&small.stderr);
+    assert!(!small.status.success(), "a 128 KiB frame on a 64 KiB stack must not pass");
+    for needle in ["emu_test_stack", "overflowed its 64 KiB fiber stack", "STEEL_EMU_STACK_KB"] {
+        assert!(err.contains(needle), "the report should mention {needle:?}: {err}");
+    }
+    let big = run("512");
+    assert!(big.status.success(), "{}", String::from_utf8_lossy(&big.stderr));
+}
