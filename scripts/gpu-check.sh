@@ -2,11 +2,13 @@
 # Steel's check on a lent GPU machine (DESIGN §4). Such a machine has no Rust toolchain and takes
 # at most 64 MiB of carried files, so the check is built here and only run there:
 #
-#   scripts/gpu-check.sh build   # here: target/gpu-check/ = one stripped check binary
-#                                # (steel-bench) + the sm_90 cubins of every kernel (+ manifest)
-#   scripts/gpu-check.sh run     # there: finds the CUDA libraries, checks every GPU op against
-#                                # the CPU reference, times each against the measured copy
-#                                # bandwidth, and prints one table (well under 5 minutes)
+#   scripts/gpu-check.sh build   # here: target/gpu-check/ = the stripped check binary
+#                                # (steel-bench), the stripped runtime test binary (the kernels'
+#                                # property tests) and the sm_90 cubins of every kernel
+#   scripts/gpu-check.sh run     # there: finds the CUDA libraries, runs the kernels' property
+#                                # tests on the GPU (STEEL_DEVICE=cuda, the `cuda_*` tests), then
+#                                # checks every GPU op against the CPU reference and times each
+#                                # against the measured copy bandwidth: one table, < 5 minutes
 #
 # With the device tool: carry ["target/gpu-check"], command "bash scripts/gpu-check.sh run".
 #
@@ -36,6 +38,23 @@ build() {
   cp target/release/steel-bench "$DIR/steel-bench"
   strip "$DIR/steel-bench"
 
+  echo "==> building the runtime's test binary (the kernels' property tests)"
+  local tests
+  tests=$(CARGO_TERM_PROGRESS_WHEN=never cargo test --release --locked -p steel-runtime --test main \
+    --no-run --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "main":
+        print(m["executable"])
+' | tail -n1)
+  [ -n "$tests" ] || { echo "could not find the runtime test binary" >&2; exit 1; }
+  cp "$tests" "$DIR/runtime-tests"
+  strip "$DIR/runtime-tests"
+
   echo "==> compiling every kernel for $ARCH with NVRTC (the pip toolchain of scripts/test.sh)"
   local lib
   lib=$(ls -d "$PWD"/target/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n1 || true)
@@ -48,7 +67,7 @@ build() {
   LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     "$DIR/steel-bench" kernels --compile-only --arch "$ARCH" --no-cache --export "$DIR/cubins" \
     > "$DIR/compile-report.txt"
-  tail -n 1 "$DIR/compile-report.txt"
+  grep -E "kernels compiled for" "$DIR/compile-report.txt"
   echo "==> $DIR ($(du -sh "$DIR" | cut -f1), limit 64 MiB) in $((SECONDS - t0)) s:"
   ls -l "$DIR" "$DIR/cubins"
   echo "carry [\"$DIR\"] and run: bash scripts/gpu-check.sh run"
@@ -105,8 +124,18 @@ run() {
   command -v nvidia-smi >/dev/null 2>&1 &&
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   export STEEL_CUBINS="$PWD/$DIR/cubins"
-  "$DIR/steel-bench" kernels --device cuda --repeats "$REPEATS"
-  echo "gpu-check finished in $((SECONDS - t0)) s"
+  local status=0
+  echo "==> the kernels' property tests on the GPU (STEEL_DEVICE=cuda, PROPTEST_CASES=${PROPTEST_CASES:-32})"
+  if [ -x "$DIR/runtime-tests" ]; then
+    STEEL_DEVICE=cuda PROPTEST_CASES="${PROPTEST_CASES:-32}" "$DIR/runtime-tests" cuda_ || status=1
+  else
+    echo "$DIR/runtime-tests is missing (rebuild with 'scripts/gpu-check.sh build')" >&2
+    status=1
+  fi
+  echo "==> GPU ops against the CPU backend, and timings against the copy roofline"
+  "$DIR/steel-bench" kernels --device cuda --repeats "$REPEATS" || status=1
+  echo "gpu-check finished in $((SECONDS - t0)) s (status $status)"
+  exit "$status"
 }
 
 case "${1:-}" in
