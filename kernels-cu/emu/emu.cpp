@@ -177,6 +177,10 @@ void leave(Block& b, Fiber& f, bool last) {
 
 void fiber_main(Fiber* f) {
     Block& b = *tls_block;
+#ifdef STEEL_EMU_ASAN
+    // A new fiber completes the switch `enter` started; ASan reports the scheduler's stack.
+    __sanitizer_finish_switch_fiber(nullptr, &b.sched_stack_lo, &b.sched_stack_size);
+#endif
     b.kernel->run(b.params);
     f->state = State::Exited;
     b.warps[f->warp].exited |= 1u << f->lane;
@@ -556,17 +560,6 @@ void worker(Launch& L) {
         L.record(0, err);
         return;
     }
-#ifdef STEEL_EMU_ASAN
-    pthread_attr_t attr;
-    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
-        void* lo;
-        size_t size;
-        pthread_attr_getstack(&attr, &lo, &size);
-        b.sched_stack_lo = lo;
-        b.sched_stack_size = size;
-        pthread_attr_destroy(&attr);
-    }
-#endif
     install_segv_handler();
     AltStack alt;
     Block* saved = tls_block;
