@@ -205,7 +205,9 @@ fn check_adamw<G: TestGpu>(g: &GpuBackend<G>, sizes: &[(usize, bool)], seed: u64
         assert_rel_norm(&format!("adamw v {i}"), &down(g, &gp.v), &vals(&cp.v), F32_TOL);
         if let (Some(cc), Some(gc)) = (&cp.copy, &gp.copy) {
             assert_rel_norm(&format!("adamw bf16 copy {i}"), &down(g, gc), &vals(cc), 1e-2);
-            // The copy is the rounding of the kernel's own fp32 weights, bit for bit.
+            // The copy is the round-to-nearest-even of the kernel's own fp32 weights, bit for
+            // bit. (From f32: half's `bf16::from_f64` drops the low 32 bits of the f64 before
+            // rounding, which mis-rounds f32 values just above a bf16 tie.)
             let (params, copies) = (down(g, &gp.param), down(g, gc));
             for (j, (&p, &got)) in params.iter().zip(&copies).enumerate() {
                 let want = bf16::from_f32(p as f32).to_f64();
