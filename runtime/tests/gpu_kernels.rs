@@ -645,3 +645,13 @@ fn emu_stack_overflow_is_reported() {
     let big = run("512");
     assert!(big.status.success(), "{}", String::from_utf8_lossy(&big.stderr));
 }
+
+/// The model's real widths once per run: the 151,936-class vocabulary (1024-thread rows, many
+/// elements per thread) and hidden 1792 (7-warp rows).
+#[test]
+fn emu_kernels_at_model_widths() {
+    check_lm_head_ce(&emu(), 3, 8, 151_936, 2, 3, 11);
+    check_add_rms_norm(&emu(), 3, 1792, true, 12);
+    assert_eq!(launch::vocab_block(151_936), 1024);
+    assert_eq!(launch::row_block(1792), 224);
+}
