@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use steel_autograd::fixtures::random_tensor;
 use steel_runtime::cpu::CpuBackend;
+use steel_runtime::cuda::nvml::NvmlReader;
 use steel_runtime::cuda::CudaGpu;
 use steel_runtime::gpu::{GemmDesc, Gpu, GpuBackend, Op};
 use steel_runtime::{AdamW, AdamWParam, Backend, CrossEntropy, DType, Matmul, Tensor};
@@ -347,7 +348,7 @@ fn median_secs(be: &dyn Backend, repeats: usize, mut f: impl FnMut() -> Result<(
 }
 
 /// The check-and-time table on CUDA device `ordinal`.
-pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>) -> Result<()> {
+pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>, profile: bool) -> Result<()> {
     let t0 = Instant::now();
     if let Some(a) = arch {
         eprintln!("note: --arch {a} is ignored on a GPU (kernels are built for the device)");
@@ -363,6 +364,9 @@ pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>) -> Result<()> {
     );
     for l in crate::kernels::library_lines() {
         println!("{l}");
+    }
+    if profile {
+        steel_runtime::cuda::profile::profiler_start()?;
     }
     let copy = copy_bandwidth(&gpu, repeats)?;
     println!("device copy (1 GiB, read+write): {:.0} GB/s = the roofline below", copy / 1e9);
@@ -447,6 +451,14 @@ pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>) -> Result<()> {
         }
     }
     println!();
+    if profile {
+        gpu.synchronize()?;
+        steel_runtime::cuda::profile::profiler_stop()?;
+    }
+    match NvmlReader::new(ordinal as u32).and_then(|r| r.read()) {
+        Ok(r) => println!("nvml: {} {r}", r.name),
+        Err(e) => println!("nvml: {e}"),
+    }
     let s = gpu.mem_stats();
     println!("allocator: {s}");
     if missing > 0 {

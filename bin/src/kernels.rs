@@ -45,6 +45,10 @@ pub struct KernelsArgs {
     /// Timed repeats per kernel on the GPU (the median is reported).
     #[arg(long, default_value_t = 20)]
     repeats: usize,
+    /// Wrap the GPU checks and timings in cuProfilerStart/Stop (for `nsys profile
+    /// --capture-range=cudaProfilerApi`).
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(args: KernelsArgs) -> Result<()> {
@@ -59,7 +63,9 @@ pub fn run(args: KernelsArgs) -> Result<()> {
             "steel-bench kernels times the CUDA kernels on a GPU and none is in use; run it with \
              --compile-only to compile them here, or see scripts/gpu-check.sh"
         ),
-        Device::Cuda(ordinal) => crate::gpu_bench::run(ordinal, args.repeats, args.arch.as_deref()),
+        Device::Cuda(ordinal) => {
+            crate::gpu_bench::run(ordinal, args.repeats, args.arch.as_deref(), args.profile)
+        }
     }
 }
 
