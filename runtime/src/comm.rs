@@ -262,7 +262,7 @@ impl Communicator for InProcessComm {
         let mine = input.cpu_read()?.clone();
         let out = self.exchange(mine, |all| {
             consistent(OP, all)?;
-            Ok(match &all[0] {
+            Ok::<_, Error>(match &all[0] {
                 CpuStorage::F32(_) => CpuStorage::F32(
                     all.iter()
                         .flat_map(

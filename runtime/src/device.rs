@@ -67,40 +67,11 @@ pub enum DriverProbe {
     Missing(String),
 }
 
-/// Looks for the CUDA driver library at run time (never at build time, never panicking) and asks
-/// it how many devices there are.
+/// Looks for the CUDA driver library at run time (never at build time, never panicking) with
+/// cudarc's own `is_culib_present`, then initialises it and asks how many devices there are.
+/// The answer is memoised for the process.
 pub fn probe_cuda_driver() -> DriverProbe {
-    type CuInit = unsafe extern "C" fn(u32) -> i32;
-    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
-    // SAFETY: loading the driver library runs its initialisers, which is what every CUDA program
-    // does; the symbols are called with their documented signatures.
-    unsafe {
-        let lib = match ["libcuda.so.1", "libcuda.so"]
-            .iter()
-            .find_map(|name| libloading::Library::new(name).ok())
-        {
-            Some(lib) => lib,
-            None => return DriverProbe::Missing("libcuda.so.1 is not installed".into()),
-        };
-        let init: libloading::Symbol<CuInit> = match lib.get(b"cuInit\0") {
-            Ok(f) => f,
-            Err(e) => return DriverProbe::Missing(format!("libcuda has no cuInit: {e}")),
-        };
-        let rc = init(0);
-        if rc != 0 {
-            return DriverProbe::Missing(format!("cuInit failed with CUresult {rc}"));
-        }
-        let count: libloading::Symbol<CuDeviceGetCount> = match lib.get(b"cuDeviceGetCount\0") {
-            Ok(f) => f,
-            Err(e) => return DriverProbe::Missing(format!("libcuda has no cuDeviceGetCount: {e}")),
-        };
-        let mut n = 0i32;
-        let rc = count(&mut n);
-        if rc != 0 || n <= 0 {
-            return DriverProbe::Missing(format!("the driver reports no devices (CUresult {rc})"));
-        }
-        DriverProbe::Found { devices: n as usize }
-    }
+    crate::cuda::libs::probe_driver()
 }
 
 /// Resolves `--device` as DESIGN §4 says: `cpu` is the CPU; `auto` the GPU when one is usable,

@@ -19,6 +19,14 @@ pub enum Error {
     /// Any other invalid argument (out-of-range index, aliasing outputs, bad option).
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },
+    /// A `Gpu` operation failed: a kernel launch the emulator rejected (the message names the
+    /// kernel: deadlocked barrier, misused warp collective, bad configuration), or an op the GPU
+    /// backend does not implement yet.
+    #[error("{op}: {msg}")]
+    Gpu { op: &'static str, msg: String },
+    /// The CUDA layer failed (library missing, driver call, compile, out of memory, ...).
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
 }
 
 impl Error {
@@ -30,5 +38,8 @@ impl Error {
     }
     pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Invalid { op, msg: msg.into() }
+    }
+    pub(crate) fn gpu(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Gpu { op, msg: msg.into() }
     }
 }

@@ -8,9 +8,11 @@
 pub mod backend;
 pub mod comm;
 pub mod cpu;
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;
+pub mod gpu;
 mod tensor;
 pub mod trace;
 

@@ -126,10 +126,12 @@ impl CpuStorage {
     }
 }
 
-/// Where the bytes of a tensor are. GPU storage joins this enum with the CUDA runtime.
+/// Where the bytes of a tensor are: host memory, or an allocation of a [`crate::gpu::Gpu`]
+/// (written by kernels through raw device pointers, so no lock).
 #[derive(Debug)]
 pub(crate) enum Storage {
     Cpu(RwLock<CpuStorage>),
+    Gpu(crate::gpu::GpuBuffer),
 }
 
 /// A contiguous, row-major tensor. Cloning shares the storage.
@@ -255,6 +257,11 @@ impl Tensor {
     pub fn cpu_read(&self) -> Result<RwLockReadGuard<'_, CpuStorage>> {
         match &*self.storage {
             Storage::Cpu(lock) => Ok(lock.read().unwrap_or_else(|p| p.into_inner())),
+            Storage::Gpu(_) => Err(Error::Device {
+                op: "Tensor::cpu_read",
+                expected: Device::Cpu,
+                found: self.device,
+            }),
         }
     }
 
@@ -262,6 +269,40 @@ impl Tensor {
     pub fn cpu_write(&self) -> Result<RwLockWriteGuard<'_, CpuStorage>> {
         match &*self.storage {
             Storage::Cpu(lock) => Ok(lock.write().unwrap_or_else(|p| p.into_inner())),
+            Storage::Gpu(_) => Err(Error::Device {
+                op: "Tensor::cpu_write",
+                expected: Device::Cpu,
+                found: self.device,
+            }),
+        }
+    }
+
+    /// A tensor owning a device allocation of exactly `shape` × `dtype` bytes; its device is
+    /// `Cuda(ordinal)` of the buffer's `Gpu`.
+    pub fn from_gpu_buffer(
+        buffer: crate::gpu::GpuBuffer,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let want = numel_of(shape) * dtype.size_in_bytes();
+        if buffer.bytes() != want {
+            return Err(Error::shape(
+                "Tensor::from_gpu_buffer",
+                format!(
+                    "{dtype} tensor of shape {shape:?} needs {want} bytes, the buffer has {}",
+                    buffer.bytes()
+                ),
+            ));
+        }
+        let device = Device::Cuda(buffer.gpu().ordinal());
+        Ok(Tensor { storage: Arc::new(Storage::Gpu(buffer)), shape: shape.to_vec(), dtype, device })
+    }
+
+    /// The device allocation of a GPU tensor (`None` on the CPU).
+    pub fn gpu_buffer(&self) -> Option<&crate::gpu::GpuBuffer> {
+        match &*self.storage {
+            Storage::Gpu(b) => Some(b),
+            Storage::Cpu(_) => None,
         }
     }
 

@@ -8,7 +8,9 @@
 mod adamw;
 mod comm;
 mod common;
+mod cuda;
 mod determinism;
 mod errors;
 mod forward;
+mod gpu_kernels;
 mod grad_check;

@@ -4,6 +4,15 @@
 //! Steel-1.1B model against the machine's peak estimate, attention forward + backward at the
 //! model's head geometry, and one forward + backward of a small transformer block. Every figure
 //! is the median of several timed repeats after a warm-up.
+//!
+//! `steel-bench kernels` compiles Steel's CUDA kernels with NVRTC (`--compile-only --arch
+//! sm_90`: ptxas's report per kernel, no GPU needed) or, on a GPU, checks every GPU op against
+//! the CPU backend and times it against the measured copy bandwidth (see `kernels.rs`).
+
+#[path = "../gpu_bench.rs"]
+mod gpu_bench;
+#[path = "../kernels.rs"]
+mod kernels;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -26,6 +35,8 @@ struct Cli {
 enum Command {
     /// CPU backend: GEMM GFLOP/s vs the peak estimate, attention fwd+bwd, a transformer block.
     Cpu(CpuArgs),
+    /// CUDA kernels: NVRTC compile report (--compile-only), or GPU checks and roofline timings.
+    Kernels(kernels::KernelsArgs),
     /// Tokenizer throughput: documents of a jsonl file encoded in parallel, as `steel-data
     /// tokenize` does (compare with bench/tokenize_hf.py, HF tokenizers' encode_batch).
     Tokenize(TokenizeArgs),
@@ -355,12 +366,11 @@ fn cpu_in_pool(args: &CpuArgs, threads: usize) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    steel_cli::run("steel-bench", || {
-        let cli = Cli::parse();
-        match cli.command {
-            Command::Cpu(a) => cpu(a),
-            Command::Tokenize(a) => tokenize(a),
-            Command::Train(a) => train(a),
-        }
+    let cli = Cli::parse();
+    steel_cli::run("steel-bench", || match cli.command {
+        Command::Cpu(a) => cpu(a),
+        Command::Kernels(a) => kernels::run(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Train(a) => train(a),
     })
 }

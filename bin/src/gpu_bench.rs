@@ -1,0 +1,473 @@
+//! `steel-bench kernels` on a GPU (and `scripts/gpu-check.sh`): every GPU op checked against the
+//! CPU reference, then timed against its memory-bandwidth roofline.
+//!
+//! The roofline is the measured device-to-device copy bandwidth (bytes read + written per
+//! second over a 1 GiB copy), not the datasheet figure. An op's bytes moved are the bytes its
+//! kernels must read and write at least once (formula per case below); a memory-bound kernel's
+//! figure of merit is `bytes ÷ time ÷ copy bandwidth`. GEMM-bound ops report TFLOP/s instead.
+//! Timings are medians of `repeats` synchronised runs after a warm-up, on problems (hundreds of
+//! MB) far larger than the 50 MB L2, so caches do not flatter them.
+//! Tolerances (‖gpu − cpu‖/‖cpu‖) are DESIGN §4's: fp32 ≤ 1e-5, bf16 ≤ 1e-2.
+
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+use std::time::Instant;
+use steel_autograd::fixtures::random_tensor;
+use steel_runtime::cpu::CpuBackend;
+use steel_runtime::cuda::nvml::NvmlReader;
+use steel_runtime::cuda::CudaGpu;
+use steel_runtime::gpu::{GemmDesc, Gpu, GpuBackend, Op};
+use steel_runtime::{AdamW, AdamWParam, Backend, CrossEntropy, DType, Matmul, Tensor};
+
+/// Inputs of one case, built on a backend.
+type Build = fn(&dyn Backend, bool) -> Result<Vec<Tensor>>;
+/// Runs the op; returns the tensors to compare.
+type Exec = fn(&dyn Backend, &[Tensor]) -> Result<Vec<Tensor>>;
+
+struct Case {
+    name: &'static str,
+    /// The timed problem, in words.
+    shape: &'static str,
+    build: Build,
+    exec: Exec,
+    /// Bytes moved by the timed problem (0: compute-bound, see `flops`).
+    bytes: f64,
+    /// FLOPs of the timed problem (GEMM-bound ops).
+    flops: f64,
+    tol: f64,
+}
+
+const EPS: f64 = 1e-6;
+// Timed sizes: 32768 tokens of the 1792-wide model; checked sizes: ragged and small.
+const ROWS: usize = 32768;
+const H: usize = 1792;
+const CHECK_ROWS: usize = 67;
+const CHECK_H: usize = 1000;
+const ADAMW_N: usize = 64 << 20;
+
+fn rows_h(big: bool) -> (usize, usize) {
+    if big {
+        (ROWS, H)
+    } else {
+        (CHECK_ROWS, CHECK_H)
+    }
+}
+
+fn rnd(be: &dyn Backend, shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
+    Ok(random_tensor(be, shape, dtype, 1.0, seed)?)
+}
+
+fn cases() -> Vec<Case> {
+    let f4 = 4.0;
+    let (r, h) = (ROWS as f64, H as f64);
+    vec![
+        Case {
+            name: "rms_norm_fwd",
+            shape: "x [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::F32, 1)?, rnd(be, &[h], DType::F32, 2)?])
+            },
+            exec: |be, t| {
+                let (y, rstd) = be.rms_norm_fwd(&t[0], &t[1], EPS)?;
+                Ok(vec![y, rstd])
+            },
+            // read x, w; write y, rstd
+            bytes: f4 * (2.0 * r * h + h + r),
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "add_rms_norm_fwd",
+            shape: "x, r [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![
+                    rnd(be, &[r, h], DType::F32, 3)?,
+                    rnd(be, &[r, h], DType::F32, 4)?,
+                    rnd(be, &[h], DType::F32, 5)?,
+                ])
+            },
+            exec: |be, t| {
+                let (sum, y, rstd) = be.add_rms_norm_fwd(&t[0], &t[1], &t[2], EPS)?;
+                Ok(vec![sum, y, rstd])
+            },
+            // read x, r, w; write sum, y, rstd
+            bytes: f4 * (4.0 * r * h + h + r),
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "rms_norm_bwd",
+            shape: "x, dy [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                let x = rnd(be, &[r, h], DType::F32, 6)?;
+                let w = rnd(be, &[h], DType::F32, 7)?;
+                let (_, rstd) = be.rms_norm_fwd(&x, &w, EPS)?;
+                let dy = rnd(be, &[r, h], DType::F32, 8)?;
+                let dx = be.zeros(&[r, h], DType::F32)?;
+                let dw = be.zeros(&[h], DType::F32)?;
+                Ok(vec![x, w, rstd, dy, dx, dw])
+            },
+            exec: |be, t| {
+                be.rms_norm_bwd(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5])?;
+                Ok(vec![t[4].clone(), t[5].clone()])
+            },
+            // read x, dy, rstd, w, dx (accumulated); write dx, dw
+            bytes: f4 * (4.0 * r * h + r + 2.0 * h),
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "adamw_step",
+            shape: "64M params f32",
+            build: |be, big| {
+                let n = if big { ADAMW_N } else { 10_007 };
+                Ok(vec![
+                    rnd(be, &[n], DType::F32, 9)?,
+                    rnd(be, &[n], DType::F32, 10)?,
+                    rnd(be, &[n], DType::F32, 11)?,
+                    // The second moment is non-negative.
+                    be.upload(&Tensor::from_vec(
+                        (0..n).map(|i| ((i * 37) % 101) as f32 * 1e-4).collect::<Vec<f32>>(),
+                        &[n],
+                    )?)?,
+                ])
+            },
+            exec: |be, t| {
+                let p = AdamWParam {
+                    param: t[0].clone(),
+                    grad: t[1].clone(),
+                    m: t[2].clone(),
+                    v: t[3].clone(),
+                    weight_decay: 0.1,
+                    copy: None,
+                };
+                let hp = AdamW {
+                    lr: 1e-3,
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    eps: 1e-8,
+                    step: 3,
+                    grad_scale: 1.0,
+                };
+                be.adamw_step(&[p], hp)?;
+                Ok(vec![t[0].clone(), t[2].clone(), t[3].clone()])
+            },
+            // read param, grad, m, v; write param, m, v
+            bytes: f4 * 7.0 * ADAMW_N as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "matmul (cuBLASLt) bf16 x·Wᵀ",
+            shape: "[32768,1792]x[1792,1792]ᵀ",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::BF16, 13)?, rnd(be, &[h, h], DType::BF16, 14)?])
+            },
+            exec: |be, t| Ok(vec![be.matmul(&t[0], &t[1], None, Matmul::NT, Some(DType::F32))?]),
+            bytes: 0.0,
+            flops: 2.0 * r * h * h,
+            tol: 1e-2,
+        },
+        Case {
+            name: "lm_head_ce_fwd",
+            shape: "x [8192,1792] w [65536,1792] f32",
+            build: |be, big| {
+                let (n, h, v) = if big { (8192, H, 65536) } else { (37, 96, 1000) };
+                let x = rnd(be, &[n, h], DType::F32, 15)?;
+                let w = rnd(be, &[v, h], DType::F32, 16)?;
+                let ids: Vec<i32> =
+                    (0..n as i32).map(|i| ((i as i64 * 7919) % v as i64) as i32).collect();
+                let t = be.upload(&Tensor::from_vec(ids, &[n])?)?;
+                Ok(vec![x, w, t])
+            },
+            exec: |be, t| {
+                let spec = CrossEntropy { ignore_index: -100, chunk_tokens: 4096 };
+                let out = be.lm_head_ce_fwd(&t[0], &t[1], &t[2], spec)?;
+                Ok(vec![out.loss_sum, out.lse])
+            },
+            bytes: 0.0,
+            flops: 2.0 * 8192.0 * h * 65536.0,
+            tol: 1e-5,
+        },
+    ]
+}
+
+/// ‖a − b‖ / ‖b‖ over all compared tensors.
+fn rel_err(got: &[Tensor], want: &[Tensor]) -> Result<f64> {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        let (g, w) = (g.to_f64_vec()?, w.to_f64_vec()?);
+        if g.len() != w.len() {
+            bail!("output sizes differ: {} vs {}", g.len(), w.len());
+        }
+        for (a, b) in g.iter().zip(&w) {
+            num += (a - b) * (a - b);
+            den += b * b;
+        }
+    }
+    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+/// Whether `e` is the GPU backend's "not yet implemented" (an op still missing, not a failure).
+fn not_implemented(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<steel_runtime::Error>(),
+        Some(steel_runtime::Error::Gpu { msg, .. }) if msg.contains("not yet implemented")
+    )
+}
+
+/// cuBLASLt through `Gpu::gemm` directly (bf16 in, fp32 out, `x·Wᵀ`): checked on a ragged
+/// problem against the CPU backend, timed at the model's width. Returns the table cells.
+fn direct_gemm(
+    gpu: &Arc<CudaGpu>,
+    cpu: &CpuBackend,
+    repeats: usize,
+) -> (&'static str, String, String, String) {
+    let run = |m: usize, n: usize, k: usize, timed: bool| -> Result<(f64, f64)> {
+        let a = rnd(cpu, &[m, k], DType::BF16, 21)?;
+        let b = rnd(cpu, &[n, k], DType::BF16, 22)?;
+        let desc = GemmDesc {
+            m,
+            n,
+            k,
+            op_a: Op::N,
+            op_b: Op::T,
+            ab_dtype: DType::BF16,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        let (da, db) = (gpu.alloc(a.size_in_bytes())?, gpu.alloc(b.size_in_bytes())?);
+        let dc = gpu.alloc(m * n * 4)?;
+        let result = (|| -> Result<(f64, f64)> {
+            // SAFETY: each allocation holds exactly the bytes copied or computed into it.
+            unsafe {
+                gpu.upload(da, &a.to_bytes()?)?;
+                gpu.upload(db, &b.to_bytes()?)?;
+                gpu.gemm(&desc, da, db, dc)?;
+            }
+            gpu.synchronize()?;
+            let mut secs = 0.0;
+            if timed {
+                let mut times = Vec::new();
+                for _ in 0..repeats.max(1) {
+                    let t = Instant::now();
+                    // SAFETY: as above.
+                    unsafe { gpu.gemm(&desc, da, db, dc)? };
+                    gpu.synchronize()?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                times.sort_by(f64::total_cmp);
+                secs = times[times.len() / 2];
+            }
+            let mut out = vec![0u8; m * n * 4];
+            // SAFETY: `dc` holds m·n f32.
+            unsafe { gpu.download(dc, &mut out)? };
+            let got = Tensor::from_bytes(&out, DType::F32, &[m, n])?;
+            let err = if timed {
+                0.0
+            } else {
+                let want = cpu.matmul(&a, &b, None, Matmul::NT, Some(DType::F32))?;
+                rel_err(&[got], &[want])?
+            };
+            Ok((err, secs))
+        })();
+        // SAFETY: allocated above, freed once, after the stream was synchronised.
+        unsafe {
+            gpu.free(da);
+            gpu.free(db);
+            gpu.free(dc);
+        }
+        result
+    };
+    let check = run(67, 131, 1000, false);
+    let timed = run(ROWS, H, H, true);
+    let (verdict, err) = match &check {
+        Ok((e, _)) if *e <= 1e-2 => ("pass", format!("{e:.1e}")),
+        Ok((e, _)) => ("FAIL", format!("{e:.1e}")),
+        Err(e) => {
+            println!("    gemm check: {e:#}");
+            ("ERROR", "-".into())
+        }
+    };
+    let (ms, rate) = match &timed {
+        Ok((_, s)) => (
+            format!("{:.3}", s * 1e3),
+            format!("{:.0} TF/s", 2.0 * (ROWS * H * H) as f64 / s / 1e12),
+        ),
+        Err(e) => {
+            println!("    gemm timing: {e:#}");
+            ("-".into(), "-".into())
+        }
+    };
+    (verdict, err, ms, rate)
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second) over 1 GiB.
+fn copy_bandwidth(gpu: &CudaGpu, repeats: usize) -> Result<f64> {
+    let bytes = 1usize << 30;
+    let src = gpu.alloc(bytes)?;
+    let dst = gpu.alloc(bytes)?;
+    let stream = gpu.stream();
+    let (start, end) = (gpu.context().new_event()?, gpu.context().new_event()?);
+    let result = (|| -> Result<f64> {
+        // SAFETY: both allocations hold `bytes`; they are distinct.
+        unsafe { gpu.copy(dst, src, bytes)? };
+        stream.record(&start)?;
+        for _ in 0..repeats {
+            // SAFETY: as above.
+            unsafe { gpu.copy(dst, src, bytes)? };
+        }
+        stream.record(&end)?;
+        let ms = start.elapsed_ms(&end)? as f64 / repeats as f64;
+        Ok(2.0 * bytes as f64 / (ms * 1e-3))
+    })();
+    // SAFETY: allocated above, freed once; stream order protects the queued copies.
+    unsafe {
+        gpu.free(src);
+        gpu.free(dst);
+    }
+    result
+}
+
+fn median_secs(be: &dyn Backend, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    be.synchronize()?;
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        be.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// The check-and-time table on CUDA device `ordinal`.
+pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>, profile: bool) -> Result<()> {
+    let t0 = Instant::now();
+    if let Some(a) = arch {
+        eprintln!("note: --arch {a} is ignored on a GPU (kernels are built for the device)");
+    }
+    let gpu = Arc::new(CudaGpu::new(ordinal).context("setting up the CUDA device")?);
+    let info = gpu.context().info().clone();
+    println!(
+        "{}: {} SMs, {:.1} GiB; kernels loaded in {:.1} s",
+        gpu.name(),
+        info.multiprocessors,
+        info.total_memory as f64 / (1u64 << 30) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    for l in crate::kernels::library_lines() {
+        println!("{l}");
+    }
+    if profile {
+        steel_runtime::cuda::profile::profiler_start()?;
+    }
+    let copy = copy_bandwidth(&gpu, repeats)?;
+    println!("device copy (1 GiB, read+write): {:.0} GB/s = the roofline below", copy / 1e9);
+    println!();
+    let be = GpuBackend::new(gpu.clone());
+    let cpu = CpuBackend::new();
+    println!(
+        "{:<30} {:<34} {:>8} {:>9} {:>10} {:>9} {:>11}",
+        "op", "timed problem", "check", "rel err", "ms", "GB/s", "of roofline"
+    );
+    let (mut passed, mut failed, mut missing) = (0usize, 0usize, 0usize);
+    {
+        let (verdict, err, ms, rate) = direct_gemm(&gpu, &cpu, repeats);
+        match verdict {
+            "pass" => passed += 1,
+            _ => failed += 1,
+        }
+        println!(
+            "{:<30} {:<34} {:>8} {:>9} {:>10} {:>9} {:>11}",
+            "gemm (Gpu::gemm, cuBLASLt) bf16",
+            "[32768,1792]x[1792,1792]ᵀ → f32",
+            verdict,
+            err,
+            ms,
+            rate,
+            "-"
+        );
+    }
+    for c in cases() {
+        // Check on the small, ragged problem: same inputs on both backends.
+        let check = (|| -> Result<f64> {
+            let host = (c.build)(&cpu, false)?;
+            let dev: Vec<Tensor> = host.iter().map(|t| be.upload(t)).collect::<Result<_, _>>()?;
+            let want = (c.exec)(&cpu, &host)?;
+            let got = (c.exec)(&be, &dev)?;
+            let got: Vec<Tensor> = got.iter().map(|t| be.download(t)).collect::<Result<_, _>>()?;
+            rel_err(&got, &want)
+        })();
+        let (verdict, err) = match &check {
+            Ok(e) if *e <= c.tol => {
+                passed += 1;
+                ("pass", format!("{e:.1e}"))
+            }
+            Ok(e) => {
+                failed += 1;
+                ("FAIL", format!("{e:.1e}"))
+            }
+            Err(e) if not_implemented(e) => {
+                missing += 1;
+                ("n/a", "-".to_string())
+            }
+            Err(_) => {
+                failed += 1;
+                ("ERROR", "-".to_string())
+            }
+        };
+        let timed = (|| -> Result<f64> {
+            let inputs = (c.build)(&be, true)?;
+            median_secs(&be, repeats, || (c.exec)(&be, &inputs).map(drop))
+        })();
+        let (ms, rate, frac) = match &timed {
+            Ok(s) if c.bytes > 0.0 => (
+                format!("{:.3}", s * 1e3),
+                format!("{:.0}", c.bytes / s / 1e9),
+                format!("{:.0}%", 100.0 * c.bytes / s / copy),
+            ),
+            Ok(s) => (
+                format!("{:.3}", s * 1e3),
+                format!("{:.0} TF/s", c.flops / s / 1e12),
+                "-".to_string(),
+            ),
+            Err(_) => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<30} {:<34} {:>8} {:>9} {:>10} {:>9} {:>11}",
+            c.name, c.shape, verdict, err, ms, rate, frac
+        );
+        if verdict != "n/a" {
+            for e in [check.err(), timed.err()].into_iter().flatten() {
+                println!("    {e:#}");
+            }
+        }
+    }
+    println!();
+    if profile {
+        gpu.synchronize()?;
+        steel_runtime::cuda::profile::profiler_stop()?;
+    }
+    match NvmlReader::new(ordinal as u32).and_then(|r| r.read()) {
+        Ok(r) => println!("nvml: {} {r}", r.name),
+        Err(e) => println!("nvml: {e}"),
+    }
+    let s = gpu.mem_stats();
+    println!("allocator: {s}");
+    if missing > 0 {
+        println!("{missing} op(s) not yet implemented on the GPU backend (n/a)");
+    }
+    println!("{passed} passed, {failed} failed");
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    if failed > 0 {
+        bail!("{failed} GPU check(s) failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! `steel-bench kernels`: Steel's CUDA kernels, compiled with NVRTC and (on a GPU) timed.
+//!
+//! `--compile-only --arch sm_90` needs no GPU: it compiles every `.cu` source of kernels-cu for
+//! the architecture, prints ptxas's own `-v` lines per kernel (registers, shared memory, stack
+//! frame, spill stores/loads) and a summary table, and fails (exit 2) on a compile error, a
+//! warning, a spill, or a kernel count different from the number of `__global__` functions in
+//! the sources. `--export DIR` also writes the cubins as a bundle for `scripts/gpu-check.sh`.
+//!
+//! Without `--compile-only` the kernels run on the GPU chosen by `--device` (an explicit
+//! `cuda` without a driver exits 2 with "no CUDA driver found; use --device cpu").
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use rayon::prelude::*;
+use std::path::PathBuf;
+use std::time::Instant;
+use steel_runtime::cuda::cache::{self, CubinCache};
+use steel_runtime::cuda::nvrtc::{Arch, Compiled, Compiler, Source};
+use steel_runtime::cuda::{bundle, libs, ptxas::KernelReport};
+use steel_runtime::{choose_device, Device, DeviceRequest};
+
+#[derive(Parser)]
+pub struct KernelsArgs {
+    /// auto (the GPU when one is usable), cpu, or cuda.
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Only compile every kernel with NVRTC and print ptxas's report (no GPU needed).
+    #[arg(long)]
+    compile_only: bool,
+    /// Target architecture (default: the device's; sm_90 with --compile-only).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Cubin cache folder (default: $STEEL_CUBIN_CACHE, else ~/.cache/steel/cubin).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Compile everything afresh, neither reading nor writing the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Also write the cubins and a manifest to this folder (a bundle for gpu-check).
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// Compile threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed repeats per kernel on the GPU (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Wrap the GPU checks and timings in cuProfilerStart/Stop (for `nsys profile
+    /// --capture-range=cudaProfilerApi`).
+    #[arg(long)]
+    profile: bool,
+}
+
+pub fn run(args: KernelsArgs) -> Result<()> {
+    if args.compile_only {
+        let arch: Arch = args.arch.as_deref().unwrap_or("sm_90").parse()?;
+        return compile_all(&args, &arch);
+    }
+    let choice = choose_device(args.device, true)?;
+    eprintln!("{}", choice.notice);
+    match choice.device {
+        Device::Cpu => bail!(
+            "steel-bench kernels times the CUDA kernels on a GPU and none is in use; run it with \
+             --compile-only to compile them here, or see scripts/gpu-check.sh"
+        ),
+        Device::Cuda(ordinal) => {
+            crate::gpu_bench::run(ordinal, args.repeats, args.arch.as_deref(), args.profile)
+        }
+    }
+}
+
+fn compiler(args: &KernelsArgs) -> Result<Compiler> {
+    let cache = if args.no_cache {
+        None
+    } else {
+        args.cache.clone().or_else(cache::default_dir).map(CubinCache::new)
+    };
+    Ok(Compiler::new(cache)?)
+}
+
+/// One source's outcome.
+struct Outcome {
+    file: &'static str,
+    secs: f64,
+    result: steel_runtime::cuda::Result<Compiled>,
+}
+
+fn compile_all(args: &KernelsArgs, arch: &Arch) -> Result<()> {
+    let t0 = Instant::now();
+    let compiler = compiler(args)?;
+    let headers: Vec<(&str, &str)> = steel_kernels::headers().collect();
+    let sources: Vec<(&'static str, &'static str)> = steel_kernels::cu_sources().collect();
+    let expected = steel_kernels::kernel_symbols();
+    let (major, minor) = compiler.version();
+    println!(
+        "steel-bench kernels --compile-only: NVRTC {major}.{minor}, {arch}, {} sources, {} \
+         __global__ functions",
+        sources.len(),
+        expected.len()
+    );
+    for d in &compiler.include_dirs().dirs {
+        println!("  include {}", d.display());
+    }
+    match compiler.cache() {
+        Some(c) => println!("  cache   {}", c.dir().display()),
+        None => println!("  cache   (off)"),
+    }
+    let (pool, _) = steel_cli::thread_pool(args.threads)?;
+    let outcomes: Vec<Outcome> = pool.install(|| {
+        sources
+            .par_iter()
+            .map(|&(file, text)| {
+                let t = Instant::now();
+                let result = compiler.compile(Source { name: file, text }, &headers, arch, &[]);
+                Outcome { file, secs: t.elapsed().as_secs_f64(), result }
+            })
+            .collect()
+    });
+
+    let mut failures: Vec<String> = Vec::new();
+    let mut reports: Vec<(&str, KernelReport)> = Vec::new();
+    let mut warnings = 0usize;
+    for o in &outcomes {
+        println!();
+        match &o.result {
+            Err(e) => {
+                println!("{}: FAILED ({:.2} s)\n{e}", o.file, o.secs);
+                failures.push(format!("{} did not compile", o.file));
+            }
+            Ok(c) => {
+                let how = if c.cached {
+                    "from the cache".to_string()
+                } else {
+                    format!("{:.2} s", o.secs)
+                };
+                println!("{} ({} bytes of cubin, {how})", o.file, c.cubin.len());
+                for w in c.warnings() {
+                    println!("  {w}");
+                    warnings += 1;
+                    failures.push(format!("{}: {w}", o.file));
+                }
+                for k in c.kernels() {
+                    println!("  {}", k.name);
+                    for line in &k.lines {
+                        println!("    {line}");
+                    }
+                    if k.spills() {
+                        failures.push(format!(
+                            "{} spills ({} bytes stores, {} bytes loads)",
+                            k.name, k.spill_store_bytes, k.spill_load_bytes
+                        ));
+                    }
+                    reports.push((o.file, k));
+                }
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "{:<36} {:<18} {:>5} {:>9} {:>7} {:>12}",
+        "kernel", "file", "regs", "smem B", "stack B", "spill st/ld"
+    );
+    for (file, k) in &reports {
+        println!(
+            "{:<36} {:<18} {:>5} {:>9} {:>7} {:>12}",
+            k.name,
+            file,
+            k.registers,
+            k.shared_bytes,
+            k.stack_frame_bytes,
+            format!("{}/{}", k.spill_store_bytes, k.spill_load_bytes)
+        );
+    }
+    let mut got: Vec<&str> = reports.iter().map(|(_, k)| k.name.as_str()).collect();
+    let mut want: Vec<&str> = expected.iter().map(|(_, s)| s.as_str()).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    if got != want {
+        let missing: Vec<&&str> = want.iter().filter(|s| !got.contains(s)).collect();
+        let extra: Vec<&&str> = got.iter().filter(|s| !want.contains(s)).collect();
+        failures.push(format!(
+            "{} kernels compiled but the sources define {} __global__ functions (not compiled: \
+             {missing:?}; unexpected: {extra:?})",
+            got.len(),
+            want.len()
+        ));
+    }
+    let spills = reports.iter().filter(|(_, k)| k.spills()).count();
+    println!();
+    println!(
+        "{} kernels compiled for {arch} from {} sources ({} __global__ functions in the sources); \
+         {warnings} warnings; {spills} kernels with spills; {:.1} s",
+        reports.len(),
+        outcomes.iter().filter(|o| o.result.is_ok()).count(),
+        want.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(dir) = &args.export {
+        let cubins: Vec<(&str, &str, &[u8])> = outcomes
+            .iter()
+            .zip(&sources)
+            .filter_map(|(o, &(_, text))| {
+                o.result.as_ref().ok().map(|c| (o.file, text, &c.cubin[..]))
+            })
+            .collect();
+        bundle::write(dir, arch.as_str(), &headers, &cubins)
+            .with_context(|| format!("writing the kernel bundle to {}", dir.display()))?;
+        println!("bundle: {} cubins and {} in {}", cubins.len(), bundle::MANIFEST, dir.display());
+    }
+    if !failures.is_empty() {
+        bail!("{} problem(s):\n  {}", failures.len(), failures.join("\n  "));
+    }
+    Ok(())
+}
+
+/// `(library, found)` lines for reports.
+pub fn library_lines() -> Vec<String> {
+    libs::report()
+        .into_iter()
+        .map(|(l, ok)| format!("  {:<14} {}", l.name(), if ok { "found" } else { "missing" }))
+        .collect()
+}

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Steel's check on a lent GPU machine (DESIGN §4). Such a machine has no Rust toolchain and takes
+# at most 64 MiB of carried files, so the check is built here and only run there:
+#
+#   scripts/gpu-check.sh build   # here: target/gpu-check/ = the stripped check binary
+#                                # (steel-bench), the stripped runtime test binary (the kernels'
+#                                # property tests) and the sm_90 cubins of every kernel
+#   scripts/gpu-check.sh run     # there: finds the CUDA libraries, runs the kernels' property
+#                                # tests on the GPU (STEEL_DEVICE=cuda, the `cuda_*` tests), then
+#                                # checks every GPU op against the CPU reference and times each
+#                                # against the measured copy bandwidth: one table, < 5 minutes
+#
+# With the device tool: carry ["target/gpu-check"], command "bash scripts/gpu-check.sh run".
+#
+# Libraries on the GPU machine: libcuda.so.1 comes with the driver; cuBLASLt, NCCL, NVTX (and
+# NVRTC, unused when the cubins are carried) are the pip wheels of the machine's PyTorch
+# virtualenv, `site-packages/nvidia/*/lib`, which `run` finds and puts on LD_LIBRARY_PATH.
+# Environment: STEEL_GPU_CHECK_DIR (default target/gpu-check), STEEL_GPU_CHECK_ARCH (sm_90),
+# STEEL_GPU_CHECK_REPEATS (timed repeats per op, default 20).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR="${STEEL_GPU_CHECK_DIR:-target/gpu-check}"
+ARCH="${STEEL_GPU_CHECK_ARCH:-sm_90}"
+REPEATS="${STEEL_GPU_CHECK_REPEATS:-20}"
+
+usage() {
+  echo "usage: $0 build|run" >&2
+  exit 2
+}
+
+build() {
+  local t0=$SECONDS
+  echo "==> building the check binary (release)"
+  CARGO_TERM_PROGRESS_WHEN=never cargo build --release --locked --bin steel-bench
+  rm -rf "$DIR"
+  mkdir -p "$DIR"
+  cp target/release/steel-bench "$DIR/steel-bench"
+  strip "$DIR/steel-bench"
+
+  echo "==> building the runtime's test binary (the kernels' property tests)"
+  local tests
+  tests=$(CARGO_TERM_PROGRESS_WHEN=never cargo test --release --locked -p steel-runtime --test main \
+    --no-run --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "main":
+        print(m["executable"])
+' | tail -n1)
+  [ -n "$tests" ] || { echo "could not find the runtime test binary" >&2; exit 1; }
+  cp "$tests" "$DIR/runtime-tests"
+  strip "$DIR/runtime-tests"
+
+  echo "==> compiling every kernel for $ARCH with NVRTC (the pip toolchain of scripts/test.sh)"
+  local lib
+  lib=$(ls -d "$PWD"/target/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n1 || true)
+  if [ -z "$lib" ]; then
+    python3 -m venv target/nvrtc-venv
+    target/nvrtc-venv/bin/python -m pip install --disable-pip-version-check -q \
+      'nvidia-cuda-nvrtc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*'
+    lib=$(ls -d "$PWD"/target/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib | head -n1)
+  fi
+  LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    "$DIR/steel-bench" kernels --compile-only --arch "$ARCH" --no-cache --export "$DIR/cubins" \
+    > "$DIR/compile-report.txt"
+  grep -E "kernels compiled for" "$DIR/compile-report.txt"
+  echo "==> $DIR ($(du -sh "$DIR" | cut -f1), limit 64 MiB) in $((SECONDS - t0)) s:"
+  ls -l "$DIR" "$DIR/cubins"
+  echo "carry [\"$DIR\"] and run: bash scripts/gpu-check.sh run"
+}
+
+# Prints the `nvidia/*/lib` folders of every Python environment found (PyTorch's first).
+nvidia_lib_dirs() {
+  local pys=()
+  [ -n "${VIRTUAL_ENV:-}" ] && pys+=("$VIRTUAL_ENV/bin/python3")
+  pys+=(python3 /opt/torch/.venv/bin/python3 /usr/bin/python3)
+  local py
+  for py in "${pys[@]}"; do
+    command -v "$py" >/dev/null 2>&1 || [ -x "$py" ] || continue
+    "$py" - <<'EOF' 2>/dev/null || true
+import glob, os, site, sys
+roots = list(site.getsitepackages()) + [site.getusersitepackages()]
+try:
+    import torch
+    roots.insert(0, os.path.dirname(os.path.dirname(torch.__file__)))
+except Exception:
+    pass
+seen = set()
+for r in roots:
+    for d in sorted(glob.glob(os.path.join(r, "nvidia", "*", "lib"))):
+        if d not in seen:
+            seen.add(d)
+            print(d)
+EOF
+  done | awk '!seen[$0]++'
+}
+
+run() {
+  local t0=$SECONDS
+  [ -x "$DIR/steel-bench" ] || {
+    echo "$DIR/steel-bench is missing: run 'scripts/gpu-check.sh build' here and carry $DIR" >&2
+    exit 2
+  }
+  local dirs
+  dirs=$(nvidia_lib_dirs | paste -sd: -)
+  # The driver's own folder, where the image mounts it.
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+    [ -d "$d" ] && dirs="${dirs:+$dirs:}$d"
+  done
+  # cudarc asks for libnccl.so (or .so.<CUDA major>); the wheel ships libnccl.so.2 only.
+  local shim d
+  shim=$(mktemp -d)
+  trap 'rm -rf "$shim"' EXIT
+  for d in ${dirs//:/ }; do
+    [ -e "$d/libnccl.so.2" ] && ln -sf "$d/libnccl.so.2" "$shim/libnccl.so"
+  done
+  dirs="$shim${dirs:+:$dirs}"
+  export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  command -v nvidia-smi >/dev/null 2>&1 &&
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  export STEEL_CUBINS="$PWD/$DIR/cubins"
+  local status=0
+  echo "==> the kernels' property tests on the GPU (STEEL_DEVICE=cuda, PROPTEST_CASES=${PROPTEST_CASES:-32})"
+  if [ -x "$DIR/runtime-tests" ]; then
+    STEEL_DEVICE=cuda PROPTEST_CASES="${PROPTEST_CASES:-32}" "$DIR/runtime-tests" cuda_ || status=1
+  else
+    echo "$DIR/runtime-tests is missing (rebuild with 'scripts/gpu-check.sh build')" >&2
+    status=1
+  fi
+  echo "==> GPU ops against the CPU backend, and timings against the copy roofline"
+  "$DIR/steel-bench" kernels --device cuda --repeats "$REPEATS" || status=1
+  echo "gpu-check finished in $((SECONDS - t0)) s (status $status)"
+  exit "$status"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) run ;;
+  *) usage ;;
+esac
