@@ -47,7 +47,7 @@ fn step_one<T: Float>(p: &AdamWParam, hp: AdamW) -> Result<()> {
         let mut cg = copy.cpu_write()?;
         let c = slice_mut::<bf16>(OP, &mut cg)?;
         c.par_chunks_mut(ELEM_CHUNK).zip(ps.par_chunks(ELEM_CHUNK)).for_each(|(c, p)| {
-            c.iter_mut().zip(p).for_each(|(c, &p)| *c = bf16::from_f64(p.as_f64()))
+            c.iter_mut().zip(p).for_each(|(c, &p)| *c = bf16::from_f32(p.as_f64() as f32))
         });
     }
     Ok(())

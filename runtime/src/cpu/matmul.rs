@@ -11,14 +11,14 @@ use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 /// The resolved geometry of a (batched) product.
-struct Geometry {
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a_batched: bool,
-    b_batched: bool,
-    out_shape: Vec<usize>,
+pub(crate) struct Geometry {
+    pub(crate) batch: usize,
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) a_batched: bool,
+    pub(crate) b_batched: bool,
+    pub(crate) out_shape: Vec<usize>,
 }
 
 fn split(t: &Tensor) -> Option<(usize, usize, usize)> {
@@ -30,7 +30,7 @@ fn split(t: &Tensor) -> Option<(usize, usize, usize)> {
     Some((batch, s[s.len() - 2], s[s.len() - 1]))
 }
 
-fn geometry(op: &'static str, a: &Tensor, b: &Tensor, spec: Matmul) -> Result<Geometry> {
+pub(crate) fn geometry(op: &'static str, a: &Tensor, b: &Tensor, spec: Matmul) -> Result<Geometry> {
     let (ba, ra, ca) = split(a)
         .ok_or_else(|| Error::shape(op, format!("a must have ≥ 2 axes, got {:?}", a.shape())))?;
     let (bb, rb, cb) = split(b)

@@ -15,7 +15,7 @@ pub(crate) mod gemm;
 mod l2_normalize;
 mod layout;
 mod lm_head_ce;
-mod matmul;
+pub(crate) mod matmul;
 mod rms_norm;
 mod rope;
 mod softmax;

@@ -118,7 +118,7 @@ impl CudaGpu {
     /// Every pointer of `ptrs` addresses live device memory covering its layout of
     /// `gemm::plan(shape)` (see `gemm::span`) in the shape's dtypes (the bias: `n` elements of
     /// the output dtype); the output does not overlap the inputs.
-    pub unsafe fn gemm_ex(
+    unsafe fn lt_matmul(
         &self,
         shape: &GemmShape,
         ptrs: GemmPtrs,
@@ -241,8 +241,19 @@ impl Gpu for CudaGpu {
         );
         // SAFETY: the trait's contract: a, b and c cover m·k, k·n and m·n elements.
         unsafe {
-            self.gemm_ex(&shape, GemmPtrs { a, b, out: c, bias: None }, desc.alpha, desc.beta)
+            self.lt_matmul(&shape, GemmPtrs { a, b, out: c, bias: None }, desc.alpha, desc.beta)
         }
+    }
+
+    unsafe fn gemm_ex(
+        &self,
+        shape: &GemmShape,
+        ptrs: GemmPtrs,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.lt_matmul(shape, ptrs, alpha, beta) }
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -132,6 +132,13 @@ impl Operand<'_> {
             Operand::Owned(v) => v.as_ptr(),
         }
     }
+
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Operand::F32(s) => s,
+            Operand::Owned(v) => v,
+        }
+    }
 }
 
 /// # Safety
@@ -271,6 +278,77 @@ impl Gpu for EmuGpu {
         // SAFETY: operand views cover m·k and k·n f32 values, c covers m·n and does not overlap
         // them (the caller's contract; widened copies are fresh).
         unsafe { gemm_batched(1, m, n, k, g.alpha, ar, 0, br, 0, g.beta, cm, 0) };
+        Ok(())
+    }
+
+    unsafe fn gemm_ex(
+        &self,
+        s: &crate::cuda::gemm::GemmShape,
+        p: crate::cuda::gemm::GemmPtrs,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        use crate::backend::Transpose;
+        const OP: &str = "EmuGpu::gemm_ex";
+        let (m, n, k) = (s.m, s.n, s.k);
+        let (ie, oe) = (s.input.size_in_bytes() as u64, s.output.size_in_bytes() as u64);
+        if !matches!(s.output, DType::F32 | DType::BF16) {
+            return Err(Error::dtype(OP, s.output, "the output is F32 or BF16"));
+        }
+        let bias: Option<Vec<f32>> = match (s.bias, p.bias) {
+            (true, Some(b)) => {
+                // SAFETY: the bias holds n elements of the output dtype.
+                Some(unsafe { operand(b, n, s.output)? }.as_slice().to_vec())
+            }
+            (true, None) => return Err(Error::invalid(OP, "the shape has a bias but no pointer")),
+            _ => None,
+        };
+        for i in 0..s.batch.max(1) as u64 {
+            let (a, b) =
+                (p.a + i * s.a_batch_stride as u64 * ie, p.b + i * s.b_batch_stride as u64 * ie);
+            let out = p.out + i * s.out_batch_stride as u64 * oe;
+            // SAFETY: the caller guarantees every batch item's range.
+            let (av, bv) = unsafe { (operand(a, m * k, s.input)?, operand(b, k * n, s.input)?) };
+            let ar = match s.trans_a {
+                Transpose::No => MatRef { ptr: av.ptr(), rs: k as isize, cs: 1 },
+                Transpose::Yes => MatRef { ptr: av.ptr(), rs: 1, cs: m as isize },
+            };
+            let br = match s.trans_b {
+                Transpose::No => MatRef { ptr: bv.ptr(), rs: n as isize, cs: 1 },
+                Transpose::Yes => MatRef { ptr: bv.ptr(), rs: 1, cs: k as isize },
+            };
+            // out (as f32) = beta · out, then += alpha · a · b, then + bias
+            let mut c: Vec<f32> = if beta == 0.0 {
+                vec![0.0; m * n]
+            } else {
+                // SAFETY: out holds m·n elements of the output dtype.
+                unsafe { operand(out, m * n, s.output)? }
+                    .as_slice()
+                    .iter()
+                    .map(|x| x * beta)
+                    .collect()
+            };
+            let cm = MatMut { ptr: c.as_mut_ptr(), rs: n as isize, cs: 1 };
+            // SAFETY: the views cover m·k and k·n values and c holds m·n.
+            unsafe { gemm_batched(1, m, n, k, alpha, ar, 0, br, 0, 1.0, cm, 0) };
+            if let Some(bias) = &bias {
+                c.chunks_mut(n.max(1))
+                    .for_each(|row| row.iter_mut().zip(bias).for_each(|(x, b)| *x += b));
+            }
+            match s.output {
+                // SAFETY: out holds m·n elements of the output dtype and overlaps no input.
+                DType::F32 => unsafe {
+                    std::ptr::copy_nonoverlapping(c.as_ptr(), out as usize as *mut f32, m * n)
+                },
+                _ => {
+                    let h: Vec<bf16> = c.iter().map(|&x| bf16::from_f32(x)).collect();
+                    // SAFETY: as above.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(h.as_ptr(), out as usize as *mut bf16, m * n)
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -160,6 +160,21 @@ pub trait Gpu: Send + Sync + 'static {
     /// `a`, `b` and `c` address at least `m·k`, `k·n` and `m·n` elements of their dtypes; `c`
     /// does not overlap `a` or `b`.
     unsafe fn gemm(&self, desc: &GemmDesc, a: DevicePtr, b: DevicePtr, c: DevicePtr) -> Result<()>;
+    /// Queues a batched GEMM as cuBLASLt runs it ([`crate::cuda::gemm::GemmShape`]): row-major
+    /// `out[i] = alpha · op(a[i]) · op(b[i]) + beta · out[i] (+ bias)` for every batch item `i`,
+    /// strided or broadcast (stride 0) operands, fp32 accumulation, a bias `[n]` of the output
+    /// dtype, bf16 or f32 output.
+    ///
+    /// # Safety
+    /// The pointers address every element the shape and its strides reach; `out` does not
+    /// overlap the inputs.
+    unsafe fn gemm_ex(
+        &self,
+        shape: &crate::cuda::gemm::GemmShape,
+        ptrs: crate::cuda::gemm::GemmPtrs,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()>;
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<()>;
 
