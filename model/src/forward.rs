@@ -119,13 +119,8 @@ impl SteelModel {
         Ok(tape.matmul(combine, ys, None, Matmul::NN)?) // [B, T, H]
     }
 
-    pub(crate) fn attention(
-        &self,
-        tape: &mut Tape,
-        layer: &Layer,
-        n: Var,
-        pos_offset: usize,
-    ) -> Result<Var> {
+    /// The query, key and value projections of `n [B, T, H]`, as `[B, T, heads, head_dim]`.
+    pub(crate) fn qkv(&self, tape: &mut Tape, layer: &Layer, n: Var) -> Result<(Var, Var, Var)> {
         let c = &self.config;
         let s = &self.params;
         let shape = tape.value(n)?.shape().to_vec();
@@ -137,9 +132,24 @@ impl SteelModel {
         let q = tape.linear(n, qw, Some(qb))?;
         let k = tape.linear(n, kw, Some(kb))?;
         let v = tape.linear(n, vw, Some(vb))?;
-        let q = tape.reshape(q, &[b, t, c.num_attention_heads, hd])?;
-        let k = tape.reshape(k, &[b, t, c.kv_heads(), hd])?;
-        let v = tape.reshape(v, &[b, t, c.kv_heads(), hd])?;
+        Ok((
+            tape.reshape(q, &[b, t, c.num_attention_heads, hd])?,
+            tape.reshape(k, &[b, t, c.kv_heads(), hd])?,
+            tape.reshape(v, &[b, t, c.kv_heads(), hd])?,
+        ))
+    }
+
+    pub(crate) fn attention(
+        &self,
+        tape: &mut Tape,
+        layer: &Layer,
+        n: Var,
+        pos_offset: usize,
+    ) -> Result<Var> {
+        let c = &self.config;
+        let s = &self.params;
+        let (b, t, hd) = (tape.value(n)?.shape()[0], tape.value(n)?.shape()[1], c.head_dim());
+        let (q, k, v) = self.qkv(tape, layer, n)?;
         let q = tape.rope(q, c.rope_theta, pos_offset)?;
         let k = tape.rope(k, c.rope_theta, pos_offset)?;
         let a = tape.attention(q, k, v, 1.0 / (hd as f64).sqrt())?;

@@ -179,15 +179,7 @@ impl SteelModel {
         let shape = tape.value(n)?.shape().to_vec();
         let (b, t) = (shape[0], shape[1]);
         let hd = c.head_dim();
-        let (qw, qb) = (tape.param(s, layer.q_w)?, tape.param(s, layer.q_b)?);
-        let (kw, kb) = (tape.param(s, layer.k_w)?, tape.param(s, layer.k_b)?);
-        let (vw, vb) = (tape.param(s, layer.v_w)?, tape.param(s, layer.v_b)?);
-        let q = tape.linear(n, qw, Some(qb))?;
-        let k = tape.linear(n, kw, Some(kb))?;
-        let v = tape.linear(n, vw, Some(vb))?;
-        let q = tape.reshape(q, &[b, t, c.num_attention_heads, hd])?;
-        let k = tape.reshape(k, &[b, t, c.kv_heads(), hd])?;
-        let v = tape.reshape(v, &[b, t, c.kv_heads(), hd])?;
+        let (q, k, v) = self.qkv(tape, layer, n)?;
         let mut outs = Vec::with_capacity(b);
         for (i, cache) in caches.iter_mut().enumerate() {
             let off = cache.len;

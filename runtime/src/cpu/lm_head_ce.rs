@@ -14,13 +14,15 @@ use crate::backend::{CrossEntropy, CrossEntropyOut};
 use crate::{CpuStorage, DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
-struct Dims {
-    n: usize,
-    h: usize,
-    v: usize,
+/// Tokens, hidden width and vocabulary of an lm_head + cross-entropy problem.
+pub(crate) struct Dims {
+    pub(crate) n: usize,
+    pub(crate) h: usize,
+    pub(crate) v: usize,
 }
 
-fn dims(
+/// Checks the shapes (and that x and w share a dtype) of an lm_head + cross-entropy problem.
+pub(crate) fn dims(
     op: &'static str,
     x: &Tensor,
     w: &Tensor,

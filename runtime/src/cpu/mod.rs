@@ -14,9 +14,9 @@ mod embedding;
 pub(crate) mod gemm;
 mod l2_normalize;
 mod layout;
-mod lm_head_ce;
+pub(crate) mod lm_head_ce;
 pub(crate) mod matmul;
-mod rms_norm;
+pub(crate) mod rms_norm;
 mod rope;
 mod softmax;
 

@@ -8,7 +8,8 @@ use super::{check_cpu, distinct, same_dtype, slice, slice_mut, with_float, Float
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
-fn hidden(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
+/// The hidden width of a norm over the last axis of `x` with weight `w [h]`.
+pub(crate) fn hidden(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
     let h = *x.shape().last().ok_or_else(|| Error::shape(op, "x must have ≥ 1 axis"))?;
     if w.shape() != [h] {
         return Err(Error::shape(

@@ -97,17 +97,6 @@ fn distinct(op: &'static str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-fn last_dim(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
-    let h = *x.shape().last().ok_or_else(|| Error::shape(op, "x must have ≥ 1 axis"))?;
-    if w.shape() != [h] {
-        return Err(Error::shape(
-            op,
-            format!("weight must be [{h}] for x {:?}, got {:?}", x.shape(), w.shape()),
-        ));
-    }
-    Ok(h)
-}
-
 impl<G: Gpu> GpuBackend<G> {
     fn download_targets(
         &self,
@@ -142,23 +131,8 @@ impl<G: Gpu> GpuBackend<G> {
         spec: CrossEntropy,
     ) -> Result<(usize, usize, usize)> {
         self.on_device(op, &[x, w, targets])?;
-        let (&[n, h], &[v, h2]) = (x.shape(), w.shape()) else {
-            return Err(Error::shape(op, format!("x {:?}, w {:?}", x.shape(), w.shape())));
-        };
-        if h != h2 || targets.numel() != n {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "x {:?}, w {:?} and targets {:?} do not fit",
-                    x.shape(),
-                    w.shape(),
-                    targets.shape()
-                ),
-            ));
-        }
-        if spec.chunk_tokens == 0 {
-            return Err(Error::invalid(op, "chunk_tokens must be at least 1"));
-        }
+        let crate::cpu::lm_head_ce::Dims { n, h, v } =
+            crate::cpu::lm_head_ce::dims(op, x, w, targets, spec)?;
         for t in [x, w] {
             if t.dtype() != DType::F32 {
                 return Err(Error::dtype(
@@ -424,7 +398,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     fn rms_norm_fwd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         const OP: &str = "rms_norm_fwd";
         self.on_device(OP, &[x, w])?;
-        last_dim(OP, x, w)?;
+        crate::cpu::rms_norm::hidden(OP, x, w)?;
         let y = self.empty(x.shape(), DType::F32)?;
         let rstd = self.empty(&x.shape()[..x.dims() - 1], DType::F32)?;
         launch::add_rms_norm_fwd(&self.gpu, x, None, w, eps as f32, None, &y, &rstd)?;
@@ -442,7 +416,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     ) -> Result<()> {
         const OP: &str = "rms_norm_bwd";
         self.on_device(OP, &[x, w, rstd, dy, dx, dw])?;
-        last_dim(OP, x, w)?;
+        crate::cpu::rms_norm::hidden(OP, x, w)?;
         for t in [dy, dx] {
             same_shape(OP, x, t)?;
         }
@@ -461,7 +435,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         const OP: &str = "add_rms_norm_fwd";
         self.on_device(OP, &[x, r, w])?;
         same_shape(OP, x, r)?;
-        last_dim(OP, x, w)?;
+        crate::cpu::rms_norm::hidden(OP, x, w)?;
         let sum = self.empty(x.shape(), DType::F32)?;
         let y = self.empty(x.shape(), DType::F32)?;
         let rstd = self.empty(&x.shape()[..x.dims() - 1], DType::F32)?;
@@ -485,7 +459,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         ins.extend(dsum);
         self.on_device(OP, &ins)?;
         self.on_device(OP, &[dx, dr, dw])?;
-        last_dim(OP, sum, w)?;
+        crate::cpu::rms_norm::hidden(OP, sum, w)?;
         for t in [dy, dx, dr].into_iter().chain(dsum) {
             same_shape(OP, sum, t)?;
         }
