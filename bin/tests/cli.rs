@@ -241,17 +241,16 @@ fn multiple_choice_evaluation_on_the_fixtures() {
     );
     for format in ["ceval", "cmmlu"] {
         let json = out.join(format!("{format}.json"));
-        let r = Command::new(env!("CARGO_BIN_EXE_steel-eval"))
-            .args(["mc", "--model", ck.to_str().unwrap(), "--format", format])
-            .args([
-                "--data",
-                fixtures().join(format).to_str().unwrap(),
-                "--out",
-                json.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        ok(&r);
+        let eval = || {
+            Command::new(env!("CARGO_BIN_EXE_steel-eval"))
+                .args(["mc", "--model", ck.to_str().unwrap(), "--format", format])
+                .args(["--data", fixtures().join(format).to_str().unwrap()])
+                .args(["--out", json.to_str().unwrap()])
+                .output()
+                .unwrap()
+        };
+        ok(&eval());
+        let first = std::fs::read_to_string(&json).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         let qs = v["questions"].as_array().unwrap();
@@ -301,18 +300,10 @@ fn multiple_choice_evaluation_on_the_fixtures() {
             assert!(tight.len() < full.len());
         }
         // a second run resumes and changes nothing
-        let again = Command::new(env!("CARGO_BIN_EXE_steel-eval"))
-            .args(["mc", "--model", ck.to_str().unwrap(), "--format", format])
-            .args([
-                "--data",
-                fixtures().join(format).to_str().unwrap(),
-                "--out",
-                json.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let again = eval();
         ok(&again);
         assert!(String::from_utf8_lossy(&again.stderr).contains("resuming"));
+        assert_eq!(std::fs::read_to_string(&json).unwrap(), first);
     }
     let _ = std::fs::remove_dir_all(out);
 }
