@@ -194,6 +194,8 @@ fn main() -> ExitCode {
             (None, _, _) => PathBuf::from("runs").join(&name),
         };
         let profile_steps = args.profile_steps.as_deref().map(parse_profile).transpose()?;
+        // Phases and layers as NVTX ranges for nsys (a no-op without libnvToolsExt).
+        steel_runtime::trace::set_sink(Some(Arc::new(steel_runtime::cuda::profile::NvtxSink)));
         let stop = Arc::new(AtomicBool::new(false));
         {
             let stop = stop.clone();
@@ -264,10 +266,14 @@ fn main() -> ExitCode {
             )),
             Event::Validation { .. } => {}
             Event::Checkpoint { dir, .. } => say(&bar, format!("checkpoint: {}", dir.display())),
-            Event::ProfilerStart { step } => say(&bar, format!(
-                "profile: step {step}: cudaProfilerStart — on the CPU there is no CUDA profiler; the NVTX-named ranges are recorded only on a GPU"
-            )),
-            Event::ProfilerStop { step } => say(&bar, format!("profile: step {step}: cudaProfilerStop")),
+            Event::ProfilerStart { step } => say(&bar, match steel_runtime::cuda::profile::profiler_start() {
+                Ok(()) => format!("profile: cudaProfilerStart before step {step}"),
+                Err(e) => format!("profile: step {step}: no profiler capture ({e}); NVTX ranges are still emitted"),
+            }),
+            Event::ProfilerStop { step } => say(&bar, match steel_runtime::cuda::profile::profiler_stop() {
+                Ok(()) => format!("profile: cudaProfilerStop after step {step}"),
+                Err(e) => format!("profile: step {step}: {e}"),
+            }),
         }
         })?;
         bar.finish_and_clear();

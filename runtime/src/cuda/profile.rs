@@ -121,3 +121,16 @@ impl ProfileWindow {
         (step == self.last).then_some(ProfileAction::Stop)
     }
 }
+
+/// Forwards `crate::trace` ranges (`fwd/layer.3/attention`, `bwd/…`, `optim`) to NVTX, so
+/// Nsight Systems shows the trainer's phases and layers (also on a CPU run profiled by nsys).
+pub struct NvtxSink;
+
+impl crate::trace::RangeSink for NvtxSink {
+    fn push(&self, full_name: &str) {
+        push(full_name);
+    }
+    fn pop(&self) {
+        pop();
+    }
+}
