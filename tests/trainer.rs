@@ -239,6 +239,14 @@ fn recipe_overrides_and_mistakes() {
     assert!(err.contains("key=value"), "{err}");
     let err = Recipe::demo(&["train.device=tpu".to_string()]).unwrap_err().to_string();
     assert!(err.contains("train.device"), "{err}");
+    // a fine-tuning recipe cuts examples at 768 tokens unless it says otherwise
+    let sft = "[model]\ninit_from = \"m\"\n[data]\nsft = [\"a.jsonl\"]\n[train]\nmicro_batch = 1\nepochs = 1.0\n";
+    let r = Recipe::parse(sft, "sft", Path::new("/x"), &[]).unwrap();
+    assert_eq!(r.data.seq_len, 768);
+    assert_eq!(r.data.sft, vec![PathBuf::from("/x/a.jsonl")]);
+    let err =
+        Recipe::parse(sft, "sft", Path::new("/x"), &["data.demo_corpus=true".into()]).unwrap_err();
+    assert!(err.to_string().contains("exactly one of"), "{err}");
 }
 
 mod sft {

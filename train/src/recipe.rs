@@ -96,7 +96,9 @@ pub struct DataSection {
     /// Vocabulary size of the learned BPE.
     #[serde(default = "default_bpe_vocab")]
     pub bpe_vocab: usize,
-    /// Tokens per training sequence (blocks are seq_len + 1).
+    /// Tokens per training sequence (blocks are seq_len + 1); for fine-tuning, the cut of each
+    /// example (default 768, the reference's cutoff_len).
+    #[serde(default)]
     pub seq_len: usize,
     /// Targets equal to this id are not counted (default: the tokenizer's `<|endoftext|>`, or
     /// 151643 for shard directories without a tokenizer).
@@ -267,6 +269,9 @@ impl Recipe {
             .try_into()
             .map_err(|e: toml::de::Error| invalid(format!("{origin}: {}", e.message())))?;
         r.resolve_paths(base);
+        if r.data.seq_len == 0 && !r.data.sft.is_empty() {
+            r.data.seq_len = 768;
+        }
         r.validate().map_err(|e| invalid(format!("{origin}: {e}")))?;
         Ok(r)
     }
