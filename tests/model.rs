@@ -458,7 +458,7 @@ fn golden_values_from_the_float64_reference() {
 #[test]
 fn forward_and_backward_open_named_ranges_per_layer() {
     use steel_runtime::trace;
-    let rec = trace::Recorder::new();
+    let rec = trace::Recorder::this_thread();
     trace::set_sink(Some(rec.clone()));
     let model = random_model(tiny(FfnType::SoftMoeV3, MlpType::Senet, false, 2), DType::F32, 5);
     let mut tape = Tape::new(cpu());

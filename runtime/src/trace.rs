@@ -79,15 +79,24 @@ impl Drop for Range {
     }
 }
 
-/// A sink that records every opened range's full name, in order (for tests and `--trace`).
+/// A sink that records every opened range's full name, in order (for tests).
 #[derive(Default)]
 pub struct Recorder {
     names: Mutex<Vec<String>>,
+    /// Only this thread's ranges, when set.
+    thread: Option<std::thread::ThreadId>,
 }
 
 impl Recorder {
+    /// Records the ranges of every thread.
     pub fn new() -> Arc<Recorder> {
         Arc::new(Recorder::default())
+    }
+
+    /// Records the ranges of the calling thread only (the sink is process-wide; tests running
+    /// in parallel open ranges too).
+    pub fn this_thread() -> Arc<Recorder> {
+        Arc::new(Recorder { names: Mutex::default(), thread: Some(std::thread::current().id()) })
     }
 
     /// The names recorded so far.
@@ -98,6 +107,9 @@ impl Recorder {
 
 impl RangeSink for Recorder {
     fn push(&self, full_name: &str) {
+        if self.thread.is_some_and(|t| t != std::thread::current().id()) {
+            return;
+        }
         if let Ok(mut n) = self.names.lock() {
             n.push(full_name.to_string());
         }
