@@ -152,9 +152,4 @@ impl<'a> Streamer<'a> {
         self.printed = text.len();
         Ok(())
     }
-
-    /// The whole text so far.
-    pub fn text(&self) -> anyhow::Result<String> {
-        Ok(self.tok.decode(&self.ids, true)?)
-    }
 }

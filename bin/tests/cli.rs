@@ -124,7 +124,7 @@ fn user_mistakes_exit_2_with_one_line() {
         (vec!["--out", o, "--set", "optim.lrr=1"], "lrr"),
         (vec!["--out", o, "--device", "cuda"], "no CUDA driver found; use --device cpu"),
         (vec!["--config", "/nonexistent/recipe.toml"], "/nonexistent/recipe.toml"),
-        (vec!["--out", o, "--profile-steps", "5"], "A:B"),
+        (vec!["--out", o, "--profile-steps", "5:x"], "10:12"),
         (vec!["--out", o, "--resume", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     ] {
         let r = train(&args);

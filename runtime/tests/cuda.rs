@@ -448,6 +448,8 @@ fn profile_windows_parse_and_fire_once() {
     assert_eq!(w, ProfileWindow { first: 10, last: 12 });
     assert_eq!("7".parse::<ProfileWindow>().unwrap(), ProfileWindow { first: 7, last: 7 });
     assert_eq!("3..=4".parse::<ProfileWindow>().unwrap(), ProfileWindow { first: 3, last: 4 });
+    assert_eq!("10:12".parse::<ProfileWindow>().unwrap(), ProfileWindow { first: 10, last: 12 });
+    assert!("0:3".parse::<ProfileWindow>().is_err());
     assert!("12..10".parse::<ProfileWindow>().is_err());
     assert!("x".parse::<ProfileWindow>().is_err());
     let fired: Vec<(u64, ProfileAction)> = (0..20)

@@ -206,11 +206,6 @@ impl SftOrder {
         idx as usize
     }
 
-    /// Fraction of epochs done.
-    pub fn epochs_done(&self) -> f64 {
-        self.epoch as f64 + self.pos as f64 / self.n.max(1) as f64
-    }
-
     pub fn to_json(&self) -> Value {
         serde_json::json!({"n": self.n, "order": self.order, "epoch": self.epoch, "pos": self.pos,
                            "rng": serde_json::to_value(self.rng.to_state()).unwrap_or(Value::Null)})

@@ -34,6 +34,7 @@ use steel_data::dataset::{Dataset, DatasetOptions};
 use steel_model::{SteelConfig, SteelModel, TrainingBatch};
 use steel_runtime::comm::{Communicator, InProcessComm, ReduceOp};
 use steel_runtime::cpu::CpuBackend;
+use steel_runtime::cuda::profile::ProfileWindow;
 use steel_runtime::{trace, Backend, DType, DeviceRequest, Tensor};
 
 /// Which checkpoint to continue from.
@@ -62,7 +63,7 @@ pub struct RunOptions {
     /// Set by a signal handler: finish the current step, checkpoint, return.
     pub stop: Option<Arc<AtomicBool>>,
     /// `--profile-steps A:B`: the profiler is started before step A and stopped after step B.
-    pub profile_steps: Option<(u64, u64)>,
+    pub profile_steps: Option<ProfileWindow>,
     pub hook: Option<Arc<StepHook>>,
 }
 
@@ -495,7 +496,7 @@ fn save_checkpoint(
     tokens: u64,
     elapsed: f64,
 ) -> Result<PathBuf> {
-    let root = sh.opts.out.join("checkpoints");
+    let root = checkpoints_dir(&sh.opts.out);
     let names: Vec<(String, Tensor)> =
         r.model.params.iter().map(|(_, p)| (p.name.clone(), p.value.clone())).collect();
     let moments: Vec<(String, Tensor)> = r
@@ -619,7 +620,7 @@ fn run_rank(
     let mut step = sh.start_step;
     while step < rec.train.max_steps {
         step += 1;
-        if rank == 0 && sh.opts.profile_steps.is_some_and(|(a, _)| a == step) {
+        if rank == 0 && sh.opts.profile_steps.and_then(|w| w.before(step)).is_some() {
             emit(Event::ProfilerStart { step });
         }
         let t0 = Instant::now();
@@ -683,7 +684,7 @@ fn run_rank(
         window.1 += step_s;
         summary.losses.push(loss);
         summary.last_step = step;
-        if rank == 0 && sh.opts.profile_steps.is_some_and(|(_, z)| z == step) {
+        if rank == 0 && sh.opts.profile_steps.and_then(|w| w.after(step)).is_some() {
             emit(Event::ProfilerStop { step });
         }
         if report.skipped {
@@ -824,7 +825,7 @@ pub fn train(
             )));
         }
     }
-    let ckpt_root = opts.out.join("checkpoints");
+    let ckpt_root = checkpoints_dir(&opts.out);
     let found = match &opts.resume {
         Resume::No => {
             if !checkpoint::list(&ckpt_root)?.is_empty() {

@@ -2,7 +2,7 @@
 //! embedded demo (configs/demo.toml): a tiny Steel model learns the text that ships with Steel,
 //! on the CPU, in a few minutes.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -79,18 +79,6 @@ struct Args {
     dry_run: bool,
 }
 
-fn parse_profile(s: &str) -> anyhow::Result<(u64, u64)> {
-    let (a, b) = s.split_once(':').context("--profile-steps expects A:B, e.g. 10:12")?;
-    let (a, b): (u64, u64) = (
-        a.trim().parse().context("--profile-steps: A is not a step number")?,
-        b.trim().parse().context("--profile-steps: B is not a step number")?,
-    );
-    if a == 0 || b < a {
-        bail!("--profile-steps {s}: need 1 ≤ A ≤ B");
-    }
-    Ok((a, b))
-}
-
 fn fmt_count(n: f64) -> String {
     if n >= 1e12 {
         format!("{:.2}T", n / 1e12)
@@ -106,9 +94,8 @@ fn fmt_count(n: f64) -> String {
 }
 
 fn has_checkpoints(out: &Path) -> bool {
-    std::fs::read_dir(out.join("checkpoints"))
-        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
-        .unwrap_or(false)
+    steel_train::checkpoint::list(&steel_train::trainer::checkpoints_dir(out))
+        .is_ok_and(|l| !l.is_empty())
 }
 
 fn main() -> ExitCode {
@@ -193,7 +180,11 @@ fn main() -> ExitCode {
             }
             (None, _, _) => PathBuf::from("runs").join(&name),
         };
-        let profile_steps = args.profile_steps.as_deref().map(parse_profile).transpose()?;
+        let profile_steps = args
+            .profile_steps
+            .as_deref()
+            .map(str::parse::<steel_runtime::cuda::profile::ProfileWindow>)
+            .transpose()?;
         // Phases and layers as NVTX ranges for nsys (a no-op without libnvToolsExt).
         steel_runtime::trace::set_sink(Some(Arc::new(steel_runtime::cuda::profile::NvtxSink)));
         let stop = Arc::new(AtomicBool::new(false));

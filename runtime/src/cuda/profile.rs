@@ -5,7 +5,7 @@
 //!   `libnvToolsExt` (or with `STEEL_NVTX=0`) a range costs one memoised branch and does nothing.
 //! - [`profiler_start`]/[`profiler_stop`] are `cuProfilerStart/Stop`, the driver API's
 //!   `cudaProfilerStart/Stop`, which `nsys profile --capture-range=cudaProfilerApi` waits for.
-//!   [`ProfileWindow`] turns the trainer's `--profile-steps A..B` into those calls.
+//!   [`ProfileWindow`] turns the trainer's `--profile-steps A:B` into those calls.
 
 use super::libs::{self, CudaLib};
 use super::{CudaError, Result};
@@ -79,7 +79,8 @@ pub enum ProfileAction {
     Stop,
 }
 
-/// The steps `first..=last` to capture (`--profile-steps 10..12` or `--profile-steps 10`).
+/// The steps `first..=last` to capture (`--profile-steps 10:12`, `10..12` or `10`; steps count
+/// from 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProfileWindow {
     pub first: u64,
@@ -93,14 +94,20 @@ impl std::str::FromStr for ProfileWindow {
             t.trim().parse::<u64>().map_err(|_| {
                 CudaError::invalid(
                     "--profile-steps",
-                    format!("{s:?} is not a step range (expected e.g. 10..12 or 10)"),
+                    format!("{s:?} is not a step range (expected e.g. 10:12, 10..12 or 10)"),
                 )
             })
         };
-        let (first, last) = match s.split_once("..") {
+        let (first, last) = match s.split_once("..").or_else(|| s.split_once(':')) {
             Some((a, b)) => (num(a)?, num(b.trim_start_matches('='))?),
             None => (num(s)?, num(s)?),
         };
+        if first == 0 {
+            return Err(CudaError::invalid(
+                "--profile-steps",
+                format!("{s:?}: steps count from 1"),
+            ));
+        }
         if last < first {
             return Err(CudaError::invalid(
                 "--profile-steps",
