@@ -34,7 +34,7 @@ struct AdamWParams {
 };
 STEEL_PARAMS_SIZE(AdamWParams, 48);
 
-extern "C" __global__ void adamw_step_f32(const AdamWParams p) {
+extern "C" __global__ void __launch_bounds__(256) adamw_step_f32(const AdamWParams p) {
     // The last tensor whose block_start ≤ this block.
     u64 lo = 0, hi = p.count;
     while (hi - lo > 1) {
@@ -43,8 +43,10 @@ extern "C" __global__ void adamw_step_f32(const AdamWParams p) {
     }
     const AdamWTensor t = p.tensors[lo];
     const u64 begin = ((u64)blockIdx.x - t.block_start) * p.elems_per_block;
-#ifdef STEEL_MUTATE_ADAMW
+#if defined(STEEL_MUTATE_ADAMW)
     const u64 end = min(begin + p.elems_per_block, t.n - 1);  // test-only breakage
+#elif defined(STEEL_MUTATE_ADAMW_OOB)
+    const u64 end = min(begin + p.elems_per_block, t.n + 1);  // test-only: one past the end
 #else
     const u64 end = min(begin + p.elems_per_block, t.n);
 #endif

@@ -1,11 +1,25 @@
 //! Builds the kernels-cu emulator: every .cu source compiled for the host by the system C++
-//! compiler with emu/shim.h, plus the fiber runtime, into one static library.
+//! compiler with emu/shim.h, plus the fiber runtime and the memory checker, into one static
+//! library.
+//!
+//! The kernels (not the runtime) are compiled with `-fsanitize=thread`: g++ then calls
+//! `__tsan_read4(addr)`-style hooks before their memory accesses, which emu/check.cpp implements
+//! (the ThreadSanitizer runtime is never linked). They are also compiled with debug line tables,
+//! and their object files stay in OUT_DIR, so a report can name the source line of an access
+//! (`STEEL_EMU_OBJECTS`, read by src/lib.rs).
+//!
+//! The sources are checked first: every `__global__` declares `__launch_bounds__` (the registry
+//! records it, the launch enforces it), and no line uses a raw `__shared__` (STEEL_SHARED).
 //!
 //! Environment:
 //! - `STEEL_EMU_MUTATE=name[,name…]` defines `STEEL_MUTATE_<NAME>` in every source: the test-only
 //!   breakages that prove the property tests run the kernels (scripts/emu-mutation-check.sh).
-//! - `STEEL_EMU_ASAN=1` builds the emulator with AddressSanitizer (local debugging; run the tests
-//!   with `LD_PRELOAD=$(g++ -print-file-name=libasan.so)`).
+//! - `STEEL_EMU_DROP_BARRIER=<file>:<k>` compiles a copy of the sources in which the k-th barrier
+//!   call (`__syncthreads()` / `__syncwarp(…)`, 1-based, in source order) of `<file>` (a .cu or a
+//!   header of include/) is removed: the barrier-removal mutations of the same script.
+//! - `STEEL_EMU_ASAN=1` builds the emulator with AddressSanitizer instead of the checker's
+//!   instrumentation (local debugging; run the tests with `LD_PRELOAD=$(g++
+//!   -print-file-name=libasan.so)`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,46 +37,54 @@ fn main() {
              add emu/switch_{arch}.h"
         );
     }
-    println!("cargo:rerun-if-env-changed=STEEL_EMU_MUTATE");
-    println!("cargo:rerun-if-env-changed=STEEL_EMU_ASAN");
+    for var in ["STEEL_EMU_MUTATE", "STEEL_EMU_ASAN", "STEEL_EMU_DROP_BARRIER", "CXX"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     for dir in ["emu", "include"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
+    let asan = std::env::var("STEEL_EMU_ASAN").is_ok_and(|v| v == "1");
 
-    let mut cu: Vec<PathBuf> = std::fs::read_dir(&root)
-        .expect("kernels-cu is readable")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
+    let mut cu: Vec<PathBuf> = files(&root, "cu");
     cu.sort();
+    let headers = files(&root.join("include"), "cuh");
+    for p in cu.iter().chain(&headers) {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    check_sources(&cu, &headers);
+    // The sources as compiled: the originals, or mutated copies without one barrier.
+    let (cu, include) = match std::env::var("STEEL_EMU_DROP_BARRIER") {
+        Ok(site) if !site.is_empty() => drop_barrier(&site, &cu, &headers, &out),
+        _ => (cu, root.join("include")),
+    };
 
     // One generated translation unit per .cu: the source, then its registry table.
     let mut units = Vec::new();
     let mut registry = String::from("#include \"registry.h\"\n");
     let mut tables = String::new();
     for path in &cu {
-        println!("cargo:rerun-if-changed={}", path.display());
         let stem = path.file_stem().and_then(|s| s.to_str()).expect("utf-8 file name").to_string();
         let source = std::fs::read_to_string(path).expect("a readable .cu file");
-        let symbols = global_symbols(&source);
+        let decls = kernel_decls(&source);
         let mut unit = format!("#include \"{}\"\n#include \"registry.h\"\n", path.display());
         let _ = writeln!(
             unit,
             "extern \"C\" const ::steel_emu::KernelEntry steel_emu_table_{stem}[] = {{"
         );
-        for s in &symbols {
-            let _ = writeln!(unit, "    STEEL_EMU_ENTRY({s}),");
+        for k in &decls {
+            let bounds = k.bounds.as_deref().expect("checked by check_sources");
+            let _ = writeln!(unit, "    STEEL_EMU_ENTRY({}, ({bounds}), \"{stem}\"),", k.name);
         }
         let _ = writeln!(unit, "}};");
         let _ = writeln!(
             unit,
             "extern \"C\" const size_t steel_emu_table_{stem}_len = {};",
-            symbols.len()
+            decls.len()
         );
         let file = out.join(format!("emu_{stem}.cpp"));
         write_if_changed(&file, &unit);
-        units.push(file);
-        if !symbols.is_empty() {
+        units.push((stem.clone(), file));
+        if !decls.is_empty() {
             let _ = writeln!(
                 registry,
                 "extern \"C\" const ::steel_emu::KernelEntry steel_emu_table_{stem}[];\n\
@@ -88,43 +110,152 @@ fn main() {
     );
     let reg_file = out.join("emu_registry.cpp");
     write_if_changed(&reg_file, &registry);
-    units.push(reg_file);
 
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++17")
-        .opt_level(2)
-        .warnings(true)
-        .extra_warnings(true)
-        .flag("-Wno-unused-function")
-        .flag("-Wno-unused-parameter")
-        .flag("-fno-strict-aliasing")
-        // Large frames probe every page, so an overflowing fiber always hits its guard page.
-        .flag("-fstack-clash-protection")
-        .define("STEEL_EMU", None)
-        .include(root.join("emu"))
-        .include(root.join("include"))
-        .flag("-include")
-        .flag(root.join("emu/shim.h").to_str().expect("utf-8 path"))
-        .file(root.join("emu/emu.cpp"));
-    for u in &units {
-        build.file(u);
+    let base = |b: &mut cc::Build| {
+        b.cpp(true)
+            .std("c++17")
+            .opt_level(2)
+            .warnings(true)
+            .extra_warnings(true)
+            .flag("-Wno-unused-function")
+            .flag("-Wno-unused-parameter")
+            .flag("-fno-strict-aliasing")
+            // Large frames probe every page, so an overflowing fiber always hits its guard page.
+            .flag("-fstack-clash-protection")
+            .define("STEEL_EMU", None)
+            .include(root.join("emu"))
+            .include(&include)
+            .flag("-include")
+            .flag(root.join("emu/shim.h").to_str().expect("utf-8 path"));
+        if let Ok(m) = std::env::var("STEEL_EMU_MUTATE") {
+            for name in m.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                b.define(&format!("STEEL_MUTATE_{}", name.to_ascii_uppercase()), None);
+            }
+        }
+        if asan {
+            b.define("STEEL_EMU_ASAN", None)
+                .flag("-fsanitize=address")
+                .flag("-fno-omit-frame-pointer");
+        }
+    };
+
+    // The kernels, instrumented for the checker, with line tables for its reports.
+    let mut kernels = cc::Build::new();
+    base(&mut kernels);
+    kernels.debug(true).flag("-g");
+    if !asan {
+        kernels
+            .flag("-fsanitize=thread")
+            .flag("--param=tsan-instrument-func-entry-exit=0")
+            // __threadfence is the runtime's fence(), so no atomic fence reaches the kernels.
+            .flag("-Wno-tsan");
     }
-    if let Ok(m) = std::env::var("STEEL_EMU_MUTATE") {
-        for name in m.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            build.define(&format!("STEEL_MUTATE_{}", name.to_ascii_uppercase()), None);
+    for (_, u) in &units {
+        kernels.file(u);
+    }
+    let objects = kernels.compile_intermediates();
+    let mut objects_env = String::new();
+    for (stem, unit) in &units {
+        let name = unit.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        if let Some(o) = objects.iter().find(|o| {
+            o.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.ends_with(&format!("{name}.o")))
+        }) {
+            let _ = write!(objects_env, "{stem}={};", o.display());
         }
     }
-    if std::env::var("STEEL_EMU_ASAN").is_ok_and(|v| v == "1") {
-        build
-            .define("STEEL_EMU_ASAN", None)
-            .flag("-fsanitize=address")
-            .flag("-fno-omit-frame-pointer");
+    println!("cargo:rustc-env=STEEL_EMU_OBJECTS={objects_env}");
+
+    // The runtime, uninstrumented, and the archive of both.
+    let mut runtime = cc::Build::new();
+    base(&mut runtime);
+    for f in ["emu.cpp", "check.cpp", "memory.cpp"] {
+        runtime.file(root.join("emu").join(f));
+    }
+    runtime.file(&reg_file).objects(&objects);
+    runtime.compile("steel_emu");
+    if asan {
         println!("cargo:rustc-link-lib=dylib=asan");
     }
-    build.compile("steel_emu");
     println!("cargo:rustc-link-lib=dylib=stdc++");
+}
+
+fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{} is readable: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every kernel declares `__launch_bounds__`; no source declares a raw `__shared__`.
+fn check_sources(cu: &[PathBuf], headers: &[PathBuf]) {
+    let mut problems = Vec::new();
+    for p in cu.iter().chain(headers) {
+        let text = std::fs::read_to_string(p).expect("a readable source");
+        let name = p.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+        for k in kernel_decls(&text) {
+            if k.bounds.is_none() {
+                problems.push(format!(
+                    "{name}:{}: kernel {} declares no __launch_bounds__(max threads)",
+                    k.line, k.name
+                ));
+            }
+        }
+        for line in raw_shared_lines(&text) {
+            problems.push(format!(
+                "{name}:{line}: raw __shared__; declare shared memory with STEEL_SHARED / \
+                 STEEL_SHARED_2D / STEEL_DYNAMIC_SHARED (steel_common.cuh), which the emulator checks"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        panic!("kernels-cu sources break the kernel rules:\n  {}", problems.join("\n  "));
+    }
+}
+
+/// Copies of every source and header into OUT_DIR/mutated, with barrier `k` of `file` removed
+/// (replaced by `((void)0)`, so line numbers stay the same).
+fn drop_barrier(
+    site: &str,
+    cu: &[PathBuf],
+    headers: &[PathBuf],
+    out: &Path,
+) -> (Vec<PathBuf>, PathBuf) {
+    let (file, k) = site
+        .rsplit_once(':')
+        .and_then(|(f, k)| Some((f, k.parse::<usize>().ok()?)))
+        .unwrap_or_else(|| panic!("STEEL_EMU_DROP_BARRIER={site}: expected <file>:<k>"));
+    let dir = out.join("mutated");
+    std::fs::create_dir_all(&dir).expect("OUT_DIR is writable");
+    let mut found = false;
+    let mut copies = Vec::new();
+    for p in cu.iter().chain(headers) {
+        let name = p.file_name().and_then(|f| f.to_str()).expect("utf-8 file name").to_string();
+        let mut text = std::fs::read_to_string(p).expect("a readable source");
+        if name == file {
+            let sites = barrier_sites(&text);
+            let Some((line, range)) = k.checked_sub(1).and_then(|i| sites.get(i)).cloned() else {
+                panic!("STEEL_EMU_DROP_BARRIER={site}: {file} has {} barrier calls", sites.len());
+            };
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines[line - 1].replace_range(range, "((void)0)");
+            text = lines.join("\n") + "\n";
+            found = true;
+        }
+        let dst = dir.join(&name);
+        write_if_changed(&dst, &text);
+        if p.extension().is_some_and(|x| x == "cu") {
+            copies.push(dst);
+        }
+    }
+    if !found {
+        panic!("STEEL_EMU_DROP_BARRIER={site}: no source or header named {file}");
+    }
+    (copies, dir)
 }
 
 fn write_if_changed(path: &Path, text: &str) {

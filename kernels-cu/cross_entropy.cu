@@ -30,8 +30,9 @@ struct SoftmaxCeFwdParams {
 };
 STEEL_PARAMS_SIZE(SoftmaxCeFwdParams, 64);
 
-extern "C" __global__ void softmax_ce_fwd_f32(const SoftmaxCeFwdParams p) {
-    __shared__ float scratch_m[32], scratch_s[32];
+extern "C" __global__ void __launch_bounds__(1024) softmax_ce_fwd_f32(const SoftmaxCeFwdParams p) {
+    STEEL_SHARED(float, scratch_m, 32);
+    STEEL_SHARED(float, scratch_s, 32);
     const u64 row = blockIdx.x;
     const long long t = load_target(p.targets, p.target_kind, row);
     if (t == p.ignore_index) {  // uniform over the block: no barrier is skipped by some only
@@ -39,8 +40,10 @@ extern "C" __global__ void softmax_ce_fwd_f32(const SoftmaxCeFwdParams p) {
         return;
     }
     const float* l = p.logits + row * p.v;
-#ifdef STEEL_MUTATE_LM_HEAD_CE_FWD
+#if defined(STEEL_MUTATE_LM_HEAD_CE_FWD)
     const u64 v = p.v - 1;  // test-only breakage: the last class is left out
+#elif defined(STEEL_MUTATE_LM_HEAD_CE_OOB)
+    const u64 v = p.v + 1;  // test-only breakage: one class past the end of the row
 #else
     const u64 v = p.v;
 #endif
@@ -75,7 +78,7 @@ struct SoftmaxCeBwdParams {
 };
 STEEL_PARAMS_SIZE(SoftmaxCeBwdParams, 64);
 
-extern "C" __global__ void softmax_ce_bwd_f32(const SoftmaxCeBwdParams p) {
+extern "C" __global__ void __launch_bounds__(1024) softmax_ce_bwd_f32(const SoftmaxCeBwdParams p) {
     const u64 row = blockIdx.x;
     const long long t = load_target(p.targets, p.target_kind, row);
     float* l = p.logits + row * p.v;
@@ -104,8 +107,8 @@ struct SumF32Params {
 STEEL_PARAMS_SIZE(SumF32Params, 24);
 
 // One block: out[0] = Σ x (fixed order for a given blockDim: deterministic).
-extern "C" __global__ void sum_f32(const SumF32Params p) {
-    __shared__ float scratch[32];
+extern "C" __global__ void __launch_bounds__(256) sum_f32(const SumF32Params p) {
+    STEEL_SHARED(float, scratch, 32);
     float acc = 0.0f;
     for (u64 i = threadIdx.x; i < p.n; i += blockDim.x) acc += p.x[i];
     acc = block_sum(acc, scratch);

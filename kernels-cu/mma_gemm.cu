@@ -21,8 +21,8 @@ STEEL_PARAMS_SIZE(MmaTileGemmParams, 48);
 #define KPAD 24  // row stride in elements: 48 bytes keeps every ldmatrix row 16-byte aligned
 
 extern "C" __global__ void __launch_bounds__(128) mma_tile_gemm_bf16(const MmaTileGemmParams p) {
-    __shared__ __align__(16) bf16_t as[TILE * KPAD];
-    __shared__ __align__(16) bf16_t bs[TILE * KPAD];
+    STEEL_SHARED(bf16_t, as, TILE * KPAD);
+    STEEL_SHARED(bf16_t, bs, TILE * KPAD);
     const unsigned tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u64 m0 = (u64)blockIdx.y * TILE, n0 = (u64)blockIdx.x * TILE;
     const bf16_t zero = f32_to_bf16(0.0f);
@@ -31,7 +31,13 @@ extern "C" __global__ void __launch_bounds__(128) mma_tile_gemm_bf16(const MmaTi
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
 
     for (u64 k0 = 0; k0 < p.k; k0 += KSTEP) {
+#if defined(STEEL_MUTATE_MMA_TILE_GEMM_UNINIT)
+        for (unsigned e = tid; e < TILE * KSTEP - 1; e += blockDim.x) {  // test-only: one left out
+#elif defined(STEEL_MUTATE_MMA_TILE_GEMM_SHARED_OOB)
+        for (unsigned e = tid; e <= TILE * KSTEP; e += blockDim.x) {  // test-only: one past the end
+#else
         for (unsigned e = tid; e < TILE * KSTEP; e += blockDim.x) {
+#endif
             const unsigned r = e / KSTEP, kk = e % KSTEP;
             const u64 gk = k0 + kk;
             as[r * KPAD + kk] = (m0 + r < p.m && gk < p.k) ? p.a[(m0 + r) * p.k + gk] : zero;
@@ -62,6 +68,10 @@ extern "C" __global__ void __launch_bounds__(128) mma_tile_gemm_bf16(const MmaTi
     for (int nt = 0; nt < 8; ++nt)
         for (int i = 0; i < 4; ++i) {
             const u64 row = m0 + warp * 16 + g + 8 * (i / 2), col = n0 + nt * 8 + 2 * q + i % 2;
+#ifdef STEEL_MUTATE_MMA_TILE_GEMM_OOB
+            if (row <= p.m && col < p.n) p.c[row * p.n + col] = acc[nt][i];  // test-only breakage
+#else
             if (row < p.m && col < p.n) p.c[row * p.n + col] = acc[nt][i];
+#endif
         }
 }

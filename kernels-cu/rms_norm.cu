@@ -1,5 +1,6 @@
 // RMSNorm fused with the residual add, forward and backward (fp32).
-// Reference: runtime/src/cpu/rms_norm.rs. Launchers: runtime/src/gpu/launch.rs.
+// Reference: runtime/src/cpu/rms_norm.rs. Launchers: runtime/src/gpu/launch.rs (row_block:
+// at most 8 warps; COLUMN_BLOCK = 128 for the dw passes).
 //
 // Forward: s = x + r, rstd = 1 / sqrt(mean(s²) + eps), y = w ⊙ (s · rstd). One block per row.
 // Backward with x̂ = s · rstd: g = rstd · (dy ⊙ w − x̂ · mean(dy ⊙ w ⊙ x̂)) + dsum, dx += g,
@@ -21,11 +22,13 @@ struct AddRmsNormFwdParams {
 };
 STEEL_PARAMS_SIZE(AddRmsNormFwdParams, 72);
 
-extern "C" __global__ void add_rms_norm_fwd_f32(const AddRmsNormFwdParams p) {
-    __shared__ float scratch[32];
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_fwd_f32(const AddRmsNormFwdParams p) {
+    STEEL_SHARED(float, scratch, 32);
     const u64 base = (u64)blockIdx.x * p.h;
-#ifdef STEEL_MUTATE_ADD_RMS_NORM_FWD
+#if defined(STEEL_MUTATE_ADD_RMS_NORM_FWD)
     const u64 h = p.h - 1;  // test-only breakage: the last column is left out
+#elif defined(STEEL_MUTATE_RMS_NORM_OOB)
+    const u64 h = p.h + 1;  // test-only breakage: one column past the end of the row
 #else
     const u64 h = p.h;
 #endif
@@ -56,8 +59,8 @@ struct AddRmsNormBwdParams {
 };
 STEEL_PARAMS_SIZE(AddRmsNormBwdParams, 72);
 
-extern "C" __global__ void add_rms_norm_bwd_f32(const AddRmsNormBwdParams p) {
-    __shared__ float scratch[32];
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_bwd_f32(const AddRmsNormBwdParams p) {
+    STEEL_SHARED(float, scratch, 32);
     const u64 base = (u64)blockIdx.x * p.h;
     const float rstd = p.rstd[blockIdx.x];
 #ifdef STEEL_MUTATE_ADD_RMS_NORM_BWD
@@ -89,7 +92,7 @@ struct AddRmsNormDwParams {
 STEEL_PARAMS_SIZE(AddRmsNormDwParams, 56);
 
 // grid (ceil(h / blockDim.x), chunks): thread = one column of one chunk, rows in order.
-extern "C" __global__ void add_rms_norm_bwd_dw_f32(const AddRmsNormDwParams p) {
+extern "C" __global__ void __launch_bounds__(128) add_rms_norm_bwd_dw_f32(const AddRmsNormDwParams p) {
     const u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= p.h) return;
     const u64 r0 = (u64)blockIdx.y * p.rows_per_chunk;
@@ -108,7 +111,7 @@ struct AddRmsNormDwReduceParams {
 STEEL_PARAMS_SIZE(AddRmsNormDwReduceParams, 32);
 
 // dw[j] += Σ_c partial[c, j], chunks in order (deterministic).
-extern "C" __global__ void add_rms_norm_bwd_dw_reduce_f32(const AddRmsNormDwReduceParams p) {
+extern "C" __global__ void __launch_bounds__(128) add_rms_norm_bwd_dw_reduce_f32(const AddRmsNormDwReduceParams p) {
     const u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= p.h) return;
     float acc = 0.0f;

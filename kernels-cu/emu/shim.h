@@ -3,11 +3,14 @@
 // STEEL_EMU defined; never seen by NVRTC.
 //
 // Model: every CUDA thread is a fiber (emu.cpp); the fibers of one block run on one OS thread,
-// one block at a time per OS thread, so `__shared__` (function-local `static thread_local`) is
-// per block. Index built-ins read the running fiber's record. Barriers, warp collectives,
-// ldmatrix and mma.sync are implemented in emu.cpp with exact CUDA semantics; misuse (a
-// barrier not every thread reaches, a shuffle from a lane outside the mask) is reported as an
-// error naming the kernel, never a hang.
+// one block at a time per OS thread. Index built-ins read the running fiber's record. Barriers,
+// warp collectives, ldmatrix, mma.sync and cp.async are implemented in emu.cpp with CUDA's
+// semantics; shared memory is a per-block arena (`STEEL_SHARED`, check.cpp) and every memory
+// access of a kernel is seen by the checker through the `__tsan_*` hooks that g++'s
+// `-fsanitize=thread` instrumentation calls (the ThreadSanitizer runtime is never linked).
+// Misuse (a barrier not every thread reaches, lanes meeting at different collectives, a data
+// race, an uninitialised or out-of-bounds access) is reported as an error naming the kernel,
+// never a hang.
 #pragma once
 #ifndef STEEL_EMU
 #error "emu/shim.h is for the host emulator build (STEEL_EMU) only"
@@ -23,13 +26,15 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-#define __noinline__ __attribute__((noinline))
+// No __noinline__: libstdc++ spells the attribute `__attribute__((__noinline__))` itself.
 #define __restrict__ __restrict
+// Erased here: build.rs reads each kernel's bounds from the source into the registry, and the
+// launch checks the block against them.
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// Per block: all fibers of a block share their OS thread, and an OS thread runs one block at a
-// time (function-scope statics of trivial types only, as on the device).
-#define __shared__ static thread_local
+// Shared memory is declared with STEEL_SHARED / STEEL_DYNAMIC_SHARED (steel_common.cuh), the
+// emulator's checked arena; a raw `__shared__` does not compile here (and build.rs refuses it).
+#define __shared__ steel_raw_shared_is_not_allowed_use_STEEL_SHARED
 
 struct uint3 {
     unsigned x, y, z;
@@ -57,14 +62,23 @@ extern __thread const steel_emu::Builtins* steel_emu_builtins;
 #define warpSize 32
 
 namespace steel_emu {
-// Block barrier (`__syncthreads`).
+// Block barrier (`__syncthreads`): orders every access before it, in every thread, before every
+// access after it.
 void sync_block();
-// Barrier among the lanes of `mask` in the calling warp (`__syncwarp`).
+// Barrier among the lanes of `mask` in the calling warp (`__syncwarp`); orders their accesses.
 void sync_warp(unsigned mask);
-// Each lane of `mask` contributes `words` (≤ 4) 64-bit words; after the warp barrier, the
-// result points at every lane's words (`[lane * 4 + w]`), valid until the calling lane's next
-// warp collective returns. Lanes outside the mask hold stale data and are rejected by callers.
-const uint64_t* warp_exchange(unsigned mask, const uint64_t* mine, unsigned words);
+// The kinds of warp collective: every lane of a mask must meet at the same kind with the same mask.
+enum class Coll : uint8_t;
+// Each lane of `mask` contributes `words` (≤ 4) 64-bit words; once every lane of the mask has
+// arrived, the result points at every lane's words (`[lane * 4 + w]`), valid until the calling
+// lane's next warp collective. Lanes outside the mask are rejected by callers. Orders nothing:
+// only sync_block and sync_warp order memory.
+const uint64_t* warp_exchange(Coll kind, unsigned mask, const uint64_t* mine, unsigned words);
+constexpr Coll kShuffle = static_cast<Coll>(1);
+constexpr Coll kVote = static_cast<Coll>(2);
+// A fence: a real one, but it creates no happens-before edge (flag synchronisation is not
+// modelled; a spin-wait would never yield to the other fibers).
+void fence();
 // Reports a misuse from inside a kernel and ends the block (never returns).
 [[noreturn]] void fail(const char* what, unsigned detail);
 // The calling thread's lane (threadIdx linearised % 32).
@@ -73,8 +87,21 @@ unsigned lane_id();
 unsigned active_mask();
 // Dynamic shared memory of the running block.
 void* dyn_shared();
+// A STEEL_SHARED declaration: its site, and its storage in the running block's arena (allocated
+// and poisoned with 0xFF by the first thread that reaches it, the same address for all).
+struct SharedSite {
+    const char* name;
+    const char* file;
+    int line;
+};
+void* shared_static(const SharedSite* site, size_t bytes, size_t align);
 void ldmatrix_x4(unsigned r[4], const void* row, bool trans);
 void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]);
+// cp.async: the copy happens at the wait_group that completes its group, as on the device, and
+// its destination may not be touched before (the checker reports it).
+void cp_async(void* smem, const void* gmem, unsigned bytes);
+void cp_async_commit();
+void cp_async_wait(unsigned newest_pending);
 
 template <class T>
 static inline uint64_t to_word(T v) {
@@ -93,7 +120,7 @@ static inline T from_word(uint64_t w) {
 template <class T>
 static inline T shfl(unsigned mask, T v, int src) {
     uint64_t mine = to_word(v);
-    const uint64_t* all = warp_exchange(mask, &mine, 1);
+    const uint64_t* all = warp_exchange(kShuffle, mask, &mine, 1);
     if (src < 0) return v;
     if (!((mask >> src) & 1u)) fail("__shfl_*_sync reads a lane outside its mask", (unsigned)src);
     return from_word<T>(all[src * 4]);
@@ -103,8 +130,8 @@ static inline T shfl(unsigned mask, T v, int src) {
 static inline void __syncthreads() { steel_emu::sync_block(); }
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { steel_emu::sync_warp(mask); }
 static inline unsigned __activemask() { return steel_emu::active_mask(); }
-static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-static inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void __threadfence() { steel_emu::fence(); }
+static inline void __threadfence_block() { steel_emu::fence(); }
 
 template <class T>
 static inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -135,7 +162,7 @@ static inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 3
 }
 static inline unsigned __ballot_sync(unsigned mask, int pred) {
     uint64_t mine = pred != 0;
-    const uint64_t* all = steel_emu::warp_exchange(mask, &mine, 1);
+    const uint64_t* all = steel_emu::warp_exchange(steel_emu::kVote, mask, &mine, 1);
     unsigned bits = 0;
     for (unsigned l = 0; l < 32; ++l)
         if (((mask >> l) & 1u) && all[l * 4]) bits |= 1u << l;

@@ -32,14 +32,18 @@ static __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over the block (blockDim.x a multiple of 32, y = z = 1); every thread receives the result.
-// `scratch` is __shared__ float[32]. Deterministic for a given blockDim.
+// `scratch` is STEEL_SHARED float[32]. Deterministic for a given blockDim.
 static __device__ __forceinline__ float block_sum(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     v = warp_sum(v);
     __syncthreads();  // why: a previous block_sum may still be reading scratch
     if (lane == 0) scratch[warp] = v;
     __syncthreads();  // why: every warp's partial is written before any thread reads them
+#ifdef STEEL_MUTATE_BLOCK_SUM_UNINIT
+    v = scratch[lane];  // test-only breakage: reads the partials of warps that do not exist
+#else
     v = lane < warps ? scratch[lane] : 0.0f;
+#endif
     return warp_sum(v);
 }
 
@@ -52,7 +56,7 @@ static __device__ __forceinline__ void softmax_merge(float& m, float& s, float m
 }
 
 // Merges (m, s) over the block; every thread receives the block's pair. `scratch_m` and
-// `scratch_s` are __shared__ float[32].
+// `scratch_s` are STEEL_SHARED float[32].
 static __device__ __forceinline__ void block_softmax_stats(float& m, float& s, float* scratch_m,
                                                            float* scratch_s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -67,7 +71,11 @@ static __device__ __forceinline__ void block_softmax_stats(float& m, float& s, f
         scratch_s[warp] = s;
     }
     __syncthreads();  // why: all warp pairs are written before any thread reads them
+#ifdef STEEL_MUTATE_SOFTMAX_STATS_UNINIT
+    m = scratch_m[lane];  // test-only breakage: reads the pairs of warps that do not exist
+#else
     m = lane < warps ? scratch_m[lane] : STEEL_NEG_INF;
+#endif
     s = lane < warps ? scratch_s[lane] : 0.0f;
     for (int o = 16; o > 0; o >>= 1) {
         const float m2 = __shfl_xor_sync(STEEL_FULL_MASK, m, o);
@@ -76,11 +84,28 @@ static __device__ __forceinline__ void block_softmax_stats(float& m, float& s, f
     }
 }
 
-// Dynamic shared memory as `T* name` (the emulator provides a per-block buffer).
+// Shared memory: every buffer is declared through these macros (build.rs refuses a raw
+// `__shared__`). On the device they are plain `__shared__` arrays (16-byte aligned); under the
+// emulator, regions of the block's checked arena, poisoned at every block start, bounds-checked
+// and watched by the race detector (emu/check.cpp). `name` is a pointer there, so never take
+// `sizeof(name)`: use the element count.
+//   STEEL_SHARED(T, name, N)        T name[N]
+//   STEEL_SHARED_2D(T, name, R, C)  T name[R][C]
+//   STEEL_DYNAMIC_SHARED(T, name)   T* name: the launch's dynamic shared memory
 #ifdef STEEL_EMU
+#define STEEL_SHARED(T, name, N)                                                         \
+    static const ::steel_emu::SharedSite steel_site_##name = {#name, __FILE__, __LINE__}; \
+    T* const name = static_cast<T*>(::steel_emu::shared_static(&steel_site_##name,       \
+                                                               sizeof(T) * (N), alignof(T)))
+#define STEEL_SHARED_2D(T, name, R, C)                                                    \
+    static const ::steel_emu::SharedSite steel_site_##name = {#name, __FILE__, __LINE__}; \
+    T(*const name)[C] = static_cast<T(*)[C]>(                                             \
+        ::steel_emu::shared_static(&steel_site_##name, sizeof(T) * (R) * (C), alignof(T)))
 #define STEEL_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::steel_emu::dyn_shared())
 #else
-#define STEEL_DYNAMIC_SHARED(T, name)                      \
+#define STEEL_SHARED(T, name, N) __shared__ __align__(16) T name[N]
+#define STEEL_SHARED_2D(T, name, R, C) __shared__ __align__(16) T name[R][C]
+#define STEEL_DYNAMIC_SHARED(T, name)                                \
     extern __shared__ __align__(16) unsigned char steel_dyn_smem_[]; \
     T* name = reinterpret_cast<T*>(steel_dyn_smem_)
 #endif

@@ -7,7 +7,9 @@
 //! - Property tests: ragged shapes (not multiples of 8, 32 or 64), values in ±[0.1, 1] (never
 //!   zero), outputs poisoned beforehand (every emulated allocation starts as NaN bytes, and
 //!   accumulated gradients start from random non-zero values), and the launch log checked so
-//!   nothing can route around the kernel.
+//!   nothing can route around the kernel. Each emulated case runs twice, under round-robin and
+//!   under a second schedule drawn from its seed (reversed, warp-major or seeded random), with
+//!   the memory checker on, and the two runs must agree bit for bit (`on_two_schedules`).
 //! - Tolerances (DESIGN §4, ‖out − ref‖ / ‖ref‖): fp32 outputs ≤ 1e-5; bf16 outputs ≤ 1e-2 (the
 //!   mma GEMM's inputs are bf16 but exactly representable in f32 and its output is fp32, so it
 //!   is held to 1e-5).
@@ -20,7 +22,9 @@ use proptest::prelude::*;
 use std::sync::Arc;
 use steel_runtime::cpu::CpuBackend;
 use steel_runtime::cuda::CudaGpu;
-use steel_runtime::gpu::{launch, Dim3, EmuGpu, Gpu, GpuBackend, LaunchConfig, LaunchRecord};
+use steel_runtime::gpu::{
+    launch, Dim3, EmuGpu, Gpu, GpuBackend, LaunchConfig, LaunchRecord, Schedule,
+};
 use steel_runtime::{bf16, AdamW, AdamWParam, Backend, CrossEntropy, DType, Tensor};
 
 const F32_TOL: f64 = 1e-5;
@@ -52,6 +56,35 @@ impl TestGpu for CudaGpu {
 
 fn emu() -> GpuBackend<EmuGpu> {
     GpuBackend::new(Arc::new(EmuGpu::new()))
+}
+
+fn emu_with(schedule: Schedule) -> GpuBackend<EmuGpu> {
+    GpuBackend::new(Arc::new(EmuGpu::new().with_schedule(schedule)))
+}
+
+/// What a check produced: every output tensor's values, as bits.
+type Outputs = Vec<Vec<u64>>;
+
+/// Runs `check` on the emulator under round-robin and under a second schedule chosen by `seed`,
+/// and requires bit-identical outputs: our kernels are deterministic, so no legal order of a
+/// block's threads may change a bit.
+fn on_two_schedules(seed: u64, check: impl Fn(&GpuBackend<EmuGpu>) -> Outputs) {
+    let second = match seed % 3 {
+        0 => Schedule::Reverse,
+        1 => Schedule::WarpMajor,
+        _ => Schedule::Random(seed),
+    };
+    let a = check(&emu_with(Schedule::RoundRobin));
+    let b = check(&emu_with(second));
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let diff = x.iter().zip(y).position(|(p, q)| p != q);
+        assert!(diff.is_none(), "output {i} differs between schedules rr and {second} at {diff:?}");
+    }
+}
+
+fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The real device when `STEEL_DEVICE=cuda` (outputs poisoned), else `None`.
@@ -87,7 +120,7 @@ fn check_add_rms_norm<G: TestGpu>(
     h: usize,
     with_dsum: bool,
     seed: u64,
-) {
+) -> Outputs {
     let c = cpu();
     let shape = [rows, h];
     let (x, r, w) = (f32_rand(&shape, seed), f32_rand(&shape, seed ^ 1), f32_rand(&[h], seed ^ 2));
@@ -119,10 +152,12 @@ fn check_add_rms_norm<G: TestGpu>(
     assert_rel_norm("add_rms_norm_bwd dx", &down(g, &gdx), &vals(&dx), F32_TOL);
     assert_rel_norm("add_rms_norm_bwd dr", &down(g, &gdr), &vals(&dr), F32_TOL);
     assert_rel_norm("add_rms_norm_bwd dw", &down(g, &gdw), &vals(&dw), F32_TOL);
+    let outs: Outputs =
+        [&gsum, &gy, &grstd, &gpy, &gdx, &gdr, &gdw].iter().map(|t| bits(&down(g, t))).collect();
 
     // The launch log: the kernels ran, with the launchers' configurations.
     let block = Dim3::x(launch::row_block(h));
-    let (Some(log), Some(ranges)) = (g.gpu().launch_log(), g.gpu().nvtx_log()) else { return };
+    let (Some(log), Some(ranges)) = (g.gpu().launch_log(), g.gpu().nvtx_log()) else { return outs };
     assert_eq!(
         symbols(&log),
         [
@@ -140,6 +175,7 @@ fn check_add_rms_norm<G: TestGpu>(
     assert_eq!(log[3].grid, Dim3::xy(cols, chunks));
     assert_eq!(log[0].nvtx, "add_rms_norm_fwd");
     assert_eq!(ranges.last().map(String::as_str), Some("add_rms_norm_bwd"));
+    outs
 }
 
 proptest! {
@@ -147,7 +183,7 @@ proptest! {
 
     #[test]
     fn emu_add_rms_norm_fwd_bwd_matches_cpu(rows in 1..=70usize, h in 1..=600usize, with_dsum in any::<bool>(), seed in any::<u64>()) {
-        check_add_rms_norm(&emu(), rows, h, with_dsum, seed);
+        on_two_schedules(seed, |g| check_add_rms_norm(g, rows, h, with_dsum, seed));
     }
 
     #[test]
@@ -160,7 +196,7 @@ proptest! {
 
 // ---- AdamW --------------------------------------------------------------------------------------
 
-fn check_adamw<G: TestGpu>(g: &GpuBackend<G>, sizes: &[(usize, bool)], seed: u64) {
+fn check_adamw<G: TestGpu>(g: &GpuBackend<G>, sizes: &[(usize, bool)], seed: u64) -> Outputs {
     let c = cpu();
     let mk = |be: &dyn Backend, i: usize, n: usize, copy: bool| -> AdamWParam {
         let s = seed ^ (i as u64 * 16);
@@ -219,11 +255,18 @@ fn check_adamw<G: TestGpu>(g: &GpuBackend<G>, sizes: &[(usize, bool)], seed: u64
             }
         }
     }
+    let outs: Outputs = gps
+        .iter()
+        .flat_map(|p| [Some(&p.param), Some(&p.m), Some(&p.v), p.copy.as_ref()])
+        .flatten()
+        .map(|t| bits(&down(g, t)))
+        .collect();
     // One launch per step for all parameters.
-    let Some(log) = g.gpu().launch_log() else { return };
+    let Some(log) = g.gpu().launch_log() else { return outs };
     let blocks: usize = sizes.iter().map(|&(n, _)| n.div_ceil(launch::ADAMW_ELEMS_PER_BLOCK)).sum();
     assert_eq!(symbols(&log), ["adamw_step_f32", "adamw_step_f32"]);
     assert_eq!((log[0].grid, log[0].block), (Dim3::x(blocks as u32), Dim3::x(launch::ADAMW_BLOCK)));
+    outs
 }
 
 proptest! {
@@ -231,7 +274,7 @@ proptest! {
 
     #[test]
     fn emu_adamw_step_matches_cpu(sizes in prop::collection::vec((1..=5000usize, any::<bool>()), 1..=4), seed in any::<u64>()) {
-        check_adamw(&emu(), &sizes, seed);
+        on_two_schedules(seed, |g| check_adamw(g, &sizes, seed));
     }
 
     #[test]
@@ -253,7 +296,7 @@ fn check_lm_head_ce<G: TestGpu>(
     chunk: usize,
     ignore_every: usize,
     seed: u64,
-) {
+) -> Outputs {
     let c = cpu();
     let spec = CrossEntropy { ignore_index: -100, chunk_tokens: chunk };
     let (x, w) = (f32_rand(&[n, h], seed), f32_rand(&[v, h], seed ^ 1));
@@ -280,8 +323,10 @@ fn check_lm_head_ce<G: TestGpu>(
     g.lm_head_ce_bwd(&gx, &gw, &gt, &glse, &gdloss, scale, spec, &gdx, &gdw).unwrap();
     assert_rel_norm("lm_head_ce_bwd dx", &down(g, &gdx), &vals(&dx), F32_TOL);
     assert_rel_norm("lm_head_ce_bwd dw", &down(g, &gdw), &vals(&dw), F32_TOL);
+    let outs: Outputs =
+        [&got.lse, &got.loss_sum, &gdx, &gdw].iter().map(|t| bits(&down(g, t))).collect();
 
-    let (Some(log), Some(ranges)) = (g.gpu().launch_log(), g.gpu().nvtx_log()) else { return };
+    let (Some(log), Some(ranges)) = (g.gpu().launch_log(), g.gpu().nvtx_log()) else { return outs };
     let chunks = n.div_ceil(chunk.min(n));
     let fwd = log.iter().filter(|r| r.symbol == "softmax_ce_fwd_f32").count();
     let bwd = log.iter().filter(|r| r.symbol == "softmax_ce_bwd_f32").count();
@@ -294,6 +339,7 @@ fn check_lm_head_ce<G: TestGpu>(
         .iter()
         .any(|r| r.symbol == "softmax_ce_bwd_f32" && r.nvtx == "lm_head_ce_bwd/softmax_ce_bwd"));
     assert!(ranges.iter().any(|r| r == "lm_head_ce_bwd/dw"));
+    outs
 }
 
 proptest! {
@@ -302,7 +348,7 @@ proptest! {
     #[test]
     fn emu_lm_head_ce_fwd_bwd_matches_cpu(n in 1..=20usize, h in 1..=40usize, v in 2..=700usize, chunk in 1..=8usize,
                                           ignore_every in 0..=4usize, seed in any::<u64>()) {
-        check_lm_head_ce(&emu(), n, h, v, chunk, ignore_every, seed);
+        on_two_schedules(seed, |g| check_lm_head_ce(g, n, h, v, chunk, ignore_every, seed));
     }
 
     #[test]
@@ -316,7 +362,13 @@ proptest! {
 
 // ---- the mma tile GEMM --------------------------------------------------------------------------
 
-fn check_mma_gemm<G: TestGpu>(g: &GpuBackend<G>, m: usize, n: usize, k: usize, seed: u64) {
+fn check_mma_gemm<G: TestGpu>(
+    g: &GpuBackend<G>,
+    m: usize,
+    n: usize,
+    k: usize,
+    seed: u64,
+) -> Outputs {
     let (a, b) = (
         rand_tensor_dt(&[m, k], DType::BF16, seed),
         rand_tensor_dt(&[n, k], DType::BF16, seed ^ 1),
@@ -328,10 +380,12 @@ fn check_mma_gemm<G: TestGpu>(g: &GpuBackend<G>, m: usize, n: usize, k: usize, s
     let gc = g.empty(&[m, n], DType::F32).unwrap();
     launch::mma_tile_gemm(g.gpu(), &ga, &gb, &gc).unwrap();
     assert_rel_norm("mma_tile_gemm", &down(g, &gc), &vals(&want), F32_TOL);
-    let Some(log) = g.gpu().launch_log() else { return };
+    let outs = vec![bits(&down(g, &gc))];
+    let Some(log) = g.gpu().launch_log() else { return outs };
     assert_eq!(symbols(&log), ["mma_tile_gemm_bf16"]);
     assert_eq!(log[0].grid, Dim3::xy(n.div_ceil(64) as u32, m.div_ceil(64) as u32));
     assert_eq!(log[0].block, Dim3::x(launch::MMA_BLOCK));
+    outs
 }
 
 proptest! {
@@ -339,7 +393,7 @@ proptest! {
 
     #[test]
     fn emu_mma_tile_gemm_matches_cpu(m in 1..=150usize, n in 1..=150usize, k in 1..=70usize, seed in any::<u64>()) {
-        check_mma_gemm(&emu(), m, n, k, seed);
+        on_two_schedules(seed, |g| check_mma_gemm(g, m, n, k, seed));
     }
 
     #[test]
@@ -711,7 +765,7 @@ fn emu_sync_loop_switch_cost() {
 fn emu_stack_overflow_is_reported() {
     if std::env::var_os("STEEL_EMU_STACK_CHILD").is_some() {
         let gpu = EmuGpu::new();
-        let out = gpu.alloc(4).unwrap();
+        let out = gpu.alloc(2 * 4).unwrap();
         let cfg = LaunchConfig { grid: Dim3::x(2), block: Dim3::x(32), shared_bytes: 0 };
         launch_raw(&gpu, "emu_test_stack", cfg, &[out, 3]).unwrap();
         return;
@@ -738,8 +792,8 @@ fn emu_stack_overflow_is_reported() {
 /// elements per thread) and hidden 1792 (7-warp rows).
 #[test]
 fn emu_kernels_at_model_widths() {
-    check_lm_head_ce(&emu(), 3, 8, 151_936, 2, 3, 11);
-    check_add_rms_norm(&emu(), 3, 1792, true, 12);
+    on_two_schedules(11, |g| check_lm_head_ce(g, 3, 8, 151_936, 2, 3, 11));
+    on_two_schedules(12, |g| check_add_rms_norm(g, 3, 1792, true, 12));
     assert_eq!(launch::vocab_block(151_936), 1024);
     assert_eq!(launch::row_block(1792), 224);
 }

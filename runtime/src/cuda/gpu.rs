@@ -30,6 +30,8 @@ pub struct CudaGpu {
     stream: Stream,
     memory: Mutex<Memory>,
     kernels: HashMap<String, Function>,
+    /// The dynamic shared memory each kernel was opted in to (`opt_in_dynamic_shared`).
+    dyn_shared: Mutex<HashMap<&'static str, u32>>,
     lt: Mutex<LtGemm>,
     /// cuBLASLt's workspace (`gemm::WORKSPACE_BYTES`), held for the life of the device.
     workspace: u64,
@@ -84,6 +86,7 @@ impl CudaGpu {
             stream,
             memory: Mutex::new(Memory { alloc, live }),
             kernels,
+            dyn_shared: Mutex::new(HashMap::new()),
             lt: Mutex::new(lt),
             workspace,
             name,
@@ -196,9 +199,6 @@ impl Gpu for CudaGpu {
         let f = self.kernels.get(symbol).ok_or_else(|| {
             CudaError::invalid("launch", format!("no kernel {symbol} in kernels-cu"))
         })?;
-        if cfg.shared_bytes > 48 * 1024 {
-            f.set_max_dynamic_shared(cfg.shared_bytes)?;
-        }
         // The one parameter struct, copied to 8-byte aligned storage; the driver reads it during
         // cuLaunchKernel (before the call returns).
         let mut aligned = vec![0u64; params.len().div_ceil(8)];
@@ -223,6 +223,21 @@ impl Gpu for CudaGpu {
                 &mut args,
             )?)
         }
+    }
+
+    fn opt_in_dynamic_shared(&self, symbol: &'static str, bytes: u32) -> Result<()> {
+        let f = self.kernels.get(symbol).ok_or_else(|| {
+            CudaError::invalid("opt_in_dynamic_shared", format!("no kernel {symbol} in kernels-cu"))
+        })?;
+        // Once per kernel, to the largest size asked for: the attribute is the kernel's, shared
+        // by every launch, so lowering it would break a concurrent larger launch.
+        let mut set = self.dyn_shared.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = set.entry(symbol).or_insert(0);
+        if bytes > *cur {
+            f.set_max_dynamic_shared(bytes)?;
+            *cur = bytes;
+        }
+        Ok(())
     }
 
     unsafe fn gemm(&self, desc: &GemmDesc, a: DevicePtr, b: DevicePtr, c: DevicePtr) -> Result<()> {

@@ -2,9 +2,17 @@
 //! same `.cu` sources compiled for the host), the CPU GEMM in place of cuBLASLt.
 //!
 //! Conventions:
-//! - Launches are synchronous (the "stream" is the calling thread); `synchronize` is a no-op.
-//! - Every allocation is poisoned with `0xFF` bytes (NaN for f32 and bf16), so an output a kernel
-//!   forgets to write fails its test instead of reading as zero.
+//! - Launches are synchronous (the "stream" is the calling thread, and one lock orders every
+//!   operation of one `EmuGpu` as a stream would); `synchronize` reports a sticky error.
+//! - Memory comes from the emulator's allocator (`steel_kernels::emu_alloc`): every allocation is
+//!   poisoned with `0xFF` bytes (NaN for f32 and bf16), so an output a kernel forgets to write
+//!   fails its test instead of reading as zero; it ends against a guard page with canaries around
+//!   it, checked after every launch and at free.
+//! - Every launch runs under a [`Schedule`] and the memory checker ([`Check`]): the defaults come
+//!   from `STEEL_EMU_SCHEDULE` and `STEEL_EMU_CHECK` (round-robin, full), and
+//!   [`EmuGpu::with_schedule`] / [`EmuGpu::with_check`] set them per device.
+//! - Dynamic shared memory above 48 KiB needs [`Gpu::opt_in_dynamic_shared`] first, as the driver
+//!   does.
 //! - A launch log (symbol, grid, block, shared bytes, the NVTX path at launch) and an NVTX log
 //!   (every range's full path, in order) let tests prove the kernels ran, with which
 //!   configuration, and under which names. Logging is per `EmuGpu`.
@@ -15,9 +23,10 @@ use super::{DevicePtr, Dim3, Fill, GemmDesc, Gpu, LaunchConfig, Op};
 use crate::cpu::gemm::{gemm_batched, MatMut, MatRef};
 use crate::{DType, Error, Result};
 use half::bf16;
-use std::alloc::Layout;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+pub use steel_kernels::{Check, Schedule};
 
 /// One kernel launch as the emulator saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,21 +39,31 @@ pub struct LaunchRecord {
     pub nvtx: String,
 }
 
-/// Alignment of every emulated allocation (cudaMalloc gives at least 256).
-const ALIGN: usize = 256;
-
 #[derive(Default)]
 struct State {
-    allocs: HashMap<DevicePtr, Layout>,
+    allocs: HashMap<DevicePtr, usize>,
     launches: Vec<LaunchRecord>,
     nvtx_stack: Vec<String>,
     nvtx_log: Vec<String>,
+    /// The largest dynamic shared memory opted in per kernel.
+    opt_in: HashMap<&'static str, u32>,
+    /// An error found outside a launch (damaged canaries at free), reported by the next launch
+    /// or synchronize, as a device reports an asynchronous fault.
+    sticky: Option<String>,
 }
+
+/// Distinguishes the allocations of each `EmuGpu` (their canaries are checked after its launches).
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
 /// The emulated GPU (device ordinal 0 unless built with [`EmuGpu::with_ordinal`]).
 pub struct EmuGpu {
     ordinal: usize,
+    owner: u64,
+    schedule: std::result::Result<Schedule, String>,
+    check: std::result::Result<Check, String>,
     state: Mutex<State>,
+    /// Held for the whole of every operation: this device's one stream.
+    stream: Mutex<()>,
 }
 
 impl Default for EmuGpu {
@@ -60,11 +79,39 @@ impl EmuGpu {
 
     /// An emulated device that reports `Device::Cuda(ordinal)` (data-parallel tests).
     pub fn with_ordinal(ordinal: usize) -> EmuGpu {
-        EmuGpu { ordinal, state: Mutex::new(State::default()) }
+        EmuGpu {
+            ordinal,
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+            schedule: Schedule::from_env(),
+            check: Check::from_env(),
+            state: Mutex::new(State::default()),
+            stream: Mutex::new(()),
+        }
+    }
+
+    /// Runs every launch under `schedule` (instead of `STEEL_EMU_SCHEDULE`'s).
+    pub fn with_schedule(mut self, schedule: Schedule) -> EmuGpu {
+        self.schedule = Ok(schedule);
+        self
+    }
+
+    /// Runs every launch with `check` (instead of `STEEL_EMU_CHECK`'s).
+    pub fn with_check(mut self, check: Check) -> EmuGpu {
+        self.check = Ok(check);
+        self
+    }
+
+    /// The schedule every launch runs under (an invalid `STEEL_EMU_SCHEDULE` is an error).
+    pub fn schedule(&self) -> Result<Schedule> {
+        self.schedule.clone().map_err(|e| Error::invalid("EmuGpu", e))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stream(&self) -> MutexGuard<'_, ()> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every launch so far, in order.
@@ -86,7 +133,14 @@ impl EmuGpu {
 
     /// Bytes currently allocated (tests check that temporary workspaces are returned).
     pub fn allocated_bytes(&self) -> usize {
-        self.state().allocs.values().map(|l| l.size()).sum()
+        self.state().allocs.values().sum()
+    }
+
+    fn take_sticky(&self, op: &'static str) -> Result<()> {
+        match self.state().sticky.take() {
+            Some(e) => Err(Error::gpu(op, e)),
+            None => Ok(()),
+        }
     }
 
     fn check_range(&self, op: &'static str, ptr: DevicePtr, bytes: usize) -> Result<()> {
@@ -94,9 +148,9 @@ impl EmuGpu {
             return Ok(());
         }
         let s = self.state();
-        let inside = s.allocs.iter().any(|(&base, l)| {
+        let inside = s.allocs.iter().any(|(&base, &size)| {
             ptr >= base
-                && ptr.checked_add(bytes as u64).is_some_and(|end| end <= base + l.size() as u64)
+                && ptr.checked_add(bytes as u64).is_some_and(|end| end <= base + size as u64)
         });
         if inside {
             Ok(())
@@ -112,9 +166,10 @@ impl EmuGpu {
 impl Drop for EmuGpu {
     fn drop(&mut self) {
         let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (ptr, layout) in s.allocs.drain() {
-            // SAFETY: every entry was allocated by `alloc` with exactly this layout.
-            unsafe { std::alloc::dealloc(ptr as usize as *mut u8, layout) };
+        for (ptr, _) in s.allocs.drain() {
+            // SAFETY: every entry came from `emu_alloc`; nothing runs on a device being dropped.
+            // Damage would have been reported by the launch that caused it.
+            let _ = unsafe { steel_kernels::emu_free(ptr) };
         }
     }
 }
@@ -168,33 +223,24 @@ impl Gpu for EmuGpu {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr> {
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
+        let ptr = steel_kernels::emu_alloc(bytes, self.owner)
             .map_err(|e| Error::gpu("EmuGpu::alloc", format!("{bytes} bytes: {e}")))?;
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc(layout) };
-        if p.is_null() {
-            return Err(Error::gpu(
-                "EmuGpu::alloc",
-                format!("out of host memory for {bytes} bytes"),
-            ));
-        }
-        // SAFETY: p is a fresh allocation of layout.size() bytes. The poison makes unwritten
-        // outputs NaN.
-        unsafe { std::ptr::write_bytes(p, 0xFF, layout.size()) };
-        let ptr = p as usize as DevicePtr;
-        self.state().allocs.insert(ptr, layout);
+        self.state().allocs.insert(ptr, bytes);
         Ok(ptr)
     }
 
     unsafe fn free(&self, ptr: DevicePtr) {
-        if let Some(layout) = self.state().allocs.remove(&ptr) {
-            // SAFETY: allocated by `alloc` with this layout; launches are synchronous, so no
-            // queued work can still use it.
-            unsafe { std::alloc::dealloc(ptr as usize as *mut u8, layout) };
+        let _stream = self.stream();
+        if self.state().allocs.remove(&ptr).is_some() {
+            // SAFETY: allocated by `alloc`; the stream lock is held, so no launch uses it now.
+            if let Err(e) = unsafe { steel_kernels::emu_free(ptr) } {
+                self.state().sticky.get_or_insert(e);
+            }
         }
     }
 
     unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
+        let _stream = self.stream();
         self.check_range("EmuGpu::upload", dst, src.len())?;
         // SAFETY: the range was checked to lie in a live allocation; host slices never alias it.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as usize as *mut u8, src.len()) };
@@ -202,6 +248,7 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        let _stream = self.stream();
         self.check_range("EmuGpu::download", src, dst.len())?;
         // SAFETY: as in upload.
         unsafe {
@@ -211,6 +258,7 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn copy(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<()> {
+        let _stream = self.stream();
         self.check_range("EmuGpu::copy", dst, bytes)?;
         self.check_range("EmuGpu::copy", src, bytes)?;
         // SAFETY: both ranges are live; `copy` tolerates overlap.
@@ -219,6 +267,7 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn memset(&self, dst: DevicePtr, value: Fill, count: usize) -> Result<()> {
+        let _stream = self.stream();
         self.check_range("EmuGpu::memset", dst, count * value.width())?;
         let p = dst as usize;
         // SAFETY: the range is live; alignment to the width is the caller's contract.
@@ -233,7 +282,9 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn launch(&self, symbol: &'static str, cfg: LaunchConfig, params: &[u8]) -> Result<()> {
-        let nvtx = {
+        let _stream = self.stream();
+        self.take_sticky("EmuGpu::launch")?;
+        let (nvtx, dyn_shared_optin) = {
             let mut s = self.state();
             let nvtx = s.nvtx_stack.join("/");
             s.launches.push(LaunchRecord {
@@ -243,7 +294,13 @@ impl Gpu for EmuGpu {
                 shared_bytes: cfg.shared_bytes,
                 nvtx: nvtx.clone(),
             });
-            nvtx
+            (nvtx, s.opt_in.get(symbol).copied().unwrap_or(0))
+        };
+        let opt = steel_kernels::EmuOptions {
+            schedule: self.schedule()?,
+            check: self.check.clone().map_err(|e| Error::invalid("EmuGpu", e))?,
+            owner: self.owner,
+            dyn_shared_optin,
         };
         let d = |d: Dim3| [d.x, d.y, d.z];
         // SAFETY: the caller guarantees the parameter struct and the memory it points to.
@@ -254,6 +311,7 @@ impl Gpu for EmuGpu {
                 d(cfg.block),
                 cfg.shared_bytes as usize,
                 params,
+                &opt,
             )
         }
         .map_err(|msg| {
@@ -262,7 +320,22 @@ impl Gpu for EmuGpu {
         })
     }
 
+    fn opt_in_dynamic_shared(&self, symbol: &'static str, bytes: u32) -> Result<()> {
+        const LIMIT: u32 = 227 * 1024;
+        if bytes > LIMIT {
+            return Err(Error::gpu(
+                "EmuGpu::opt_in_dynamic_shared",
+                format!("kernel {symbol}: {bytes} bytes exceed the {LIMIT} bytes of a block"),
+            ));
+        }
+        let mut s = self.state();
+        let v = s.opt_in.entry(symbol).or_insert(0);
+        *v = (*v).max(bytes);
+        Ok(())
+    }
+
     unsafe fn gemm(&self, g: &GemmDesc, a: DevicePtr, b: DevicePtr, c: DevicePtr) -> Result<()> {
+        let _stream = self.stream();
         let (m, n, k) = (g.m, g.n, g.k);
         // SAFETY: the caller guarantees m·k, k·n and m·n elements.
         let (av, bv) = unsafe { (operand(a, m * k, g.ab_dtype)?, operand(b, k * n, g.ab_dtype)?) };
@@ -290,6 +363,7 @@ impl Gpu for EmuGpu {
     ) -> Result<()> {
         use crate::backend::Transpose;
         const OP: &str = "EmuGpu::gemm_ex";
+        let _stream = self.stream();
         let (m, n, k) = (s.m, s.n, s.k);
         let (ie, oe) = (s.input.size_in_bytes() as u64, s.output.size_in_bytes() as u64);
         if !matches!(s.output, DType::F32 | DType::BF16) {
@@ -353,7 +427,8 @@ impl Gpu for EmuGpu {
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(())
+        let _stream = self.stream();
+        self.take_sticky("EmuGpu::synchronize")
     }
 
     fn nvtx_push(&self, name: &str) {

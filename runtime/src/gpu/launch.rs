@@ -249,7 +249,13 @@ pub(crate) fn workspace<G: Gpu>(gpu: &Arc<G>, bytes: usize) -> Result<GpuBuffer>
     GpuBuffer::new(g, bytes)
 }
 
+/// The dynamic shared memory every kernel may use without the opt-in.
+pub const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
+
 fn launch<G: Gpu, P: Pod>(gpu: &G, symbol: &'static str, cfg: LaunchConfig, p: &P) -> Result<()> {
+    if cfg.shared_bytes > DEFAULT_DYNAMIC_SHARED {
+        gpu.opt_in_dynamic_shared(symbol, cfg.shared_bytes)?;
+    }
     // SAFETY: every launcher below packs `P` as the exact mirror of the kernel's struct (size
     // asserted here and in the .cu source) and has checked that each pointer addresses a live
     // buffer of this Gpu large enough for what the kernel touches under `cfg`.

@@ -25,7 +25,7 @@ pub mod launch;
 
 pub use backend::GpuBackend;
 pub use comm::StagedComm;
-pub use emu::{EmuGpu, LaunchRecord};
+pub use emu::{Check, EmuGpu, LaunchRecord, Schedule};
 
 use crate::{DType, Result};
 use std::sync::Arc;
@@ -154,6 +154,11 @@ pub trait Gpu: Send + Sync + 'static {
     /// pointer in it addresses live device memory large enough for what the kernel touches
     /// under `cfg`.
     unsafe fn launch(&self, symbol: &'static str, cfg: LaunchConfig, params: &[u8]) -> Result<()>;
+    /// Allows kernel `symbol` up to `bytes` of dynamic shared memory, beyond the 48 KiB every
+    /// kernel may use (`cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)`: once per kernel, to
+    /// the largest size asked for). A launch above 48 KiB without it fails, on a device and in the
+    /// emulator alike; the launchers call it (`launch::launch`).
+    fn opt_in_dynamic_shared(&self, symbol: &'static str, bytes: u32) -> Result<()>;
     /// Queues one GEMM (see [`GemmDesc`]).
     ///
     /// # Safety
