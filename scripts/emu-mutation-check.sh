@@ -1,46 +1,127 @@
 #!/usr/bin/env bash
-# Proof that the emulated property tests run the kernels (issue #3): each test-only breakage of
-# a kernel (STEEL_EMU_MUTATE=<name> defines STEEL_MUTATE_<NAME> in every .cu, see the #ifdefs in
-# kernels-cu/*.cu) must make that kernel's `emu_` property test FAIL. A mutation that survives
-# means the test does not exercise the kernel.
+# Proof that the emulated tests run the kernels and that the emulator's detectors see what a GPU
+# would expose: every mutation below must make an emulated test (`cargo test emu`) FAIL, and
+# the detector mutations must fail with their detector's message — a numeric mismatch that
+# happens to fail does not count.
 #
-# Usage: scripts/emu-mutation-check.sh [mutation ...]   (default: all)
-# Builds in its own target directory (CARGO_TARGET_DIR, default target/emu-mutation) so the
-# mutated emulator never replaces the normal build; the first run builds the dependencies once.
-# Not part of CI by default: it rebuilds the runtime once per mutation.
+# Mutations (run `--list` for all of them):
+#   kernel:<name>     a test-only breakage of one kernel (STEEL_EMU_MUTATE=<name>, #ifdef
+#                     STEEL_MUTATE_<NAME> in kernels-cu): off-by-ones that must fail the numbers
+#                     (the six of #3), and uninitialised-shared-read and one-past-the-end
+#                     mutations per kernel family that must fail with the detector's message
+#   barrier:<file>:<k> the k-th __syncthreads()/__syncwarp() of kernels-cu/<file> or include/<file>
+#                     removed (STEEL_EMU_DROP_BARRIER): must fail with a race / uninitialised /
+#                     cp.async report
+#
+# Usage: scripts/emu-mutation-check.sh [--list | --quick | mutation ...]   (default: all)
+#   --quick   the fast subset CI runs: the mma tile-loop barrier, block_sum's leading barrier
+#             (only a second call exercises it) and the mma tile's uninitialised read
+# Builds in CARGO_TARGET_DIR (default target/emu-mutation, so the mutated emulator never replaces
+# the normal build; CI passes its own target dir to reuse the dependencies). Each mutation
+# rebuilds the emulator and the runtime's test binary (~30 s on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/emu-mutation}"
 export PROPTEST_CASES="${PROPTEST_CASES:-16}"
 
-# mutation -> the test that must catch it
-declare -A TEST=(
-    [add_rms_norm_fwd]=emu_add_rms_norm_fwd_bwd_matches_cpu
-    [add_rms_norm_bwd]=emu_add_rms_norm_fwd_bwd_matches_cpu
-    [adamw]=emu_adamw_step_matches_cpu
-    [lm_head_ce_fwd]=emu_lm_head_ce_fwd_bwd_matches_cpu
-    [lm_head_ce_bwd]=emu_lm_head_ce_fwd_bwd_matches_cpu
-    [mma_tile_gemm]=emu_mma_tile_gemm_matches_cpu
-)
-if [ "$#" -gt 0 ]; then names=("$@"); else names=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm); fi
+DETECTOR='data race|uninitialised shared memory|has not yet written|out-of-bounds'
+MEMORY='data race|uninitialised shared memory|has not yet written'
 
-survived=0
-printf '%-18s %-40s %s\n' mutation test result
+# kernel mutation -> what its failure must show: "numbers" (the named test fails) or a regex
+declare -A KERNEL=(
+    [add_rms_norm_fwd]=numbers [add_rms_norm_bwd]=numbers [adamw]=numbers
+    [lm_head_ce_fwd]=numbers [lm_head_ce_bwd]=numbers [mma_tile_gemm]=numbers
+    [block_sum_uninit]='uninitialised shared memory'
+    [softmax_stats_uninit]='uninitialised shared memory'
+    [mma_tile_gemm_uninit]='uninitialised shared memory'
+    [mma_tile_gemm_shared_oob]='out-of-bounds shared memory access'
+    [rms_norm_oob]='out-of-bounds global memory access|data race'
+    [lm_head_ce_oob]='out-of-bounds global memory access'
+    [adamw_oob]='out-of-bounds global memory access'
+    [mma_tile_gemm_oob]='out-of-bounds global memory access'
+)
+KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
+    block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
+    mma_tile_gemm_uninit mma_tile_gemm_shared_oob mma_tile_gemm_oob)
+
+# Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
+# not part of a longer identifier).
+barrier_sites() {
+    for f in kernels-cu/*.cu kernels-cu/include/*.cuh; do
+        awk -v F="$(basename "$f")" '{
+            code = $0; sub(/\/\/.*/, "", code)
+            while (match(code, /(^|[^A-Za-z0-9_])(__syncthreads|__syncwarp)\(/)) {
+                k++; print "barrier:" F ":" k "\t" F ":" NR
+                code = substr(code, RSTART + RLENGTH)
+            }
+        }' "$f"
+    done
+}
+
+all_mutations() {
+    for k in "${KERNEL_ORDER[@]}"; do echo "kernel:$k"; done
+    barrier_sites | cut -f1
+}
+
+case "${1:-}" in
+    --list)
+        for k in "${KERNEL_ORDER[@]}"; do printf 'kernel:%-40s %s\n' "$k" "${KERNEL[$k]}"; done
+        barrier_sites | awk -F'\t' '{ printf "%-47s line %s\n", $1, $2 }'
+        exit 0 ;;
+    --quick) names=(barrier:mma_gemm.cu:2 barrier:steel_common.cuh:1 kernel:mma_tile_gemm_uninit) ;;
+    "") mapfile -t names < <(all_mutations) ;;
+    *) names=("$@") ;;
+esac
+
+# The test of each numeric mutation.
+declare -A NUMERIC_TEST=(
+    [add_rms_norm_fwd]=emu_add_rms_norm_fwd_bwd_matches_cpu [add_rms_norm_bwd]=emu_add_rms_norm_fwd_bwd_matches_cpu
+    [adamw]=emu_adamw_step_matches_cpu [lm_head_ce_fwd]=emu_lm_head_ce_fwd_bwd_matches_cpu
+    [lm_head_ce_bwd]=emu_lm_head_ce_fwd_bwd_matches_cpu [mma_tile_gemm]=emu_mma_tile_gemm_matches_cpu
+)
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+failed=0
+printf '%-40s %s\n' mutation result
 for m in "${names[@]}"; do
-    t="${TEST[$m]:-}"
-    if [ -z "$t" ]; then echo "unknown mutation $m (known: ${!TEST[*]})" >&2; exit 2; fi
+    env_var=() expect=""
+    case "$m" in
+        kernel:*)
+            k=${m#kernel:}
+            [ -n "${KERNEL[$k]:-}" ] || { echo "unknown mutation $m (see --list)" >&2; exit 2; }
+            env_var=(STEEL_EMU_MUTATE="$k"); expect=${KERNEL[$k]} ;;
+        barrier:*)
+            env_var=(STEEL_EMU_DROP_BARRIER="${m#barrier:}"); expect=$MEMORY ;;
+        *) echo "unknown mutation $m (see --list)" >&2; exit 2 ;;
+    esac
+    t0=$SECONDS
     # Build first, so a compile error is never mistaken for a caught mutation.
-    if ! STEEL_EMU_MUTATE="$m" cargo test --release -p steel-runtime --no-run -q 2>/tmp/emu-mutation-build.log; then
-        echo "build with STEEL_EMU_MUTATE=$m failed:" >&2; cat /tmp/emu-mutation-build.log >&2; exit 2
+    if ! env "${env_var[@]}" cargo test --release -p steel-runtime --test main --no-run -q >"$log" 2>&1; then
+        echo "build with ${env_var[*]} failed:" >&2; cat "$log" >&2; exit 2
     fi
-    out=$(STEEL_EMU_MUTATE="$m" cargo test --release -p steel-runtime -q "$t" -- --exact "gpu_kernels::$t" 2>&1 || true)
-    if grep -q "gpu_kernels::$t ... FAILED\|test result: FAILED" <<<"$out"; then
-        printf '%-18s %-40s %s\n' "$m" "$t" "caught (test failed)"
+    env "${env_var[@]}" cargo test --release -p steel-runtime --test main -q -- emu >"$log" 2>&1 || true
+    secs=$((SECONDS - t0))
+    failing=$(grep -oE '^    [a-z_:]+emu_[a-z0-9_]+$' "$log" | sed 's/^ *//' | sort -u | tr '\n' ' ')
+    if ! grep -q 'test result: FAILED' "$log"; then
+        printf '%-40s SURVIVED: every emulated test passed (%d s)\n' "$m" "$secs"; failed=1
+    elif [ "$expect" = numbers ]; then
+        t=${NUMERIC_TEST[${m#kernel:}]}
+        if grep -q "^    gpu_kernels::$t\$" "$log"; then
+            printf '%-40s caught: %s fails (%d s)\n' "$m" "$t" "$secs"
+        else
+            printf '%-40s NOT CAUGHT by %s (failing: %s)\n' "$m" "$t" "$failing"; failed=1
+        fi
+    elif msg=$(grep -oE "$expect" "$log" | head -n1) && [ -n "$msg" ]; then
+        printf '%-40s caught: "%s" (%d s; failing: %s)\n' "$m" "$msg" "$secs" "$failing"
+    elif [ "$m" = "barrier:test_emu.cu:3" ] && grep -q 'emu_barrier_divergence_reports_kernel' <<<"$failing"; then
+        # The divergent-barrier kernel is wrong on purpose: without its barrier it is correct,
+        # and the test that expects the deadlock report fails.
+        printf '%-40s caught: the deadlock test no longer sees its deadlock (%d s)\n' "$m" "$secs"
     else
-        printf '%-18s %-40s %s\n' "$m" "$t" "SURVIVED (test passed)"
-        survived=1
+        printf '%-40s NUMBERS ONLY: tests failed without a detector message (failing: %s)\n' "$m" "$failing"
+        grep -E 'panicked|Error' "$log" | head -n3 | cut -c1-300
+        failed=1
     fi
 done
-# Leave the directory's emulator unmutated.
-cargo build --release -p steel-kernels -q
-exit $survived
+exit $failed
