@@ -5,6 +5,8 @@
 #   PROPTEST_CASES   cases per property test (default 32)
 #   STEEL_SKIP_LINT  set to 1 to skip rustfmt/clippy (local iteration only)
 #   CI               when "true", a missing NVRTC toolchain is a failure instead of a skip
+#   STEEL_EMU_*      the emulator's schedule and checks (kernels-cu/src/lib.rs); defaults are
+#                    round-robin with every detector on
 #
 # The GPU kernels are compiled with NVRTC for sm_90 on every run (no GPU needed): NVIDIA's pip
 # wheels nvidia-cuda-nvrtc, nvidia-cuda-runtime and nvidia-cuda-cccl (13.0.*, the H200 driver's
@@ -91,3 +93,10 @@ if [ "$nvrtc" = 1 ]; then
   fi
   echo "kernels compiled for sm_90: $compiled of $globals, no warnings, no spills ($((SECONDS - t0)) s)"
 fi
+
+step "emulator detectors: the quick mutation subset (each must fail a test with the detector's message)"
+# Reuses this run's target dir (its dependencies are built); each mutation rebuilds the emulator
+# and the runtime's test binary. The full set: scripts/emu-mutation-check.sh (see --list).
+t0=$SECONDS
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}" bash scripts/emu-mutation-check.sh --quick
+echo "mutation subset: $((SECONDS - t0)) s"

@@ -2,9 +2,10 @@
 //!
 //! `--compile-only --arch sm_90` needs no GPU: it compiles every `.cu` source of kernels-cu for
 //! the architecture, prints ptxas's own `-v` lines per kernel (registers, shared memory, stack
-//! frame, spill stores/loads) and a summary table, and fails (exit 2) on a compile error, a
-//! warning, a spill, or a kernel count different from the number of `__global__` functions in
-//! the sources. `--export DIR` also writes the cubins as a bundle for `scripts/gpu-check.sh`.
+//! frame, spill stores/loads) and a summary table with each kernel's `__launch_bounds__`, and
+//! fails (exit 2) on a compile error, a warning, a spill, registers × launch bounds above the
+//! 65,536 registers of a block, or a kernel count different from the number of `__global__`
+//! functions in the sources. `--export DIR` also writes the cubins as a bundle for `scripts/gpu-check.sh`.
 //!
 //! Without `--compile-only` the kernels run on the GPU chosen by `--device` (an explicit
 //! `cuda` without a driver exits 2 with "no CUDA driver found; use --device cpu").
@@ -78,6 +79,9 @@ fn compiler(args: &KernelsArgs) -> Result<Compiler> {
     Ok(Compiler::new(cache)?)
 }
 
+/// Registers of one block on sm_90 (64 K 32-bit registers per SM, all of them to one block at most).
+const REGISTERS_PER_BLOCK: u64 = 65_536;
+
 /// One source's outcome.
 struct Outcome {
     file: &'static str,
@@ -119,6 +123,9 @@ fn compile_all(args: &KernelsArgs, arch: &Arch) -> Result<()> {
 
     let mut failures: Vec<String> = Vec::new();
     let mut reports: Vec<(&str, KernelReport)> = Vec::new();
+    // Every kernel's declared block size, as the emulator's registry evaluated it.
+    let bounds: std::collections::HashMap<String, u32> =
+        steel_kernels::launch_bounds().into_iter().collect();
     let mut warnings = 0usize;
     for o in &outcomes {
         println!();
@@ -144,6 +151,14 @@ fn compile_all(args: &KernelsArgs, arch: &Arch) -> Result<()> {
                     for line in &k.lines {
                         println!("    {line}");
                     }
+                    let threads = bounds.get(k.name.as_str()).copied().unwrap_or(0);
+                    if u64::from(k.registers) * u64::from(threads) > REGISTERS_PER_BLOCK {
+                        failures.push(format!(
+                            "{}: {} registers × __launch_bounds__({threads}) exceed the {} \
+                             registers of a block",
+                            k.name, k.registers, REGISTERS_PER_BLOCK
+                        ));
+                    }
                     if k.spills() {
                         failures.push(format!(
                             "{} spills ({} bytes stores, {} bytes loads)",
@@ -158,15 +173,16 @@ fn compile_all(args: &KernelsArgs, arch: &Arch) -> Result<()> {
 
     println!();
     println!(
-        "{:<36} {:<18} {:>5} {:>9} {:>7} {:>12}",
-        "kernel", "file", "regs", "smem B", "stack B", "spill st/ld"
+        "{:<36} {:<18} {:>5} {:>7} {:>9} {:>7} {:>12}",
+        "kernel", "file", "regs", "bounds", "smem B", "stack B", "spill st/ld"
     );
     for (file, k) in &reports {
         println!(
-            "{:<36} {:<18} {:>5} {:>9} {:>7} {:>12}",
+            "{:<36} {:<18} {:>5} {:>7} {:>9} {:>7} {:>12}",
             k.name,
             file,
             k.registers,
+            bounds.get(k.name.as_str()).copied().unwrap_or(0),
             k.shared_bytes,
             k.stack_frame_bytes,
             format!("{}/{}", k.spill_store_bytes, k.spill_load_bytes)

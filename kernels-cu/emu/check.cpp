@@ -118,11 +118,12 @@ ShadowPage* shadow_page(GlobalShadow& s, const Alloc& a, size_t off) {
     std::atomic<ShadowPage*>& ps = t->pages[off / kShadowPage];
     ShadowPage* p = ps.load(std::memory_order_acquire);
     if (!p) {
-        if (s.bytes.fetch_add(sizeof(ShadowPage)) + sizeof(ShadowPage) > shadow_cap_bytes())
+        if (s.bytes.load(std::memory_order_relaxed) + sizeof(ShadowPage) > shadow_cap_bytes())
             return nullptr;
         auto* fresh = static_cast<ShadowPage*>(std::calloc(1, sizeof(ShadowPage)));
         if (ps.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) {
             p = fresh;
+            s.bytes.fetch_add(sizeof(ShadowPage), std::memory_order_relaxed);
         } else {
             std::free(fresh);
         }
@@ -433,7 +434,7 @@ void checker_block_start(Block& b) {
     b.arena_used = 0;
     b.stamp_sets.clear();
     b.last_alloc = nullptr;
-    for (Warp& w : b.warps) std::memset(w.vc, 0, sizeof w.vc);
+    for (Warp& w : b.warps) std::memset(w.vc, 0, sizeof w.vc), w.vc_dirty = false;
     if (b.dyn_bytes) {
         b.regions.push_back(SharedRegion{nullptr, 0, (uint32_t)b.dyn_bytes});
         b.arena_used = round16(b.dyn_bytes) + kRedZone;
@@ -446,7 +447,8 @@ void checker_block_start(Block& b) {
 void checker_block_barrier(Block& b) {
     b.epoch++;
     b.stamp_sets.clear();
-    for (Warp& w : b.warps) std::memset(w.vc, 0, sizeof w.vc);
+    for (Warp& w : b.warps)
+        if (w.vc_dirty) std::memset(w.vc, 0, sizeof w.vc), w.vc_dirty = false;
 }
 
 void* shared_static(const SharedSite* site, size_t bytes, size_t align) {

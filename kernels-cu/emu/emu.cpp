@@ -289,9 +289,16 @@ std::string deadlock_report(const Block& b) {
                  coll_name(first_warp->waiting->kind), first_warp->waiting->mask,
                  first_warp->waiting->arrived);
     if (exited)
-        s += fmt("%u threads exited without reaching it (first: thread %s)", exited,
+        s += fmt("%u threads exited without reaching it (first: thread %s); ", exited,
                  thread_name(b, first_exit->tid).c_str());
-    return s;
+    // Every collective still waiting, so disagreeing masks are named side by side.
+    unsigned listed = 0;
+    for (size_t wi = 0; wi < b.warps.size(); ++wi)
+        for (const Exchange* x : b.warps[wi].open)
+            if (listed++ < 6)
+                s += fmt("warp %zu waits at %s with mask %#x (lanes %#x arrived, exchange #%llu); ",
+                         wi, coll_name(x->kind), x->mask, x->arrived, (unsigned long long)x->seq);
+    return s.substr(0, s.size() - 2);
 }
 
 // Runs one block to completion; false (with b.error) on a deadlock or a reported misuse.
@@ -517,6 +524,7 @@ namespace {
 // Joins the vector clocks of the lanes of `mask` (a __syncwarp): each lane's barrier count
 // advances, and every lane then knows everything any of them knew.
 void join_clocks(Warp& w, unsigned mask) {
+    w.vc_dirty = true;
     uint32_t j[32] = {0};
     for (unsigned l = 0; l < 32; ++l)
         if ((mask >> l) & 1u) w.vc[l][l]++;

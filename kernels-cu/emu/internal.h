@@ -152,6 +152,7 @@ struct Warp {
     // Vector clocks of the lanes since the last block barrier: vc[l][k] is how many warp
     // barriers of lane k happen before lane l's present (vc[l][l]: lane l's own stamp).
     uint32_t vc[32][32];
+    bool vc_dirty = false;  // a __syncwarp advanced vc in this epoch
 };
 
 struct Launch;
