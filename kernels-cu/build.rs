@@ -2,7 +2,8 @@
 //! compiler with emu/shim.h, plus the fiber runtime and the memory checker, into one static
 //! library.
 //!
-//! The kernels (not the runtime) are compiled with `-fsanitize=thread`: g++ then calls
+//! The kernels (not the runtime) are compiled with NVRTC's floating point (`-mfma
+//! -ffp-contract=fast`, emu/device_math.h's functions) and with `-fsanitize=thread`: g++ then calls
 //! `__tsan_read4(addr)`-style hooks before their memory accesses, which emu/check.cpp implements
 //! (the ThreadSanitizer runtime is never linked). They are also compiled with debug line tables,
 //! and their object files stay in OUT_DIR, so a report can name the source line of an access
@@ -66,7 +67,10 @@ fn main() {
         let stem = path.file_stem().and_then(|s| s.to_str()).expect("utf-8 file name").to_string();
         let source = std::fs::read_to_string(path).expect("a readable .cu file");
         let decls = kernel_decls(&source);
-        let mut unit = format!("#include \"{}\"\n#include \"registry.h\"\n", path.display());
+        let mut unit = format!(
+            "#include \"device_math.h\"\n#include \"{}\"\n#include \"registry.h\"\n",
+            path.display()
+        );
         let _ = writeln!(
             unit,
             "extern \"C\" const ::steel_emu::KernelEntry steel_emu_table_{stem}[] = {{"
@@ -117,6 +121,7 @@ fn main() {
             .opt_level(2)
             .warnings(true)
             .extra_warnings(true)
+            .warnings_into_errors(true)
             .flag("-Wno-unused-function")
             .flag("-Wno-unused-parameter")
             .flag("-fno-strict-aliasing")
@@ -139,10 +144,18 @@ fn main() {
         }
     };
 
-    // The kernels, instrumented for the checker, with line tables for its reports.
+    // The kernels, instrumented for the checker, with line tables for its reports, and with
+    // NVRTC's floating point: multiply-adds contract (--fmad=true), so the host needs FMA.
+    if !std::arch::is_x86_feature_detected!("fma") {
+        panic!(
+            "the kernels-cu emulator contracts multiply-adds as NVRTC does (-mfma \
+             -ffp-contract=fast), and this CPU has no FMA instructions; build on an x86-64 CPU \
+             with FMA (Intel Haswell / AMD Piledriver or newer)"
+        );
+    }
     let mut kernels = cc::Build::new();
     base(&mut kernels);
-    kernels.debug(true).flag("-g");
+    kernels.debug(true).flag("-g").flag("-mfma").flag("-ffp-contract=fast");
     if !asan {
         kernels
             .flag("-fsanitize=thread")

@@ -308,3 +308,32 @@ extern "C" __global__ void __launch_bounds__(1024) emu_test_partial_masks(const 
     }
     p.out[t] = __shfl_xor_sync(STEEL_FULL_MASK, v, 16);
 }
+
+struct EmuTestMathParams {
+    const float* x;  // (n), any sign
+    const float* y;  // (n), positive
+    float* out;      // (n, 12)
+    u64 n;
+};
+STEEL_PARAMS_SIZE(EmuTestMathParams, 32);
+
+// The device's math as kernels see it: full-precision functions, intrinsics, correctly rounded
+// operations, and a multiply-add that contracts next to one that may not.
+extern "C" __global__ void __launch_bounds__(256) emu_test_math(const EmuTestMathParams p) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.n) return;
+    const float x = p.x[i], y = p.y[i];
+    float* o = p.out + i * 12;
+    o[0] = expf(x);
+    o[1] = __expf(x);
+    o[2] = logf(y);
+    o[3] = __logf(y);
+    o[4] = rsqrtf(y);
+    o[5] = __fdividef(x, y);
+    o[6] = sqrtf(y);
+    o[7] = __frcp_rn(y);
+    o[8] = tanhf(x);
+    o[9] = x / y;
+    o[10] = x * y + 1.0f;                    // contracts into one fma (NVRTC's --fmad=true)
+    o[11] = __fadd_rn(__fmul_rn(x, y), 1.0f);  // never contracts
+}

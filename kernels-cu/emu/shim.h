@@ -225,11 +225,8 @@ static inline float atomicExch(float* a, float v) {
 }
 
 // ---- math and bit casts -------------------------------------------------------------------------
-static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-// glibc declares __expf/__logf itself (the exact functions): use the accurate ones.
-#define __expf expf
-#define __logf logf
-static inline float __fdividef(float a, float b) { return a / b; }
+// The device's math functions and intrinsics (expf, __expf, rsqrtf, __fdividef, …) with their
+// documented accuracy: emu/device_math.h, which build.rs includes into the kernels only.
 static inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 static inline float __int_as_float(int v) { return steel_emu::from_word<float>((uint32_t)v); }
 static inline int __float_as_int(float v) { return (int)(uint32_t)steel_emu::to_word(v); }
