@@ -17,7 +17,7 @@
 use crate::{DType, Device, Result, Tensor};
 
 /// Whether a GEMM operand is used as stored or transposed (its last two axes swapped).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transpose {
     No,
     Yes,

@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use steel_runtime::cuda::alloc::{size_class, CachingAllocator, DeviceMemory, MIN_BLOCK};
 use steel_runtime::cuda::cache::{CacheKey, CubinCache, Entry};
-use steel_runtime::cuda::gemm::{interpret, plan, span, GemmShape, LtOp};
+use steel_runtime::cuda::gemm::{
+    alignments, check_alignment, interpret, plan, span, GemmPtrs, GemmShape, LtAlign, LtOp,
+};
 use steel_runtime::cuda::headers;
 use steel_runtime::cuda::libs::{self, CudaLib};
 use steel_runtime::cuda::nvrtc::{Arch, Compiler, Source};
@@ -438,6 +440,49 @@ fn lt_plan_rejects_what_cublaslt_cannot_do() {
     let summed = GemmShape { out_batch_stride: 0, ..ok };
     let msg = plan(&summed).unwrap_err().to_string();
     assert!(msg.contains("overlaps"), "{msg}");
+    // cuBLASLt's type table: fp32 inputs go with an fp32 output only.
+    let msg = plan(&GemmShape { input: DType::F32, output: DType::BF16, ..ok }).unwrap_err();
+    let msg = msg.to_string();
+    assert!(
+        msg.contains("CUBLAS_STATUS_NOT_SUPPORTED")
+            && msg.contains("fp32 inputs with a bf16 output"),
+        "{msg}"
+    );
+    assert!(plan(&GemmShape { input: DType::F32, output: DType::F32, ..ok }).is_ok());
+    assert!(plan(&GemmShape { input: DType::BF16, output: DType::BF16, ..ok }).is_ok());
+}
+
+/// The alignments declared to cuBLASLt hold for every batch item: the base address and, when
+/// batched, the stride in bytes; capped at cuBLASLt's default of 256.
+#[test]
+fn lt_alignments_follow_pointers_and_batch_strides() {
+    let s = GemmShape::contiguous(
+        3,
+        4,
+        5,
+        2,
+        Transpose::No,
+        Transpose::No,
+        false,
+        true,
+        DType::BF16,
+        DType::F32,
+        false,
+    );
+    let base = 1u64 << 20;
+    let p = GemmPtrs { a: base, b: base + 64, out: base + 4096, bias: None };
+    // a: 3·5 bf16 = 30 bytes between batch items → 2; b broadcast → its base (64); out 3·4 f32 =
+    // 48 bytes → 16.
+    assert_eq!(alignments(&s, &p), LtAlign { a: 64, b: 2, c: 16, d: 16 });
+    let single = GemmShape { batch: 1, ..s };
+    assert_eq!(alignments(&single, &p), LtAlign { a: 64, b: 256, c: 256, d: 256 });
+    assert!(check_alignment(&s, &alignments(&s, &p)).is_ok());
+    let odd = GemmPtrs { a: base + 1, ..p };
+    let e = check_alignment(&single, &alignments(&single, &odd)).unwrap_err().to_string();
+    assert!(
+        e.contains("CUBLAS_STATUS_NOT_SUPPORTED") && e.contains("operand a is only 1-byte aligned"),
+        "{e}"
+    );
 }
 
 // ---- profiling -------------------------------------------------------------------------------

@@ -436,18 +436,29 @@ fn ulps(got: f32, e: f64) -> f64 {
 fn emu_device_math_follows_the_documented_accuracy() {
     let n = 4096usize;
     let x: Vec<f32> = rand_vals(n, 31).into_iter().map(|v| (v * 10.0) as f32).collect();
-    let y: Vec<f32> = rand_vals(n, 32).into_iter().map(|v| (v.abs() * 50.0 + 0.01) as f32).collect();
+    let y: Vec<f32> =
+        rand_vals(n, 32).into_iter().map(|v| (v.abs() * 50.0 + 0.01) as f32).collect();
     let gpu = rr();
     let (xp, yp, out) = (upload_f32(&gpu, &x), upload_f32(&gpu, &y), gpu.alloc(n * 48).unwrap());
-    launch_words(&gpu, "emu_test_math", cfg(n.div_ceil(256) as u32, 256, 0), &[xp, yp, out, n as u64])
-        .unwrap();
+    launch_words(
+        &gpu,
+        "emu_test_math",
+        cfg(n.div_ceil(256) as u32, 256, 0),
+        &[xp, yp, out, n as u64],
+    )
+    .unwrap();
     let o = download_f32(&gpu, out, n * 12);
     let (mut inexact_exp, mut fast_differs, mut contracted) = (0usize, 0usize, 0usize);
     for i in 0..n {
         let (xv, yv, r) = (x[i] as f64, y[i] as f64, &o[i * 12..i * 12 + 12]);
         let check = |what: &str, got: f32, e: f64, bound: f64| {
             let u = ulps(got, e);
-            assert!(u <= bound, "{what}({}, {}) = {got:e}: {u:.2} ulp from {e:e} (bound {bound})", x[i], y[i]);
+            assert!(
+                u <= bound,
+                "{what}({}, {}) = {got:e}: {u:.2} ulp from {e:e} (bound {bound})",
+                x[i],
+                y[i]
+            );
         };
         check("expf", r[0], xv.exp(), 2.0);
         check("__expf", r[1], xv.exp(), 2.0 + (1.173 * xv.abs()).floor());
@@ -484,8 +495,12 @@ fn emu_kernels_are_not_bit_identical_to_the_reference_where_a_device_is_not() {
     let c = steel_runtime::cpu::CpuBackend::new();
     let n = 5000;
     let t = |s: u64| Tensor::from_f64(&rand_vals(n, s), &[n], DType::F32).unwrap();
-    let v = Tensor::from_f64(&rand_vals(n, 4).iter().map(|x| x * x).collect::<Vec<_>>(), &[n], DType::F32)
-        .unwrap();
+    let v = Tensor::from_f64(
+        &rand_vals(n, 4).iter().map(|x| x * x).collect::<Vec<_>>(),
+        &[n],
+        DType::F32,
+    )
+    .unwrap();
     let mk = |be: &dyn Backend, up: bool| {
         let u = |x: Tensor| if up { be.upload(&x).unwrap() } else { x };
         vec![AdamWParam {
@@ -505,4 +520,55 @@ fn emu_kernels_are_not_bit_identical_to_the_reference_where_a_device_is_not() {
     assert_rel_norm("adamw m", &got, &want, 1e-5);
     let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
     assert!(differ > 0, "the emulated AdamW moment is bit-identical to the CPU reference");
+}
+
+/// `EmuGpu`'s GEMM refuses what cuBLASLt refuses, with the status cuBLASLt would give: the
+/// fp32 → bf16 type combination, and an operand aligned to less than its element.
+#[test]
+fn emu_gemm_refuses_what_cublaslt_refuses() {
+    use steel_runtime::cuda::gemm::{GemmPtrs, GemmShape};
+    use steel_runtime::{DType, Transpose};
+    let gpu = rr();
+    let (m, n, k) = (4usize, 4usize, 4usize);
+    let vals: Vec<f32> = rand_vals(m * k + 4, 3).into_iter().map(|v| v as f32).collect();
+    let (a, b) = (upload_f32(&gpu, &vals), upload_f32(&gpu, &vals));
+    let out = gpu.alloc(m * n * 4 + 8).unwrap();
+    let shape = |input, output| {
+        GemmShape::contiguous(
+            m,
+            n,
+            k,
+            1,
+            Transpose::No,
+            Transpose::No,
+            false,
+            false,
+            input,
+            output,
+            false,
+        )
+    };
+    let run = |s: &GemmShape, p: GemmPtrs| {
+        // SAFETY: every pointer addresses at least the elements the shape reaches.
+        unsafe { gpu.gemm_ex(s, p, 1.0, 0.0) }
+    };
+    let ok = GemmPtrs { a, b, out, bias: None };
+    run(&shape(DType::F32, DType::F32), ok).unwrap();
+    let e = run(&shape(DType::F32, DType::BF16), ok).unwrap_err().to_string();
+    assert_mentions(
+        &e,
+        &[
+            "cublasLtMatmulAlgoGetHeuristic",
+            "CUBLAS_STATUS_NOT_SUPPORTED",
+            "fp32 inputs with a bf16 output",
+        ],
+    );
+    let e =
+        run(&shape(DType::F32, DType::F32), GemmPtrs { a: a + 2, ..ok }).unwrap_err().to_string();
+    assert_mentions(
+        &e,
+        &["CUBLAS_STATUS_NOT_SUPPORTED", "operand a is only 2-byte aligned; its elements need 4"],
+    );
+    // Less aligned than 256 but aligned to the element: a smaller declared alignment, accepted.
+    run(&shape(DType::F32, DType::F32), GemmPtrs { a: a + 4, out: out + 8, ..ok }).unwrap();
 }

@@ -430,9 +430,14 @@ fn check_matmul<G: TestGpu>(
             vec![batch, r, cols]
         }
     };
-    let a = f32_rand(&if ta { shape(ba, k, m) } else { shape(ba, m, k) }, seed);
-    let b = f32_rand(&if tb { shape(bb, n, k) } else { shape(bb, k, n) }, seed ^ 1);
+    // cuBLASLt's type table: a bf16 output needs bf16 inputs (fp32 → bf16 is refused, below).
+    let input = if bf16_out { DType::BF16 } else { DType::F32 };
+    let a = rand_tensor_dt(&if ta { shape(ba, k, m) } else { shape(ba, m, k) }, input, seed);
+    let b = rand_tensor_dt(&if tb { shape(bb, n, k) } else { shape(bb, k, n) }, input, seed ^ 1);
     let out = if bf16_out { DType::BF16 } else { DType::F32 };
+    // The reference: the same (bf16-rounded) values in f32.
+    let widen = |t: &Tensor| c.cast(t, DType::F32).unwrap();
+    let (a32, b32) = (widen(&a), widen(&b));
     // The bias has the output dtype; the reference adds the same (rounded) values in f32, so
     // only the output's own rounding separates the two (a bias cancelling the product would
     // otherwise turn the bias's rounding into a large relative error).
@@ -444,8 +449,12 @@ fn check_matmul<G: TestGpu>(
             t
         }
     });
-    let want = c.matmul(&a, &b, bias.as_ref(), spec, None).unwrap();
+    let want = c.matmul(&a32, &b32, bias.as_ref(), spec, None).unwrap();
     let (ga, gb) = (g.upload(&a).unwrap(), g.upload(&b).unwrap());
+    if !bf16_out {
+        let e = g.matmul(&ga, &gb, None, spec, Some(DType::BF16)).unwrap_err().to_string();
+        assert!(e.contains("cuBLASLt has no fp32-inputs → bf16-output GEMM"), "{e}");
+    }
     let gbias = bias.as_ref().map(|t| g.upload(&c.cast(t, out).unwrap()).unwrap());
     let got = g.matmul(&ga, &gb, gbias.as_ref(), spec, Some(out)).unwrap();
     assert_eq!(got.shape(), want.shape());
@@ -459,7 +468,7 @@ fn check_matmul<G: TestGpu>(
     // accumulate into an existing output; batched products into one matrix are summed
     let prev = f32_rand(&[m, n], seed ^ 3);
     let want_into = prev.deep_copy().unwrap();
-    c.matmul_into(&a, &b, spec, &want_into).unwrap();
+    c.matmul_into(&a32, &b32, spec, &want_into).unwrap();
     let got_into = g.upload(&prev).unwrap();
     g.matmul_into(&ga, &gb, spec, &got_into).unwrap();
     assert_rel_norm("matmul_into", &down(g, &got_into), &vals(&want_into), F32_TOL);

@@ -8,8 +8,14 @@
 //! vector over the rows of the column-major `Dᵀ`, which is what `CUBLASLT_EPILOGUE_BIAS` adds.
 //!
 //! [`plan`] builds every layout and descriptor value from the shape and nothing else (a pure
-//! function); [`interpret`] executes a plan on the CPU with cuBLASLt's column-major semantics,
-//! which is how CI checks the layouts without a GPU; [`LtGemm`] hands a plan to cuBLASLt.
+//! function), refusing what cuBLASLt refuses: its type table (with `CUBLAS_COMPUTE_32F` and an
+//! fp32 scale, bf16 inputs go with a bf16 or fp32 output, fp32 inputs with an fp32 output only).
+//! [`alignments`] derives the `MIN_ALIGNMENT_{A,B,C,D}_BYTES` preferences from the real pointers
+//! (and batch strides), and [`check_alignment`] refuses an operand not aligned to its element;
+//! `CudaGpu` and `EmuGpu` both run all three, so the emulator refuses exactly what a device would.
+//! [`interpret`] executes a plan on the CPU with cuBLASLt's column-major semantics, which is how
+//! CI checks the layouts without a GPU; [`LtGemm`] hands a plan to cuBLASLt, caching descriptors
+//! and the chosen algorithm per (shape, alignment).
 
 use super::libs::{self, CudaLib};
 use super::{CudaError, Result};
@@ -21,7 +27,7 @@ use std::ffi::c_void;
 pub const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// A row-major (batched) GEMM: `out[b] = alpha · op(a[b]) · op(b[b]) (+ bias) (+ beta · out[b])`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     /// Rows of `op(a)` and of the output.
     pub m: usize,
@@ -82,14 +88,14 @@ impl GemmShape {
 }
 
 /// cuBLASLt's operation on a stored matrix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LtOp {
     N,
     T,
 }
 
 /// A column-major matrix layout (`cublasLtMatrixLayout_t`): the STORED matrix, before the op.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LtLayout {
     pub dtype: DType,
     pub rows: u64,
@@ -103,7 +109,7 @@ pub struct LtLayout {
 }
 
 /// Everything cuBLASLt is told about one GEMM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LtPlan {
     /// cuBLASLt's `m, n, k` (`m` = our `n`, `n` = our `m`).
     pub m: u64,
@@ -132,6 +138,16 @@ pub fn plan(s: &GemmShape) -> Result<LtPlan> {
         if !matches!(dt, DType::BF16 | DType::F32) {
             return bad(format!("{what} dtype {dt} (cuBLASLt path takes bf16 or f32)"));
         }
+    }
+    if s.input == DType::F32 && s.output == DType::BF16 {
+        // No algorithm exists for it: the heuristic is where cuBLASLt says so.
+        return Err(CudaError::cublas_status(
+            "cublasLtMatmulAlgoGetHeuristic",
+            "CUBLAS_STATUS_NOT_SUPPORTED",
+            "fp32 inputs with a bf16 output: cuBLASLt's type table (CUBLAS_COMPUTE_32F, scale \
+             CUDA_R_32F) pairs CUDA_R_32F A/B only with a CUDA_R_32F C/D; ask for an F32 output \
+             and cast it, or give bf16 inputs",
+        ));
     }
     if s.m == 0 || s.n == 0 || s.k == 0 || s.batch == 0 {
         return bad(format!("empty product m={} n={} k={} batch={}", s.m, s.n, s.k, s.batch));
@@ -182,6 +198,56 @@ pub fn plan(s: &GemmShape) -> Result<LtPlan> {
         bias: s.bias,
         bias_batch_stride: 0,
     })
+}
+
+/// The alignment, in bytes, cuBLASLt may assume of each of its operands
+/// (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES`): cuBLASLt's A is our `b`, its B our `a`,
+/// C and D our output. Each is a power of two, at most 256 (cuBLASLt's default assumption).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LtAlign {
+    pub a: u32,
+    pub b: u32,
+    pub c: u32,
+    pub d: u32,
+}
+
+/// The largest power of two ≤ 256 dividing `ptr` and, for a batched operand, its stride in bytes:
+/// the alignment every batch item keeps.
+fn alignment(ptr: u64, stride_bytes: u64, batched: bool) -> u32 {
+    let mut bits = ptr | 256;
+    if batched && stride_bytes != 0 {
+        bits |= stride_bytes;
+    }
+    1 << bits.trailing_zeros().min(8)
+}
+
+/// The alignments of a GEMM's operands, from the real pointers and the batch strides.
+pub fn alignments(s: &GemmShape, p: &GemmPtrs) -> LtAlign {
+    let (ie, oe) = (s.input.size_in_bytes() as u64, s.output.size_in_bytes() as u64);
+    let batched = s.batch > 1;
+    let out = alignment(p.out, s.out_batch_stride as u64 * oe, batched);
+    LtAlign {
+        a: alignment(p.b, s.b_batch_stride as u64 * ie, batched),
+        b: alignment(p.a, s.a_batch_stride as u64 * ie, batched),
+        c: out,
+        d: out,
+    }
+}
+
+/// An operand aligned to less than its element: no cuBLASLt algorithm takes it (the heuristic
+/// returns `CUBLAS_STATUS_NOT_SUPPORTED`).
+pub fn check_alignment(s: &GemmShape, al: &LtAlign) -> Result<()> {
+    let (ie, oe) = (s.input.size_in_bytes() as u32, s.output.size_in_bytes() as u32);
+    for (what, got, need) in [("a", al.b, ie), ("b", al.a, ie), ("the output", al.d, oe)] {
+        if got < need {
+            return Err(CudaError::cublas_status(
+                "cublasLtMatmulAlgoGetHeuristic",
+                "CUBLAS_STATUS_NOT_SUPPORTED",
+                format!("operand {what} is only {got}-byte aligned; its elements need {need}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Element `(r, c)` of batch item `batch` of a stored column-major matrix.
@@ -323,13 +389,25 @@ fn make_layout(l: &LtLayout) -> Result<Layout> {
     Ok(layout)
 }
 
-/// A cuBLASLt handle.
-pub struct LtGemm {
-    handle: sys::cublasLtHandle_t,
+/// The descriptors and the algorithm of one (plan, alignment), built once and reused: cuBLASLt
+/// reads them on the host at each call, so only the bias pointer changes between calls.
+struct Cached {
+    desc: Desc,
+    a: Layout,
+    b: Layout,
+    c: Layout,
+    d: Layout,
+    algo: sys::cublasLtMatmulAlgo_t,
 }
 
-// SAFETY: a cuBLASLt handle may be used from any thread as long as calls are not concurrent;
-// `LtGemm::matmul` takes `&mut self`.
+/// A cuBLASLt handle and its plans.
+pub struct LtGemm {
+    handle: sys::cublasLtHandle_t,
+    plans: std::collections::HashMap<(LtPlan, LtAlign), Cached>,
+}
+
+// SAFETY: a cuBLASLt handle and its descriptors may be used from any thread as long as calls
+// are not concurrent; `LtGemm::matmul` takes `&mut self`.
 unsafe impl Send for LtGemm {}
 
 impl LtGemm {
@@ -337,22 +415,17 @@ impl LtGemm {
     pub fn new() -> Result<LtGemm> {
         libs::require(CudaLib::CublasLt)?;
         let handle = lt::create_handle().map_err(|e| CudaError::cublas("cublasLtCreate", e))?;
-        Ok(LtGemm { handle })
+        Ok(LtGemm { handle, plans: std::collections::HashMap::new() })
     }
 
-    /// Queues the GEMM of `plan` on `stream` (fp32 compute and scale), with `workspace` bytes of
-    /// scratch at `workspace_ptr`. The caller keeps every pointer alive until the stream passes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul(
-        &mut self,
-        plan: &LtPlan,
-        ptrs: GemmPtrs,
-        alpha: f32,
-        beta: f32,
-        workspace_ptr: u64,
-        workspace: usize,
-        stream: cudarc::driver::sys::CUstream,
-    ) -> Result<()> {
+    /// The plans built so far (one per shape and alignment).
+    pub fn cached_plans(&self) -> usize {
+        self.plans.len()
+    }
+
+    /// Descriptors, layouts and the heuristic's algorithm for `plan` with operands aligned as
+    /// `al` and `workspace` bytes of scratch.
+    fn build(&self, plan: &LtPlan, al: &LtAlign, workspace: usize) -> Result<Cached> {
         let set = |e| CudaError::cublas("cublasLtMatmulDescSetAttribute", e);
         let desc = Desc(
             lt::create_matmul_desc(
@@ -367,10 +440,6 @@ impl LtGemm {
         } else {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
         };
-        let bias_ptr = ptrs.bias.unwrap_or(0);
-        if plan.bias && bias_ptr == 0 {
-            return Err(CudaError::invalid("gemm", "the plan has a bias but no bias pointer"));
-        }
         use sys::cublasLtMatmulDescAttributes_t as A;
         // SAFETY: `desc` is live; every value has the type and size the attribute documents.
         unsafe {
@@ -382,8 +451,6 @@ impl LtGemm {
             attr(A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue as *const _ as *const c_void, 4)
                 .map_err(set)?;
             if plan.bias {
-                attr(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr as *const u64 as _, 8)
-                    .map_err(set)?;
                 attr(
                     A::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
                     &plan.bias_batch_stride as *const i64 as _,
@@ -392,43 +459,96 @@ impl LtGemm {
                 .map_err(set)?;
             }
         }
-        let (la, lb, lc) = (make_layout(&plan.a)?, make_layout(&plan.b)?, make_layout(&plan.c)?);
-        let ld = make_layout(&plan.d)?;
+        let (a, b, c) = (make_layout(&plan.a)?, make_layout(&plan.b)?, make_layout(&plan.c)?);
+        let d = make_layout(&plan.d)?;
         let pref = Pref(
             lt::create_matmul_pref()
                 .map_err(|e| CudaError::cublas("cublasLtMatmulPreferenceCreate", e))?,
         );
         let ws = workspace as u64;
-        // SAFETY: all descriptors are live; the heuristic only reads them.
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let pset = |e| CudaError::cublas("cublasLtMatmulPreferenceSetAttribute", e);
+        // SAFETY: all descriptors are live; the values are a u64 and u32s, as documented; the
+        // heuristic only reads them.
         let heuristic = unsafe {
             lt::set_matmul_pref_attribute(
                 pref.0,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &ws as *const u64 as *const c_void,
                 8,
             )
-            .map_err(|e| CudaError::cublas("cublasLtMatmulPreferenceSetAttribute", e))?;
-            lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, ld.0, pref.0)
+            .map_err(pset)?;
+            for (attr, v) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al.a),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al.b),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al.c),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al.d),
+            ] {
+                lt::set_matmul_pref_attribute(pref.0, attr, &v as *const u32 as *const c_void, 4)
+                    .map_err(pset)?;
+            }
+            lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.0, d.0, pref.0)
                 .map_err(|e| CudaError::cublas("cublasLtMatmulAlgoGetHeuristic", e))?
         };
+        Ok(Cached { desc, a, b, c, d, algo: heuristic.algo })
+    }
+
+    /// Queues the GEMM of `plan` on `stream` (fp32 compute and scale), its operands aligned as
+    /// `al` (from [`alignments`]), with `workspace` bytes of scratch at `workspace_ptr`. The
+    /// descriptors and the algorithm are built on the first call per (plan, alignment) and reused.
+    /// The caller keeps every pointer alive until the stream passes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &mut self,
+        plan: &LtPlan,
+        al: &LtAlign,
+        ptrs: GemmPtrs,
+        alpha: f32,
+        beta: f32,
+        workspace_ptr: u64,
+        workspace: usize,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        let bias_ptr = ptrs.bias.unwrap_or(0);
+        if plan.bias && bias_ptr == 0 {
+            return Err(CudaError::invalid("gemm", "the plan has a bias but no bias pointer"));
+        }
+        let key = (*plan, *al);
+        if !self.plans.contains_key(&key) {
+            let built = self.build(plan, al, workspace)?;
+            self.plans.insert(key, built);
+        }
+        let c = &self.plans[&key];
+        if plan.bias {
+            // SAFETY: `c.desc` is live; the value is a device pointer (u64), as documented.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    c.desc.0,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias_ptr as *const u64 as *const c_void,
+                    8,
+                )
+            }
+            .map_err(|e| CudaError::cublas("cublasLtMatmulDescSetAttribute", e))?;
+        }
         // SAFETY: the pointers are device allocations of at least the layouts' spans (the
-        // caller's contract); cuBLASLt's A is our b and its B our a (module header); C and D
-        // are the output, read with beta and written in place in stream order.
+        // caller's contract) aligned as `al` says; cuBLASLt's A is our b and its B our a (module
+        // header); C and D are the output, read with beta and written in place in stream order.
         unsafe {
             lt::matmul(
                 self.handle,
-                desc.0,
+                c.desc.0,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
                 ptrs.b as *const c_void,
-                la.0,
+                c.a.0,
                 ptrs.a as *const c_void,
-                lb.0,
+                c.b.0,
                 ptrs.out as *const c_void,
-                lc.0,
+                c.c.0,
                 ptrs.out as *mut c_void,
-                ld.0,
-                &heuristic.algo,
+                c.d.0,
+                &c.algo,
                 workspace_ptr as *mut c_void,
                 workspace,
                 stream as sys::cudaStream_t,
@@ -440,7 +560,8 @@ impl LtGemm {
 
 impl Drop for LtGemm {
     fn drop(&mut self) {
-        // SAFETY: the handle was created in `new` and is destroyed once.
+        self.plans.clear();
+        // SAFETY: the handle was created in `new` and is destroyed once, after its plans.
         unsafe {
             let _ = lt::destroy_handle(self.handle);
         }

@@ -129,10 +129,13 @@ impl CudaGpu {
         beta: f32,
     ) -> Result<()> {
         let plan = gemm::plan(shape)?;
+        let align = gemm::alignments(shape, &ptrs);
+        gemm::check_alignment(shape, &align)?;
         let mut lt = self.lt.lock().unwrap_or_else(|p| p.into_inner());
         self.ctx.bind()?;
         Ok(lt.matmul(
             &plan,
+            &align,
             ptrs,
             alpha,
             beta,

@@ -95,6 +95,14 @@ impl CudaError {
     pub(crate) fn cublas(op: &'static str, e: cudarc::cublaslt::result::CublasError) -> Self {
         CudaError::Cublas { op, code: format!("{:?}", e.0) }
     }
+    /// A status cuBLASLt would return, with why (the emulator's model and our own refusals).
+    pub(crate) fn cublas_status(
+        op: &'static str,
+        status: &str,
+        why: impl std::fmt::Display,
+    ) -> Self {
+        CudaError::Cublas { op, code: format!("{status} ({why})") }
+    }
     pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
         CudaError::Invalid { op, msg: msg.into() }
     }

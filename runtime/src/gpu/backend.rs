@@ -269,6 +269,14 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         if !matches!(output, DType::F32 | DType::BF16) {
             return Err(Error::dtype(OP, output, "the GPU GEMM writes F32 or BF16"));
         }
+        if input == DType::F32 && output == DType::BF16 {
+            return Err(Error::dtype(
+                OP,
+                output,
+                "cuBLASLt has no fp32-inputs → bf16-output GEMM: ask for F32 and cast, or give \
+                 BF16 inputs",
+            ));
+        }
         if let Some(bias) = bias {
             self.on_device(OP, &[bias])?;
             if bias.shape() != [g.n] || bias.dtype() != output {

@@ -13,6 +13,8 @@
 //!   [`EmuGpu::with_schedule`] / [`EmuGpu::with_check`] set them per device.
 //! - Dynamic shared memory above 48 KiB needs [`Gpu::opt_in_dynamic_shared`] first, as the driver
 //!   does.
+//! - GEMMs run the CPU GEMM, but only what cuBLASLt would run: the same plan (its type table),
+//!   the alignment the plan declares from the real pointers, checked for every batch item.
 //! - A launch log (symbol, grid, block, shared bytes, the NVTX path at launch) and an NVTX log
 //!   (every range's full path, in order) let tests prove the kernels ran, with which
 //!   configuration, and under which names. Logging is per `EmuGpu`.
@@ -21,6 +23,7 @@
 
 use super::{DevicePtr, Dim3, Fill, GemmDesc, Gpu, LaunchConfig, Op};
 use crate::cpu::gemm::{gemm_batched, MatMut, MatRef};
+use crate::cuda::gemm::{self, GemmPtrs, GemmShape};
 use crate::{DType, Error, Result};
 use half::bf16;
 use std::collections::HashMap;
@@ -172,6 +175,36 @@ impl Drop for EmuGpu {
             let _ = unsafe { steel_kernels::emu_free(ptr) };
         }
     }
+}
+
+/// What cuBLASLt would refuse, refused the same way: the same `plan` (its type table), the
+/// alignments `CudaGpu` would declare from these pointers (refusing an operand aligned to less
+/// than its element), and every batch item's pointers checked against what was declared — a
+/// device would run an algorithm that assumes them.
+fn cublaslt_model(s: &GemmShape, p: &GemmPtrs) -> Result<()> {
+    gemm::plan(s)?;
+    let al = gemm::alignments(s, p);
+    gemm::check_alignment(s, &al)?;
+    let (ie, oe) = (s.input.size_in_bytes() as u64, s.output.size_in_bytes() as u64);
+    for i in 0..s.batch.max(1) as u64 {
+        for (what, ptr, declared) in [
+            ("a", p.a + i * (s.a_batch_stride as u64) * ie, al.b),
+            ("b", p.b + i * (s.b_batch_stride as u64) * ie, al.a),
+            ("the output", p.out + i * (s.out_batch_stride as u64) * oe, al.d),
+        ] {
+            if ptr % u64::from(declared) != 0 {
+                return Err(Error::gpu(
+                    "EmuGpu::gemm_ex",
+                    format!(
+                        "batch item {i} of operand {what} at {ptr:#x} is not {declared}-byte \
+                         aligned as the plan declared to cuBLASLt (MIN_ALIGNMENT): a device would \
+                         run an algorithm that assumes it"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A row-major operand of the CPU GEMM, widened to f32 when it is bf16.
@@ -337,6 +370,21 @@ impl Gpu for EmuGpu {
     unsafe fn gemm(&self, g: &GemmDesc, a: DevicePtr, b: DevicePtr, c: DevicePtr) -> Result<()> {
         let _stream = self.stream();
         let (m, n, k) = (g.m, g.n, g.k);
+        let tr = |op| if op == Op::T { crate::Transpose::Yes } else { crate::Transpose::No };
+        let shape = GemmShape::contiguous(
+            m,
+            n,
+            k,
+            1,
+            tr(g.op_a),
+            tr(g.op_b),
+            false,
+            false,
+            g.ab_dtype,
+            DType::F32,
+            false,
+        );
+        cublaslt_model(&shape, &GemmPtrs { a, b, out: c, bias: None })?;
         // SAFETY: the caller guarantees m·k, k·n and m·n elements.
         let (av, bv) = unsafe { (operand(a, m * k, g.ab_dtype)?, operand(b, k * n, g.ab_dtype)?) };
         let ar = match g.op_a {
@@ -354,16 +402,11 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
-    unsafe fn gemm_ex(
-        &self,
-        s: &crate::cuda::gemm::GemmShape,
-        p: crate::cuda::gemm::GemmPtrs,
-        alpha: f32,
-        beta: f32,
-    ) -> Result<()> {
+    unsafe fn gemm_ex(&self, s: &GemmShape, p: GemmPtrs, alpha: f32, beta: f32) -> Result<()> {
         use crate::backend::Transpose;
         const OP: &str = "EmuGpu::gemm_ex";
         let _stream = self.stream();
+        cublaslt_model(s, &p)?;
         let (m, n, k) = (s.m, s.n, s.k);
         let (ie, oe) = (s.input.size_in_bytes() as u64, s.output.size_in_bytes() as u64);
         if !matches!(s.output, DType::F32 | DType::BF16) {
