@@ -11,7 +11,8 @@
 # The GPU kernels are compiled with NVRTC for sm_90 on every run (no GPU needed): NVIDIA's pip
 # wheels nvidia-cuda-nvrtc, nvidia-cuda-runtime and nvidia-cuda-cccl (13.0.*, the H200 driver's
 # CUDA) are installed into target/nvrtc-venv and their lib folder is put on LD_LIBRARY_PATH
-# (libnvrtc loads libnvrtc-builtins only through it).
+# (libnvrtc loads libnvrtc-builtins only through it); nvidia-cuda-cuobjdump and -nvdisasm
+# (13.2+) disassemble the cubins for the SASS report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +41,10 @@ nvrtc_setup() {
   if [ ! -x "$NVRTC_VENV/bin/python" ]; then
     python3 -m venv "$NVRTC_VENV" || return 1
   fi
+  # cuobjdump/nvdisasm 13.2+ read sm_90 cubins without a GPU (the SASS report).
   "$NVRTC_VENV/bin/python" -m pip install --disable-pip-version-check -q \
-    'nvidia-cuda-nvrtc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*' || return 1
+    'nvidia-cuda-nvrtc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*' \
+    'nvidia-cuda-cuobjdump>=13.2,<14' 'nvidia-cuda-nvdisasm>=13.2,<14' || return 1
   local lib
   lib=$(ls -d "$PWD/$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n1)
   [ -n "$lib" ] && [ -e "$lib/libnvrtc.so.13" ] || return 1
@@ -73,13 +76,13 @@ step "benchmark smoke run"
 cargo run --release --locked --bin steel-bench -- cpu --quick --repeats 1
 
 if [ "$nvrtc" = 1 ]; then
-  step "CUDA kernels: NVRTC compile for sm_90 (fails on errors, warnings, spills, missing kernels)"
+  step "CUDA kernels: NVRTC compile for sm_90 and their SASS (fails on errors, warnings, spills, register overuse, missing kernels, tensor-core kernels without HMMA, local memory)"
   t0=$SECONDS
   report=target/kernels-sm_90.txt
   # The bench exits 2 on a compile error, a warning, a spill, or a kernel set that differs from
   # the sources' __global__ functions; the summary line is checked here as well.
   if ! cargo run --release --locked --bin steel-bench -- \
-      kernels --compile-only --arch sm_90 --no-cache 2>&1 | tee "$report"; then
+      kernels --compile-only --arch sm_90 --no-cache --require-sass 2>&1 | tee "$report"; then
     echo "kernel compilation failed (report: $report)" >&2
     exit 1
   fi

@@ -5,7 +5,10 @@
 //! frame, spill stores/loads) and a summary table with each kernel's `__launch_bounds__`, and
 //! fails (exit 2) on a compile error, a warning, a spill, registers × launch bounds above the
 //! 65,536 registers of a block, or a kernel count different from the number of `__global__`
-//! functions in the sources. `--export DIR` also writes the cubins as a bundle for `scripts/gpu-check.sh`.
+//! functions in the sources. Every cubin is then disassembled (`cuobjdump -sass`, see
+//! `runtime::cuda::sass`) into a table of HMMA, LDSM, 128-bit global loads/stores, local memory
+//! and barriers per kernel; a tensor-core kernel without HMMA/LDSM, or local memory in any kernel
+//! but the emulator's stack test, fails too (`--require-sass`: so does a missing cuobjdump). `--export DIR` also writes the cubins as a bundle for `scripts/gpu-check.sh`.
 //!
 //! Without `--compile-only` the kernels run on the GPU chosen by `--device` (an explicit
 //! `cuda` without a driver exits 2 with "no CUDA driver found; use --device cpu").
@@ -40,6 +43,9 @@ pub struct KernelsArgs {
     /// Also write the cubins and a manifest to this folder (a bundle for gpu-check).
     #[arg(long)]
     export: Option<PathBuf>,
+    /// Fail when the SASS cannot be read (cuobjdump missing); CI sets it.
+    #[arg(long)]
+    require_sass: bool,
     /// Compile threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -202,11 +208,12 @@ fn compile_all(args: &KernelsArgs, arch: &Arch) -> Result<()> {
             want.len()
         ));
     }
+    let sass_line = sass_report(&outcomes, &reports, args.require_sass, &mut failures);
     let spills = reports.iter().filter(|(_, k)| k.spills()).count();
     println!();
     println!(
         "{} kernels compiled for {arch} from {} sources ({} __global__ functions in the sources); \
-         {warnings} warnings; {spills} kernels with spills; {:.1} s",
+         {warnings} warnings; {spills} kernels with spills; {sass_line}; {:.1} s",
         reports.len(),
         outcomes.iter().filter(|o| o.result.is_ok()).count(),
         want.len(),
@@ -228,6 +235,94 @@ fn compile_all(args: &KernelsArgs, arch: &Arch) -> Result<()> {
         bail!("{} problem(s):\n  {}", failures.len(), failures.join("\n  "));
     }
     Ok(())
+}
+
+/// Kernels written for the tensor cores: their SASS must show HMMA (and LDSM, the ldmatrix
+/// loads that feed them).
+const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
+/// The only kernel allowed local memory: the emulator's deliberate stack test.
+const LOCAL_MEMORY_ALLOWED: &[&str] = &["emu_test_stack"];
+
+/// Disassembles every cubin (`cuobjdump -sass`), prints per kernel the instructions that matter,
+/// and records failures: a tensor-core kernel without HMMA/LDSM, local memory anywhere else than
+/// the stack test, a kernel without SASS. Returns the summary's clause.
+fn sass_report(
+    outcomes: &[Outcome],
+    reports: &[(&str, KernelReport)],
+    required: bool,
+    failures: &mut Vec<String>,
+) -> String {
+    use steel_runtime::cuda::sass;
+    let Some(tool) = sass::find_cuobjdump() else {
+        let why = "cuobjdump not found (pip install 'nvidia-cuda-cuobjdump>=13.2' \
+                   'nvidia-cuda-nvdisasm>=13.2', or set STEEL_CUOBJDUMP)";
+        if required {
+            failures.push(format!("SASS: {why}"));
+        }
+        println!("\nSASS: skipped, {why}");
+        return "SASS not read".to_string();
+    };
+    let mut counts: Vec<sass::SassCounts> = Vec::new();
+    for o in outcomes {
+        let Ok(c) = &o.result else { continue };
+        match sass::disassemble(&tool, &c.cubin) {
+            Ok(listing) => counts.extend(sass::parse(&listing)),
+            Err(e) => failures.push(format!("SASS of {}: {e}", o.file)),
+        }
+    }
+    println!("\nSASS ({}):", tool.display());
+    println!(
+        "{:<36} {:>6} {:>5} {:>5} {:>8} {:>8} {:>7} {:>7} {:>4}",
+        "kernel", "instr", "HMMA", "LDSM", "LDG.128", "STG.128", "LDGSTS", "LDL/STL", "BAR"
+    );
+    for (_, k) in reports {
+        let Some(c) = counts.iter().find(|c| c.name == k.name) else {
+            failures.push(format!("{}: no SASS in its cubin", k.name));
+            continue;
+        };
+        println!(
+            "{:<36} {:>6} {:>5} {:>5} {:>8} {:>8} {:>7} {:>7} {:>4}",
+            c.name, c.instructions, c.hmma, c.ldsm, c.ldg128, c.stg128, c.ldgsts, c.local, c.bar
+        );
+        failures.extend(sass_problems(c));
+    }
+    format!("SASS read for {} kernels", counts.len())
+}
+
+/// What one kernel's SASS must not show.
+fn sass_problems(c: &steel_runtime::cuda::sass::SassCounts) -> Vec<String> {
+    let mut out = Vec::new();
+    if TENSOR_CORE_KERNELS.contains(&c.name.as_str()) && (c.hmma == 0 || c.ldsm == 0) {
+        out.push(format!(
+            "{}: written for the tensor cores but its SASS has {} HMMA and {} LDSM",
+            c.name, c.hmma, c.ldsm
+        ));
+    }
+    if c.local > 0 && !LOCAL_MEMORY_ALLOWED.contains(&c.name.as_str()) {
+        out.push(format!("{}: {} local-memory instructions (LDL/STL)", c.name, c.local));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steel_runtime::cuda::sass::SassCounts;
+
+    #[test]
+    fn sass_checks_want_tensor_cores_and_no_local_memory() {
+        let k = |name: &str, hmma, ldsm, local| SassCounts {
+            name: name.into(),
+            hmma,
+            ldsm,
+            local,
+            ..SassCounts::default()
+        };
+        assert!(sass_problems(&k("mma_tile_gemm_bf16", 8, 5, 0)).is_empty());
+        assert!(sass_problems(&k("mma_tile_gemm_bf16", 0, 5, 0))[0].contains("0 HMMA"));
+        assert!(sass_problems(&k("add_rms_norm_fwd_f32", 0, 0, 2))[0].contains("local-memory"));
+        assert!(sass_problems(&k("emu_test_stack", 0, 0, 6)).is_empty());
+    }
 }
 
 /// `(library, found)` lines for reports.

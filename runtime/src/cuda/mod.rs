@@ -14,6 +14,8 @@
 //!   are discovered by [`headers`].
 //! - GEMMs go to cuBLASLt ([`gemm`]): the layouts and descriptors are a pure function of the
 //!   row-major GEMM shape, tested against a CPU interpretation of the same column-major layouts.
+//! - The SASS of every cubin is read without a GPU ([`sass`]: `cuobjdump -sass`, per-kernel
+//!   counts of HMMA, LDSM, 128-bit loads/stores, local memory, barriers).
 //! - Telemetry: NVTX ranges and `cuProfilerStart/Stop` ([`profile`]), NVML readings ([`nvml`]).
 //!
 //! Device pointers are `u64` (`CUdeviceptr`) in this module's public API; the safe owner of a
@@ -31,6 +33,7 @@ pub mod nvml;
 pub mod nvrtc;
 pub mod profile;
 pub mod ptxas;
+pub mod sass;
 
 pub use context::{CudaContext, DeviceInfo, DriverMemory, Event, Function, Module, Stream};
 pub use gpu::CudaGpu;
