@@ -304,6 +304,14 @@ fn sass_problems(c: &steel_runtime::cuda::sass::SassCounts) -> Vec<String> {
     out
 }
 
+/// `(library, found)` lines for reports.
+pub fn library_lines() -> Vec<String> {
+    libs::report()
+        .into_iter()
+        .map(|(l, ok)| format!("  {:<14} {}", l.name(), if ok { "found" } else { "missing" }))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,12 +331,4 @@ mod tests {
         assert!(sass_problems(&k("add_rms_norm_fwd_f32", 0, 0, 2))[0].contains("local-memory"));
         assert!(sass_problems(&k("emu_test_stack", 0, 0, 6)).is_empty());
     }
-}
-
-/// `(library, found)` lines for reports.
-pub fn library_lines() -> Vec<String> {
-    libs::report()
-        .into_iter()
-        .map(|(l, ok)| format!("  {:<14} {}", l.name(), if ok { "found" } else { "missing" }))
-        .collect()
 }
