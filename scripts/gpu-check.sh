@@ -68,6 +68,13 @@ for line in sys.stdin:
     "$DIR/steel-bench" kernels --compile-only --arch "$ARCH" --no-cache --export "$DIR/cubins" \
     > "$DIR/compile-report.txt"
   grep -E "kernels compiled for" "$DIR/compile-report.txt"
+  # The GPU machine's C and C++ runtimes must be at least as new as what the binaries need.
+  local b glibc glibcxx
+  for b in "$DIR/steel-bench" "$DIR/runtime-tests"; do
+    glibc=$(objdump -T "$b" | grep -oE 'GLIBC_[0-9]+(\.[0-9]+)*' | sort -Vu | tail -n1 || true)
+    glibcxx=$(objdump -T "$b" | grep -oE 'GLIBCXX_[0-9]+(\.[0-9]+)*' | sort -Vu | tail -n1 || true)
+    echo "$(basename "$b") needs ${glibc:-no GLIBC symbols} and ${glibcxx:-no GLIBCXX symbols}"
+  done
   echo "==> $DIR ($(du -sh "$DIR" | cut -f1), limit 64 MiB) in $((SECONDS - t0)) s:"
   ls -l "$DIR" "$DIR/cubins"
   echo "carry [\"$DIR\"] and run: bash scripts/gpu-check.sh run"
@@ -123,7 +130,10 @@ run() {
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   command -v nvidia-smi >/dev/null 2>&1 &&
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  export STEEL_CUBINS="$PWD/$DIR/cubins"
+  case "$DIR" in
+    /*) export STEEL_CUBINS="$DIR/cubins" ;;
+    *) export STEEL_CUBINS="$PWD/$DIR/cubins" ;;
+  esac
   local status=0
   echo "==> the kernels' property tests on the GPU (STEEL_DEVICE=cuda, PROPTEST_CASES=${PROPTEST_CASES:-32})"
   if [ -x "$DIR/runtime-tests" ]; then

@@ -29,11 +29,21 @@ struct FakeMemory {
     live: Vec<(u64, usize)>,
     allocs: usize,
     frees: usize,
+    /// Every call, in order ("alloc", "free", "sync").
+    log: Vec<&'static str>,
 }
 
 impl FakeMemory {
     fn new(capacity: usize) -> Self {
-        FakeMemory { capacity, used: 0, next: 1 << 20, live: Vec::new(), allocs: 0, frees: 0 }
+        FakeMemory {
+            capacity,
+            used: 0,
+            next: 1 << 20,
+            live: Vec::new(),
+            allocs: 0,
+            frees: 0,
+            log: Vec::new(),
+        }
     }
 }
 
@@ -47,6 +57,7 @@ impl DeviceMemory for FakeMemory {
         self.used += bytes;
         self.live.push((p, bytes));
         self.allocs += 1;
+        self.log.push("alloc");
         Ok(Some(p))
     }
     fn free(&mut self, ptr: u64, bytes: usize) -> steel_runtime::cuda::Result<()> {
@@ -55,10 +66,15 @@ impl DeviceMemory for FakeMemory {
         self.live.swap_remove(i);
         self.used -= bytes;
         self.frees += 1;
+        self.log.push("free");
         Ok(())
     }
     fn mem_info(&self) -> Option<(usize, usize)> {
         Some((self.capacity - self.used, self.capacity))
+    }
+    fn synchronize(&mut self) -> steel_runtime::cuda::Result<()> {
+        self.log.push("sync");
+        Ok(())
     }
 }
 
@@ -125,6 +141,8 @@ fn allocator_releases_its_cache_before_reporting_out_of_memory() {
                // 6 MiB does not fit next to the cached 4 MiB: the cache is released, then it fits.
     let y = a.alloc(6 << 20).unwrap();
     assert_eq!(a.stats().cache_flushes, 1);
+    // The device finished its queued work before the cached block went back to it.
+    assert_eq!(a.memory().log, ["alloc", "sync", "free", "alloc"]);
     assert_eq!(a.stats().reserved, 6 << 20);
     // Now nothing can make room for another 4 MiB.
     let err = a.alloc(4 << 20).unwrap_err();
@@ -297,7 +315,8 @@ fn header_discovery_finds_pip_layouts_and_cccl() {
         _ => None,
     };
     let cands = headers::candidates(&vars, &[lib.join("libnvrtc.so.13")]);
-    assert_eq!(cands[0], home.join("include"), "CUDA_HOME comes first");
+    assert_eq!(cands[0], cu13.join("include"), "the loaded NVRTC's own headers come first");
+    assert_eq!(cands[1], home.join("include"), "then CUDA_HOME");
     let found = headers::select(&cands).unwrap();
     let inc = cu13.join("include").canonicalize().unwrap();
     assert_eq!(found.dirs, vec![inc.clone(), inc.join("cccl")]);
@@ -305,6 +324,19 @@ fn header_discovery_finds_pip_layouts_and_cccl() {
         found.options(),
         vec![format!("-I{}", inc.display()), format!("-I{}", inc.join("cccl").display())]
     );
+
+    // The headers' CUDA_VERSION must be NVRTC's release.
+    assert!(headers::check_version(&found, (13, 0)).is_ok(), "no cuda.h: nothing to compare");
+    std::fs::write(cu13.join("include/cuda.h"), "#pragma once\n#define CUDA_VERSION 12040\n")
+        .unwrap();
+    assert_eq!(headers::cuda_version(&inc), Some((12, 4)));
+    let msg = headers::check_version(&found, (13, 0)).unwrap_err().to_string();
+    assert!(
+        msg.contains("CUDA 12.4") && msg.contains("NVRTC is 13.0") && msg.contains("CUDA_HOME"),
+        "{msg}"
+    );
+    std::fs::write(cu13.join("include/cuda.h"), "#define CUDA_VERSION 13000\n").unwrap();
+    assert!(headers::check_version(&found, (13, 0)).is_ok());
 
     let none = |_: &str| None;
     let err = headers::select(&headers::candidates(&none, &[]))

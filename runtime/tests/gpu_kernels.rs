@@ -797,6 +797,16 @@ fn emu_stack_overflow_is_reported() {
     assert!(big.status.success(), "{}", String::from_utf8_lossy(&big.stderr));
 }
 
+/// The same at the model's widths on the device (`STEEL_DEVICE=cuda`): the softmax-CE kernels at
+/// their declared `__launch_bounds__(1024)`.
+#[test]
+fn cuda_kernels_at_model_widths() {
+    if let Some(g) = cuda() {
+        check_lm_head_ce(&g, 3, 8, 151_936, 2, 3, 11);
+        check_add_rms_norm(&g, 3, 1792, true, 12);
+    }
+}
+
 /// The model's real widths once per run: the 151,936-class vocabulary (1024-thread rows, many
 /// elements per thread) and hidden 1792 (7-warp rows).
 #[test]

@@ -13,8 +13,8 @@
 //!   still be read by queued kernels, but any later user of the block is queued on the same
 //!   stream after them, so reusing it at once is safe. (Work on another stream must hold its
 //!   blocks until an event orders it with the compute stream.)
-//! - Out of memory: when the device refuses, the cache is released (blocks returned to the
-//!   device) and the request retried once; if the device still refuses, the error prints the
+//! - Out of memory: when the device refuses, the cache is released (the device synchronised, then
+//!   blocks returned to it) and the request retried once; if the device still refuses, the error prints the
 //!   statistics (requested, allocated, reserved, cached, peaks, device free/total).
 //! - The backing memory is a [`DeviceMemory`]: the driver on a GPU, a fake in tests.
 
@@ -34,6 +34,8 @@ pub trait DeviceMemory {
     fn free(&mut self, ptr: u64, bytes: usize) -> Result<()>;
     /// `(free, total)` bytes of the device, for the out-of-memory message.
     fn mem_info(&self) -> Option<(usize, usize)>;
+    /// Waits for all work queued on the device: cached blocks may still be in use by it.
+    fn synchronize(&mut self) -> Result<()>;
 }
 
 /// The size class of a request of `bytes` (see the module header). `0` stays `0`.
@@ -185,8 +187,14 @@ impl<M: DeviceMemory> CachingAllocator<M> {
         self.free.entry(block.class).or_default().push(block.ptr);
     }
 
-    /// Returns every cached block to the device.
+    /// Returns every cached block to the device, after the device has finished the work
+    /// queued so far (a cached block may have been freed by the host while kernels queued
+    /// before still read it; stream order protects reuse, not a return to the driver).
     pub fn empty_cache(&mut self) -> Result<()> {
+        if self.free.values().all(Vec::is_empty) {
+            return Ok(());
+        }
+        self.mem.synchronize()?;
         let mut classes: Vec<usize> = self.free.keys().copied().collect();
         classes.sort_unstable();
         for class in classes {

@@ -421,4 +421,8 @@ impl DeviceMemory for DriverMemory {
     fn mem_info(&self) -> Option<(usize, usize)> {
         self.ctx.mem_info().ok()
     }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.ctx.synchronize()
+    }
 }

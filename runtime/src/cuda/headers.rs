@@ -2,16 +2,18 @@
 //!
 //! The kernels include `cuda_bf16.h` (and CCCL's `cuda/std/...`), which NVRTC does not bundle.
 //! The search order, first hits first:
-//! 1. `$CUDA_HOME/include`, `$CUDA_PATH/include`;
-//! 2. the standard toolkit installs: `/usr/local/cuda/include`, `/usr/local/cuda-13.0/include`,
+//! 1. next to the NVRTC library this process loaded (`…/lib/libnvrtc.so.13` → `…/include`: the
+//!    pip wheels' `nvidia/cu13/include`, or the toolkit NVRTC came from) — the headers that belong
+//!    to the compiler come first;
+//! 2. `$CUDA_HOME/include`, `$CUDA_PATH/include`;
+//! 3. the standard toolkit installs: `/usr/local/cuda/include`, `/usr/local/cuda-13.0/include`,
 //!    `/opt/cuda/include`;
-//! 3. next to the NVRTC library this process loaded (`…/lib/libnvrtc.so.13` → `…/include`): the
-//!    pip wheels' `nvidia/cu13/include`;
 //! 4. next to each `LD_LIBRARY_PATH` entry (`…/lib` → `…/include`);
 //! 5. `$VIRTUAL_ENV/lib/python3*/site-packages/nvidia/*/include`.
 //!
 //! A directory counts when it has `cuda_bf16.h`; its `cccl` subfolder (the pip layout of
-//! `nvidia-cuda-cccl`) is added after it when present.
+//! `nvidia-cuda-cccl`) is added after it when present. [`check_version`] then refuses headers of
+//! another CUDA release than NVRTC's (`CUDA_VERSION` of their `cuda.h` against `nvrtcVersion`).
 
 use super::{CudaError, Result};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,11 @@ impl IncludeDirs {
 /// `var` reads an environment variable; `loaded` are paths of loaded shared libraries.
 pub fn candidates(var: &dyn Fn(&str) -> Option<String>, loaded: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
+    for lib in loaded {
+        if let Some(dir) = lib.parent().and_then(Path::parent) {
+            out.push(dir.join("include"));
+        }
+    }
     for v in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(root) = var(v).filter(|s| !s.is_empty()) {
             out.push(Path::new(&root).join("include"));
@@ -41,11 +48,6 @@ pub fn candidates(var: &dyn Fn(&str) -> Option<String>, loaded: &[PathBuf]) -> V
     }
     for root in ["/usr/local/cuda", "/usr/local/cuda-13.0", "/opt/cuda"] {
         out.push(Path::new(root).join("include"));
-    }
-    for lib in loaded {
-        if let Some(dir) = lib.parent().and_then(Path::parent) {
-            out.push(dir.join("include"));
-        }
     }
     if let Some(paths) = var("LD_LIBRARY_PATH") {
         for p in paths.split(':').filter(|p| !p.is_empty()) {
@@ -102,6 +104,30 @@ pub fn select(candidates: &[PathBuf]) -> Result<IncludeDirs> {
         return Err(CudaError::HeadersNotFound { searched: found.searched });
     }
     Ok(found)
+}
+
+/// The `(major, minor)` of `CUDA_VERSION` in `dir/cuda.h` (`#define CUDA_VERSION 13000`).
+pub fn cuda_version(dir: &Path) -> Option<(i32, i32)> {
+    let text = std::fs::read_to_string(dir.join("cuda.h")).ok()?;
+    let v: i32 = text.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("#define")?.trim_start().strip_prefix("CUDA_VERSION")?;
+        rest.trim().parse().ok()
+    })?;
+    Some((v / 1000, (v % 1000) / 10))
+}
+
+/// Refuses headers of another CUDA release than NVRTC's: the first include directory's
+/// `CUDA_VERSION` (when it has a `cuda.h`) must be NVRTC's `major.minor`.
+pub fn check_version(found: &IncludeDirs, nvrtc: (i32, i32)) -> Result<()> {
+    let Some(dir) = found.dirs.first() else { return Ok(()) };
+    match cuda_version(dir) {
+        Some(v) if v != nvrtc => Err(CudaError::HeaderVersion {
+            dir: dir.clone(),
+            headers: format!("{}.{}", v.0, v.1),
+            nvrtc: format!("{}.{}", nvrtc.0, nvrtc.1),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Paths of the shared libraries named `stem*` that this process has loaded (`/proc/self/maps`).

@@ -71,6 +71,14 @@ pub enum CudaError {
         .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     HeadersNotFound { searched: Vec<PathBuf> },
+    /// The headers found belong to another CUDA release than the NVRTC library loaded.
+    #[error(
+        "the CUDA headers in {} are CUDA {headers}, but NVRTC is {nvrtc}: point CUDA_HOME at the \
+         toolkit NVRTC came from (or install the matching nvidia-cuda-runtime and \
+         nvidia-cuda-cccl wheels)",
+        .dir.display()
+    )]
+    HeaderVersion { dir: PathBuf, headers: String, nvrtc: String },
     /// The on-disk cubin cache could not be read or written.
     #[error("cubin cache {}: {source}", .path.display())]
     Cache { path: PathBuf, source: std::io::Error },

@@ -121,6 +121,7 @@ impl Compiler {
         let version = version()?;
         // After `nvrtcVersion` the library is mapped, so its folder is known to the discovery.
         let include = headers::discover()?;
+        headers::check_version(&include, version)?;
         Ok(Compiler { version, include, cache })
     }
 
