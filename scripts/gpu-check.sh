@@ -5,10 +5,13 @@
 #   scripts/gpu-check.sh build   # here: target/gpu-check/ = the stripped check binary
 #                                # (steel-bench), the stripped runtime test binary (the kernels'
 #                                # property tests) and the sm_90 cubins of every kernel
-#   scripts/gpu-check.sh run     # there: finds the CUDA libraries, runs the kernels' property
-#                                # tests on the GPU (STEEL_DEVICE=cuda, the `cuda_*` tests), then
-#                                # checks every GPU op against the CPU reference and times each
-#                                # against the measured copy bandwidth: one table, < 5 minutes
+#   scripts/gpu-check.sh run     # there: finds the CUDA libraries, compares the emulator's test
+#                                # kernels recorded here with the device (steel-bench emu-diff),
+#                                # runs each kernel property test on the GPU in its own process
+#                                # (STEEL_DEVICE=cuda, the `cuda_*` tests) and, where present,
+#                                # under compute-sanitizer, then checks every GPU op against the
+#                                # CPU reference and times each against the measured copy
+#                                # bandwidth: one table, < 5 minutes
 #
 # With the device tool: carry ["target/gpu-check"], command "bash scripts/gpu-check.sh run".
 #
@@ -68,6 +71,9 @@ for line in sys.stdin:
     "$DIR/steel-bench" kernels --compile-only --arch "$ARCH" --no-cache --export "$DIR/cubins" \
     > "$DIR/compile-report.txt"
   grep -E "kernels compiled for" "$DIR/compile-report.txt"
+
+  echo "==> recording the emulator's test kernels (compared with the device by 'run')"
+  "$DIR/steel-bench" emu-diff --record "$DIR/emu-diff"
   # The GPU machine's C and C++ runtimes must be at least as new as what the binaries need.
   local b glibc glibcxx
   for b in "$DIR/steel-bench" "$DIR/runtime-tests"; do
@@ -135,12 +141,53 @@ run() {
     *) export STEEL_CUBINS="$PWD/$DIR/cubins" ;;
   esac
   local status=0
-  echo "==> the kernels' property tests on the GPU (STEEL_DEVICE=cuda, PROPTEST_CASES=${PROPTEST_CASES:-32})"
+  echo "==> the emulator against this device: its test kernels, bit for bit where they must be"
+  if [ -d "$DIR/emu-diff" ]; then
+    "$DIR/steel-bench" emu-diff --against "$DIR/emu-diff" --device cuda || status=1
+  else
+    echo "$DIR/emu-diff is missing (rebuild with 'scripts/gpu-check.sh build')" >&2
+    status=1
+  fi
+  echo "==> the kernels' property tests on the GPU, each in its own process (STEEL_DEVICE=cuda, PROPTEST_CASES=${PROPTEST_CASES:-32})"
+  local tests=() t passed=0 failed=0
   if [ -x "$DIR/runtime-tests" ]; then
-    STEEL_DEVICE=cuda PROPTEST_CASES="${PROPTEST_CASES:-32}" "$DIR/runtime-tests" cuda_ || status=1
+    mapfile -t tests < <("$DIR/runtime-tests" --list 2>/dev/null | sed -n 's/^\(.*cuda_[a-z0-9_]*\): test$/\1/p')
   else
     echo "$DIR/runtime-tests is missing (rebuild with 'scripts/gpu-check.sh build')" >&2
     status=1
+  fi
+  for t in "${tests[@]}"; do
+    # One process per test: a sticky CUDA fault in one must not fail every later one.
+    if STEEL_DEVICE=cuda PROPTEST_CASES="${PROPTEST_CASES:-32}" timeout 120 \
+        "$DIR/runtime-tests" --exact "$t" --test-threads=1 > "$DIR/test.log" 2>&1; then
+      passed=$((passed + 1)); printf '  %-60s ok\n' "$t"
+    else
+      failed=$((failed + 1)); status=1; printf '  %-60s FAILED\n' "$t"
+      tail -n 20 "$DIR/test.log" | sed 's/^/      /'
+    fi
+  done
+  echo "  ${#tests[@]} cuda_* tests: $passed passed, $failed failed"
+  # compute-sanitizer, where the machine has it: memcheck, racecheck and synccheck over the
+  # kernel property tests, few cases each (the tools are slow).
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [ -n "$sanitizer" ] && [ "${#tests[@]}" -gt 0 ]; then
+    local tool
+    for tool in memcheck racecheck synccheck; do
+      echo "==> compute-sanitizer --tool $tool (PROPTEST_CASES=2)"
+      for t in "${tests[@]}"; do
+        case "$t" in *gpu_kernels::*) ;; *) continue ;; esac
+        if ! STEEL_DEVICE=cuda PROPTEST_CASES=2 timeout 60 "$sanitizer" --tool "$tool" \
+            --error-exitcode 3 "$DIR/runtime-tests" --exact "$t" --test-threads=1 > "$DIR/test.log" 2>&1; then
+          status=1; printf '  %-60s %s: FAILED\n' "$t" "$tool"
+          grep -E "=========" "$DIR/test.log" | head -n 10 | sed 's/^/      /'
+        else
+          printf '  %-60s %s: clean\n' "$t" "$tool"
+        fi
+      done
+    done
+  else
+    echo "==> compute-sanitizer: not on this machine (skipped)"
   fi
   echo "==> GPU ops against the CPU backend, and timings against the copy roofline"
   "$DIR/steel-bench" kernels --device cuda --repeats "$REPEATS" || status=1

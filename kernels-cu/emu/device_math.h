@@ -79,11 +79,12 @@ static inline float add_rn(float a, float b) {
     return r;
 }
 
-// The special-function unit's approximations: ex2.approx within 2 ulp, lg2.approx within 1 ulp
-// (its absolute error is 2^-22.6: __logf's documented 3 ulp outside [0.5, 2] is lg2's error plus
-// the rounding of the product with ln 2); rcp.approx correctly rounded (__fdividef's 2 ulp are
-// the reciprocal's and the product's rounding together).
-static inline float ex2_approx(float y) { return approx(std::exp2((double)y), y, kEx2, 2); }
+// The special-function unit's approximations, as the documented bounds of the intrinsics built
+// on them allow: ex2.approx and lg2.approx within 1 ulp (__expf's 2 + ⌊1.173·|x|⌋ ulp are ex2's
+// error plus the rounded product's; __logf's 3 ulp outside [0.5, 2] lg2's plus the product with
+// ln 2), rcp.approx correctly rounded (__fdividef's 2 ulp are the reciprocal's and the product's
+// rounding together).
+static inline float ex2_approx(float y) { return approx(std::exp2((double)y), y, kEx2, 1); }
 static inline float lg2_approx(float x) {
     if (x < 0.0f) return NAN;
     if (x == 0.0f) return -INFINITY;

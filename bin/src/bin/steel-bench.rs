@@ -8,7 +8,11 @@
 //! `steel-bench kernels` compiles Steel's CUDA kernels with NVRTC (`--compile-only --arch
 //! sm_90`: ptxas's report per kernel, no GPU needed) or, on a GPU, checks every GPU op against
 //! the CPU backend and times it against the measured copy bandwidth (see `kernels.rs`).
+//!
+//! `steel-bench emu-diff` checks the emulator against hardware (see `emu_diff.rs`).
 
+#[path = "../emu_diff.rs"]
+mod emu_diff;
 #[path = "../gpu_bench.rs"]
 mod gpu_bench;
 #[path = "../kernels.rs"]
@@ -37,6 +41,9 @@ enum Command {
     Cpu(CpuArgs),
     /// CUDA kernels: NVRTC compile report (--compile-only), or GPU checks and roofline timings.
     Kernels(kernels::KernelsArgs),
+    /// The emulator against hardware: its test kernels recorded here (--record DIR) and compared
+    /// on a GPU (--against DIR --device cuda), bit for bit where they must be.
+    EmuDiff(emu_diff::EmuDiffArgs),
     /// Tokenizer throughput: documents of a jsonl file encoded in parallel, as `steel-data
     /// tokenize` does (compare with bench/tokenize_hf.py, HF tokenizers' encode_batch).
     Tokenize(TokenizeArgs),
@@ -370,6 +377,7 @@ fn main() -> std::process::ExitCode {
     steel_cli::run("steel-bench", || match cli.command {
         Command::Cpu(a) => cpu(a),
         Command::Kernels(a) => kernels::run(a),
+        Command::EmuDiff(a) => emu_diff::run(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Train(a) => train(a),
     })
