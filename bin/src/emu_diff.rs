@@ -10,6 +10,7 @@
 //! - within the documented error what uses the special-function unit (expf, __expf, logf,
 //!   __logf, rsqrtf, __fdividef, tanhf: each value against the exact one, on both sides) or the
 //!   tensor cores (relative error ≤ 1e-5 against the recording).
+//!
 //! A mismatch names the case, the buffer and the first differing element.
 
 use anyhow::{bail, Context, Result};
