@@ -5,6 +5,7 @@
 //! start with `emu_` (`cargo test emu`).
 
 use crate::common::*;
+use crate::gpu_kernels::launch_raw;
 use steel_runtime::gpu::{Check, Dim3, EmuGpu, Gpu, LaunchConfig, Schedule};
 
 /// Mirrors the `EMU_BROKEN_*` modes of test_emu.cu.
@@ -27,17 +28,6 @@ enum Broken {
 
 fn cfg(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
     LaunchConfig { grid: Dim3::x(blocks), block: Dim3::x(threads), shared_bytes: shared }
-}
-
-fn launch_words(
-    gpu: &EmuGpu,
-    symbol: &'static str,
-    c: LaunchConfig,
-    words: &[u64],
-) -> steel_runtime::Result<()> {
-    // SAFETY: each caller passes the kernel's exact parameter struct (pointer and size words)
-    // addressing live allocations of `gpu` that cover what the kernel touches when it is correct.
-    unsafe { gpu.launch(symbol, c, bytemuck::cast_slice(words)) }
 }
 
 fn upload_f32(gpu: &EmuGpu, v: &[f32]) -> u64 {
@@ -65,7 +55,7 @@ fn run_broken(
     let src: Vec<f32> = rand_vals(n, 5).into_iter().map(|v| v as f32).collect();
     let out = gpu.alloc(n * 4).unwrap();
     let src_p = upload_f32(gpu, &src);
-    let r = launch_words(
+    let r = launch_raw(
         gpu,
         "emu_test_broken",
         cfg(blocks, threads, 0),
@@ -256,15 +246,15 @@ fn emu_ldmatrix_reads_only_shared_memory() {
 fn emu_refuses_a_block_wider_than_the_kernels_launch_bounds() {
     let gpu = rr();
     let out = gpu.alloc(128 * 4).unwrap();
-    launch_words(&gpu, "emu_test_bounds", cfg(1, 64, 0), &[out]).unwrap();
-    let e = launch_words(&gpu, "emu_test_bounds", cfg(1, 65, 0), &[out]).unwrap_err().to_string();
+    launch_raw(&gpu, "emu_test_bounds", cfg(1, 64, 0), &[out]).unwrap();
+    let e = launch_raw(&gpu, "emu_test_bounds", cfg(1, 65, 0), &[out]).unwrap_err().to_string();
     assert_mentions(
         &e,
         &["kernel emu_test_bounds", "65 threads exceeds its __launch_bounds__(64)"],
     );
     let tall =
         LaunchConfig { grid: Dim3::x(1), block: Dim3 { x: 1, y: 1, z: 65 }, shared_bytes: 0 };
-    let e = launch_words(&gpu, "emu_test_bounds", tall, &[out]).unwrap_err().to_string();
+    let e = launch_raw(&gpu, "emu_test_bounds", tall, &[out]).unwrap_err().to_string();
     assert_mentions(&e, &["invalid launch configuration"]);
 }
 
@@ -274,7 +264,7 @@ fn emu_dynamic_shared_memory_above_48_kib_needs_the_opt_in() {
     let (threads, floats) = (256usize, 16 * 1024usize); // 64 KiB
     let out = gpu.alloc(threads * 4).unwrap();
     let c = cfg(1, threads as u32, (floats * 4) as u32);
-    let e = launch_words(&gpu, "emu_test_dyn_shared", c, &[out, floats as u64]).unwrap_err();
+    let e = launch_raw(&gpu, "emu_test_dyn_shared", c, &[out, floats as u64]).unwrap_err();
     assert_mentions(
         &e.to_string(),
         &[
@@ -283,7 +273,7 @@ fn emu_dynamic_shared_memory_above_48_kib_needs_the_opt_in() {
         ],
     );
     gpu.opt_in_dynamic_shared("emu_test_dyn_shared", (floats * 4) as u32).unwrap();
-    launch_words(&gpu, "emu_test_dyn_shared", c, &[out, floats as u64]).unwrap();
+    launch_raw(&gpu, "emu_test_dyn_shared", c, &[out, floats as u64]).unwrap();
     let got = download_f32(&gpu, out, threads);
     for (t, &g) in got.iter().enumerate() {
         let want: f32 = ((t + 1) % threads..floats).step_by(threads).map(|i| (i % 7) as f32).sum();
@@ -301,7 +291,7 @@ fn emu_cp_async_lands_at_its_wait() {
     for s in Schedule::all(5) {
         let gpu = EmuGpu::new().with_schedule(s);
         let (sp, out) = (upload_f32(&gpu, &src), gpu.alloc(2 * threads * 16).unwrap());
-        launch_words(&gpu, "emu_test_cp_async", cfg(2, threads as u32, 0), &[sp, out, 0]).unwrap();
+        launch_raw(&gpu, "emu_test_cp_async", cfg(2, threads as u32, 0), &[sp, out, 0]).unwrap();
         let got = download_f32(&gpu, out, 2 * threads * 4);
         for t in 0..2 * threads {
             let o = (t + 1) % threads;
@@ -311,7 +301,7 @@ fn emu_cp_async_lands_at_its_wait() {
         // barrier; without the barrier, it has not even been issued, or has not landed, or lands
         // unordered with the read — whichever the schedule shows, a detector reports it.
         let run = |mode: u64| {
-            launch_words(&gpu, "emu_test_cp_async", cfg(1, threads as u32, 0), &[sp, out, mode])
+            launch_raw(&gpu, "emu_test_cp_async", cfg(1, threads as u32, 0), &[sp, out, mode])
                 .unwrap_err()
                 .to_string()
         };
@@ -337,7 +327,7 @@ fn emu_exchanges_are_numbered_per_collective_not_per_lane() {
     for s in Schedule::all(1) {
         let gpu = EmuGpu::new().with_schedule(s);
         let out = gpu.alloc(64 * 4).unwrap();
-        launch_words(&gpu, "emu_test_partial_masks", cfg(1, 64, 0), &[out]).unwrap();
+        launch_raw(&gpu, "emu_test_partial_masks", cfg(1, 64, 0), &[out]).unwrap();
         let got = download_f32(&gpu, out, 64);
         let before = |t: usize| -> f32 {
             let (lane, base) = (t % 32, t - t % 32);
@@ -370,12 +360,12 @@ fn emu_correct_kernels_pass_under_every_schedule() {
         let (xp, o1, o2) =
             (upload_f32(&gpu, &x), gpu.alloc(blocks * 16).unwrap(), gpu.alloc(blocks * 8).unwrap());
         let c = cfg(blocks as u32, threads as u32, 0);
-        launch_words(&gpu, "emu_test_helpers_twice", c, &[xp, o1, o2]).unwrap();
+        launch_raw(&gpu, "emu_test_helpers_twice", c, &[xp, o1, o2]).unwrap();
         let helpers = download_f32(&gpu, o1, blocks * 4);
         let neg = download_f32(&gpu, o2, blocks * 2);
         // warp-synchronous exchange through shared memory, __syncwarp only
         let out = gpu.alloc(threads * 4).unwrap();
-        launch_words(&gpu, "emu_test_syncwarp_exchange", cfg(1, threads as u32, 0), &[out, 3])
+        launch_raw(&gpu, "emu_test_syncwarp_exchange", cfg(1, threads as u32, 0), &[out, 3])
             .unwrap();
         let warp = download_f32(&gpu, out, threads);
         runs.push((s, none, helpers, neg, warp));
@@ -440,7 +430,7 @@ fn emu_device_math_follows_the_documented_accuracy() {
         rand_vals(n, 32).into_iter().map(|v| (v.abs() * 50.0 + 0.01) as f32).collect();
     let gpu = rr();
     let (xp, yp, out) = (upload_f32(&gpu, &x), upload_f32(&gpu, &y), gpu.alloc(n * 48).unwrap());
-    launch_words(
+    launch_raw(
         &gpu,
         "emu_test_math",
         cfg(n.div_ceil(256) as u32, 256, 0),

@@ -503,14 +503,14 @@ proptest! {
 // ---- emulator semantics -------------------------------------------------------------------------
 
 /// Launches a test kernel of `test_emu.cu` with raw parameter words.
-fn launch_raw(
+pub(crate) fn launch_raw(
     gpu: &EmuGpu,
     symbol: &'static str,
     cfg: LaunchConfig,
     words: &[u64],
 ) -> steel_runtime::Result<()> {
-    // SAFETY: each caller passes the kernel's exact parameter struct (pointer words) addressing
-    // live allocations of `gpu` sized for the launch.
+    // SAFETY: each caller passes the kernel's exact parameter struct (pointer and size words)
+    // addressing live allocations of `gpu` that cover what the kernel touches when it is correct.
     unsafe { gpu.launch(symbol, cfg, bytemuck::cast_slice(words)) }
 }
 
