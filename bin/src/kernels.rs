@@ -237,12 +237,6 @@ fn compile_all(args: &KernelsArgs, arch: &Arch) -> Result<()> {
     Ok(())
 }
 
-/// Kernels written for the tensor cores: their SASS must show HMMA (and LDSM, the ldmatrix
-/// loads that feed them).
-const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
-/// The only kernel allowed local memory: the emulator's deliberate stack test.
-const LOCAL_MEMORY_ALLOWED: &[&str] = &["emu_test_stack"];
-
 /// Disassembles every cubin (`cuobjdump -sass`), prints per kernel the instructions that matter,
 /// and records failures: a tensor-core kernel without HMMA/LDSM, local memory anywhere else than
 /// the stack test, a kernel without SASS. Returns the summary's clause.
@@ -284,24 +278,9 @@ fn sass_report(
             "{:<36} {:>6} {:>5} {:>5} {:>8} {:>8} {:>7} {:>7} {:>4}",
             c.name, c.instructions, c.hmma, c.ldsm, c.ldg128, c.stg128, c.ldgsts, c.local, c.bar
         );
-        failures.extend(sass_problems(c));
+        failures.extend(sass::problems(c));
     }
     format!("SASS read for {} kernels", counts.len())
-}
-
-/// What one kernel's SASS must not show.
-fn sass_problems(c: &steel_runtime::cuda::sass::SassCounts) -> Vec<String> {
-    let mut out = Vec::new();
-    if TENSOR_CORE_KERNELS.contains(&c.name.as_str()) && (c.hmma == 0 || c.ldsm == 0) {
-        out.push(format!(
-            "{}: written for the tensor cores but its SASS has {} HMMA and {} LDSM",
-            c.name, c.hmma, c.ldsm
-        ));
-    }
-    if c.local > 0 && !LOCAL_MEMORY_ALLOWED.contains(&c.name.as_str()) {
-        out.push(format!("{}: {} local-memory instructions (LDL/STL)", c.name, c.local));
-    }
-    out
 }
 
 /// `(library, found)` lines for reports.
@@ -310,25 +289,4 @@ pub fn library_lines() -> Vec<String> {
         .into_iter()
         .map(|(l, ok)| format!("  {:<14} {}", l.name(), if ok { "found" } else { "missing" }))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use steel_runtime::cuda::sass::SassCounts;
-
-    #[test]
-    fn sass_checks_want_tensor_cores_and_no_local_memory() {
-        let k = |name: &str, hmma, ldsm, local| SassCounts {
-            name: name.into(),
-            hmma,
-            ldsm,
-            local,
-            ..SassCounts::default()
-        };
-        assert!(sass_problems(&k("mma_tile_gemm_bf16", 8, 5, 0)).is_empty());
-        assert!(sass_problems(&k("mma_tile_gemm_bf16", 0, 5, 0))[0].contains("0 HMMA"));
-        assert!(sass_problems(&k("add_rms_norm_fwd_f32", 0, 0, 2))[0].contains("local-memory"));
-        assert!(sass_problems(&k("emu_test_stack", 0, 0, 6)).is_empty());
-    }
 }

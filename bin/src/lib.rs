@@ -1,6 +1,7 @@
 //! Shared pieces of Steel's command-line tools.
 
 pub mod data_cli;
+pub mod emu_diff;
 pub mod eval_mc;
 pub mod generation;
 

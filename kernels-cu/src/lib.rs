@@ -30,6 +30,13 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("steel_mma.cuh", include_str!("../include/steel_mma.cuh")),
 ];
 
+/// Kernels written for the tensor cores: their SASS must show HMMA, and LDSM (the ldmatrix loads
+/// that feed them).
+pub const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
+
+/// The only kernels allowed local memory (LDL/STL): the emulator's deliberate stack test.
+pub const LOCAL_MEMORY_KERNELS: &[&str] = &["emu_test_stack"];
+
 /// The `.cu` sources of [`SOURCES`] (what NVRTC compiles; the rest are headers).
 pub fn cu_sources() -> impl Iterator<Item = (&'static str, &'static str)> {
     SOURCES.iter().copied().filter(|(name, _)| name.ends_with(".cu"))

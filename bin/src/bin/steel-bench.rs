@@ -11,8 +11,6 @@
 //!
 //! `steel-bench emu-diff` checks the emulator against hardware (see `emu_diff.rs`).
 
-#[path = "../emu_diff.rs"]
-mod emu_diff;
 #[path = "../gpu_bench.rs"]
 mod gpu_bench;
 #[path = "../kernels.rs"]
@@ -25,6 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use steel_autograd::fixtures::{random_tensor, TinyBlock, TinyBlockConfig};
 use steel_autograd::{ParamStore, Tape};
+use steel_cli::emu_diff;
 use steel_runtime::cpu::CpuBackend;
 use steel_runtime::{Backend, DType, Matmul, Tensor};
 

@@ -123,6 +123,24 @@ pub fn parse(sass: &str) -> Vec<SassCounts> {
     out
 }
 
+/// What one kernel's SASS must not show: a tensor-core kernel
+/// ([`steel_kernels::TENSOR_CORE_KERNELS`]) without HMMA or LDSM, local memory outside
+/// [`steel_kernels::LOCAL_MEMORY_KERNELS`].
+pub fn problems(c: &SassCounts) -> Vec<String> {
+    let mut out = Vec::new();
+    if steel_kernels::TENSOR_CORE_KERNELS.contains(&c.name.as_str()) && (c.hmma == 0 || c.ldsm == 0)
+    {
+        out.push(format!(
+            "{}: written for the tensor cores but its SASS has {} HMMA and {} LDSM",
+            c.name, c.hmma, c.ldsm
+        ));
+    }
+    if c.local > 0 && !steel_kernels::LOCAL_MEMORY_KERNELS.contains(&c.name.as_str()) {
+        out.push(format!("{}: {} local-memory instructions (LDL/STL)", c.name, c.local));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +174,21 @@ mod tests {
         };
         assert_eq!(k[0], want);
         assert_eq!((k[1].name.as_str(), k[1].instructions, k[1].stg128), ("k_bwd", 2, 1));
+    }
+
+    #[test]
+    fn tensor_core_kernels_need_hmma_and_nothing_but_the_stack_test_uses_local_memory() {
+        let k = |name: &str, hmma, ldsm, local| SassCounts {
+            name: name.into(),
+            hmma,
+            ldsm,
+            local,
+            ..SassCounts::default()
+        };
+        assert!(problems(&k("mma_tile_gemm_bf16", 8, 5, 0)).is_empty());
+        assert!(problems(&k("mma_tile_gemm_bf16", 0, 5, 0))[0].contains("0 HMMA"));
+        assert!(problems(&k("mma_tile_gemm_bf16", 8, 0, 0))[0].contains("0 LDSM"));
+        assert!(problems(&k("add_rms_norm_fwd_f32", 0, 0, 2))[0].contains("local-memory"));
+        assert!(problems(&k("emu_test_stack", 0, 0, 6)).is_empty());
     }
 }
