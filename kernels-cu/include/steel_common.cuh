@@ -41,6 +41,7 @@ static __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();  // why: every warp's partial is written before any thread reads them
 #ifdef STEEL_MUTATE_BLOCK_SUM_UNINIT
     v = scratch[lane];  // test-only breakage: reads the partials of warps that do not exist
+    (void)warps;
 #else
     v = lane < warps ? scratch[lane] : 0.0f;
 #endif
