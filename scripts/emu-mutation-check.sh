@@ -107,7 +107,7 @@ for m in "${names[@]}"; do
         printf '%-40s SURVIVED: every emulated test passed (%d s)\n' "$m" "$secs"; failed=1
     elif [ "$expect" = numbers ]; then
         t=${NUMERIC_TEST[${m#kernel:}]}
-        if grep -q "^    gpu_kernels::$t\$" "$log"; then
+        if grep -qE "^    gpu::[a-z_]+::$t\$" "$log"; then
             printf '%-40s caught: %s fails (%d s)\n' "$m" "$t" "$secs"
         else
             printf '%-40s NOT CAUGHT by %s (failing: %s)\n' "$m" "$t" "$failing"; failed=1

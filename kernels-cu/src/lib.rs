@@ -21,7 +21,7 @@ mod scan;
 /// Every `.cu` source (compiled) and header of `include/` (included), as `(name, text)`.
 pub const SOURCES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../adamw.cu")),
-    ("cross_entropy.cu", include_str!("../cross_entropy.cu")),
+    ("lm_head_ce.cu", include_str!("../lm_head_ce.cu")),
     ("mma_gemm.cu", include_str!("../mma_gemm.cu")),
     ("rms_norm.cu", include_str!("../rms_norm.cu")),
     ("test_emu.cu", include_str!("../test_emu.cu")),

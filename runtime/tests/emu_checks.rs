@@ -5,7 +5,7 @@
 //! start with `emu_` (`cargo test emu`).
 
 use crate::common::*;
-use crate::gpu_kernels::launch_raw;
+use crate::gpu::launch_raw;
 use steel_runtime::gpu::{Check, Dim3, EmuGpu, Gpu, LaunchConfig, Schedule};
 
 /// Mirrors the `EMU_BROKEN_*` modes of test_emu.cu.

@@ -14,5 +14,5 @@ mod determinism;
 mod emu_checks;
 mod errors;
 mod forward;
-mod gpu_kernels;
+mod gpu;
 mod grad_check;

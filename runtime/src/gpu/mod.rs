@@ -18,10 +18,15 @@
 //! - Every launcher opens an NVTX range named `<caller's prefix>/<op>`; callers extend the
 //!   hierarchy with [`Gpu::nvtx_push`] (e.g. `fwd/layer.3`).
 
+pub mod adamw;
 mod backend;
 mod comm;
 mod emu;
 pub mod launch;
+pub mod lm_head_ce;
+mod matmul;
+pub mod mma_gemm;
+pub mod rms_norm;
 
 pub use backend::GpuBackend;
 pub use comm::StagedComm;

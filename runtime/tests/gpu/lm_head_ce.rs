@@ -1,0 +1,77 @@
+use super::*;
+use steel_runtime::gpu::lm_head_ce::vocab_block;
+
+// ---- lm_head + softmax cross entropy ------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn check_lm_head_ce<G: TestGpu>(
+    g: &GpuBackend<G>,
+    n: usize,
+    h: usize,
+    v: usize,
+    chunk: usize,
+    ignore_every: usize,
+    seed: u64,
+) -> Outputs {
+    let c = cpu();
+    let spec = CrossEntropy { ignore_index: -100, chunk_tokens: chunk };
+    let (x, w) = (f32_rand(&[n, h], seed), f32_rand(&[v, h], seed ^ 1));
+    let ids: Vec<i32> = rand_ids(n, v, seed ^ 2)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| if ignore_every > 0 && i.is_multiple_of(ignore_every) { -100 } else { t })
+        .collect();
+    let targets = ids_tensor(&ids, &[n]);
+    let (gx, gw, gt) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.upload(&targets).unwrap());
+    let want = c.lm_head_ce_fwd(&x, &w, &targets, spec).unwrap();
+    let got = g.lm_head_ce_fwd(&gx, &gw, &gt, spec).unwrap();
+    assert_eq!(got.count, want.count);
+    assert_rel_norm("lm_head_ce_fwd lse", &down(g, &got.lse), &vals(&want.lse), F32_TOL);
+    let (gl, wl) = (down(g, &got.loss_sum)[0], vals(&want.loss_sum)[0]);
+    assert!((gl - wl).abs() <= F32_TOL * wl.abs().max(1e-30), "loss sum {gl} vs {wl}");
+
+    let dloss = Tensor::from_f64(&[1.5], &[1], DType::F32).unwrap();
+    let (dx, dw) = (f32_rand(&[n, h], seed ^ 3), f32_rand(&[v, h], seed ^ 4));
+    let (gdx, gdw) = (g.upload(&dx).unwrap(), g.upload(&dw).unwrap());
+    let scale = 1.0 / want.count.max(1) as f64;
+    c.lm_head_ce_bwd(&x, &w, &targets, &want.lse, &dloss, scale, spec, &dx, &dw).unwrap();
+    let (glse, gdloss) = (g.upload(&want.lse).unwrap(), g.upload(&dloss).unwrap());
+    g.lm_head_ce_bwd(&gx, &gw, &gt, &glse, &gdloss, scale, spec, &gdx, &gdw).unwrap();
+    assert_rel_norm("lm_head_ce_bwd dx", &down(g, &gdx), &vals(&dx), F32_TOL);
+    assert_rel_norm("lm_head_ce_bwd dw", &down(g, &gdw), &vals(&dw), F32_TOL);
+    let outs: Outputs =
+        [&got.lse, &got.loss_sum, &gdx, &gdw].iter().map(|t| bits(&down(g, t))).collect();
+
+    let (Some(log), Some(ranges)) = (g.gpu().launch_log(), g.gpu().nvtx_log()) else { return outs };
+    let chunks = n.div_ceil(chunk.min(n));
+    let fwd = log.iter().filter(|r| r.symbol == "softmax_ce_fwd_f32").count();
+    let bwd = log.iter().filter(|r| r.symbol == "softmax_ce_bwd_f32").count();
+    assert_eq!((fwd, bwd), (chunks, chunks));
+    let first = log.iter().find(|r| r.symbol == "softmax_ce_fwd_f32").unwrap();
+    assert_eq!(first.block, Dim3::x(vocab_block(v)));
+    assert_eq!(first.grid, Dim3::x(chunk.min(n) as u32));
+    assert_eq!(first.nvtx, "lm_head_ce_fwd/softmax_ce_fwd");
+    assert!(log
+        .iter()
+        .any(|r| r.symbol == "softmax_ce_bwd_f32" && r.nvtx == "lm_head_ce_bwd/softmax_ce_bwd"));
+    assert!(ranges.iter().any(|r| r == "lm_head_ce_bwd/dw"));
+    outs
+}
+
+proptest! {
+    #![proptest_config(proptest_config(32))]
+
+    #[test]
+    fn emu_lm_head_ce_fwd_bwd_matches_cpu(n in 1..=20usize, h in 1..=40usize, v in 2..=700usize, chunk in 1..=8usize,
+                                          ignore_every in 0..=4usize, seed in any::<u64>()) {
+        on_two_schedules(seed, |g| check_lm_head_ce(g, n, h, v, chunk, ignore_every, seed));
+    }
+
+    #[test]
+    fn cuda_lm_head_ce_fwd_bwd_matches_cpu(n in 1..=20usize, h in 1..=40usize, v in 2..=700usize, chunk in 1..=8usize,
+                                           ignore_every in 0..=4usize, seed in any::<u64>()) {
+        if let Some(g) = cuda() {
+            check_lm_head_ce(&g, n, h, v, chunk, ignore_every, seed);
+        }
+    }
+}

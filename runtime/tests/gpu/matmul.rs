@@ -1,0 +1,97 @@
+use super::*;
+
+// ---- matmul through Gpu::gemm_ex (cuBLASLt on a device) ----------------------------------------
+
+/// `matmul` (batched, broadcast, transposed, with bias, f32 or bf16 out) and `matmul_into`
+/// (accumulating, batch-summed) against the CPU backend. bf16 outputs are compared at the bf16
+/// tolerance; the emulator launches no kernel for a GEMM and records its NVTX range.
+#[allow(clippy::too_many_arguments)]
+fn check_matmul<G: TestGpu>(
+    g: &GpuBackend<G>,
+    (ba, bb): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    (ta, tb): (bool, bool),
+    with_bias: bool,
+    bf16_out: bool,
+    seed: u64,
+) {
+    use steel_runtime::{Matmul, Transpose};
+    let c = cpu();
+    let tr = |t: bool| if t { Transpose::Yes } else { Transpose::No };
+    let spec = Matmul { trans_a: tr(ta), trans_b: tr(tb), alpha: 0.75, beta: 0.5 };
+    let shape = |batch: usize, r: usize, cols: usize| -> Vec<usize> {
+        if batch == 1 {
+            vec![r, cols]
+        } else {
+            vec![batch, r, cols]
+        }
+    };
+    // cuBLASLt's type table: a bf16 output needs bf16 inputs (fp32 → bf16 is refused, below).
+    let input = if bf16_out { DType::BF16 } else { DType::F32 };
+    let a = rand_tensor_dt(&if ta { shape(ba, k, m) } else { shape(ba, m, k) }, input, seed);
+    let b = rand_tensor_dt(&if tb { shape(bb, n, k) } else { shape(bb, k, n) }, input, seed ^ 1);
+    let out = if bf16_out { DType::BF16 } else { DType::F32 };
+    // The reference: the same (bf16-rounded) values in f32.
+    let widen = |t: &Tensor| c.cast(t, DType::F32).unwrap();
+    let (a32, b32) = (widen(&a), widen(&b));
+    // The bias has the output dtype; the reference adds the same (rounded) values in f32, so
+    // only the output's own rounding separates the two (a bias cancelling the product would
+    // otherwise turn the bias's rounding into a large relative error).
+    let bias = with_bias.then(|| {
+        let t = f32_rand(&[n], seed ^ 2);
+        if bf16_out {
+            c.cast(&c.cast(&t, DType::BF16).unwrap(), DType::F32).unwrap()
+        } else {
+            t
+        }
+    });
+    let want = c.matmul(&a32, &b32, bias.as_ref(), spec, None).unwrap();
+    let (ga, gb) = (g.upload(&a).unwrap(), g.upload(&b).unwrap());
+    if !bf16_out {
+        let e = g.matmul(&ga, &gb, None, spec, Some(DType::BF16)).unwrap_err().to_string();
+        assert!(e.contains("cuBLASLt has no fp32-inputs → bf16-output GEMM"), "{e}");
+    }
+    let gbias = bias.as_ref().map(|t| g.upload(&c.cast(t, out).unwrap()).unwrap());
+    let got = g.matmul(&ga, &gb, gbias.as_ref(), spec, Some(out)).unwrap();
+    assert_eq!(got.shape(), want.shape());
+    assert_eq!(got.dtype(), out);
+    let tol = if bf16_out { BF16_TOL } else { F32_TOL };
+    assert_rel_norm("matmul", &down(g, &got), &vals(&want), tol);
+    if let (Some(log), Some(nvtx)) = (g.gpu().launch_log(), g.gpu().nvtx_log()) {
+        assert!(log.is_empty(), "a GEMM is not a kernel launch: {:?}", symbols(&log));
+        assert!(nvtx.iter().any(|r| r.ends_with("matmul")), "{nvtx:?}");
+    }
+    // accumulate into an existing output; batched products into one matrix are summed
+    let prev = f32_rand(&[m, n], seed ^ 3);
+    let want_into = prev.deep_copy().unwrap();
+    c.matmul_into(&a32, &b32, spec, &want_into).unwrap();
+    let got_into = g.upload(&prev).unwrap();
+    g.matmul_into(&ga, &gb, spec, &got_into).unwrap();
+    assert_rel_norm("matmul_into", &down(g, &got_into), &vals(&want_into), F32_TOL);
+}
+
+proptest! {
+    #![proptest_config(proptest_config(32))]
+
+    #[test]
+    fn emu_matmul_through_gemm_ex_matches_cpu(
+        batch in prop::sample::select(vec![(1usize, 1usize), (3, 3), (3, 1), (1, 2)]),
+        m in 1..=40usize, n in 1..=40usize, k in 1..=40usize,
+        ta in any::<bool>(), tb in any::<bool>(), bias in any::<bool>(), bf in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        check_matmul(&emu(), batch, (m, n, k), (ta, tb), bias, bf, seed);
+    }
+
+    #[test]
+    fn cuda_matmul_through_gemm_ex_matches_cpu(
+        batch in prop::sample::select(vec![(1usize, 1usize), (3, 3), (3, 1), (1, 2)]),
+        m in 1..=40usize, n in 1..=40usize, k in 1..=40usize,
+        ta in any::<bool>(), tb in any::<bool>(), bias in any::<bool>(), bf in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        if let Some(g) = cuda() {
+            check_matmul(&g, batch, (m, n, k), (ta, tb), bias, bf, seed);
+        }
+    }
+}
