@@ -524,6 +524,18 @@ void global_bounds(const char* what, uintptr_t addr, size_t n, const void* pc) {
                                   source_marker(b, code_offset(pc)).c_str()));
 }
 
+// An access the compiler emitted as naturally aligned (a `float4`-style vector load, a word) at an
+// address that is not: the device faults with a misaligned-address error, so the emulator does too.
+void misaligned(uintptr_t addr, size_t n, bool write, const void* pc) {
+    Block* b = tls_block;
+    if (!b || !b->cur || (Check)b->launch->opt.check == Check::Off) return;
+    fail_block(where(*b) + fmt(", thread %s: misaligned %zu-byte %s at %#llx (the device requires "
+                               "%zu-byte alignment)%s",
+                               thread_name(*b, b->cur->tid).c_str(), n, write ? "store" : "load",
+                               (unsigned long long)addr, n,
+                               source_marker(*b, code_offset(pc)).c_str()));
+}
+
 void on_access(uintptr_t addr, size_t n, bool write, const void* pc) {
     Block* b = tls_block;
     if (!b || !b->cur || n == 0 || (Check)b->launch->opt.check == Check::Off) return;
@@ -550,13 +562,16 @@ void on_access(uintptr_t addr, size_t n, bool write, const void* pc) {
 
 // ---- the ThreadSanitizer instrumentation ABI, implemented by the checker -----------------------
 
+using steel_emu::misaligned;
 using steel_emu::on_access;
 
 #define STEEL_TSAN_RW(N)                                                                         \
     extern "C" void __tsan_read##N(void* a) {                                                    \
+        if ((uintptr_t)a % N) misaligned((uintptr_t)a, N, false, __builtin_return_address(0));   \
         on_access((uintptr_t)a, N, false, __builtin_return_address(0));                          \
     }                                                                                            \
     extern "C" void __tsan_write##N(void* a) {                                                   \
+        if ((uintptr_t)a % N) misaligned((uintptr_t)a, N, true, __builtin_return_address(0));    \
         on_access((uintptr_t)a, N, true, __builtin_return_address(0));                           \
     }                                                                                            \
     extern "C" void __tsan_unaligned_read##N(void* a) {                                          \

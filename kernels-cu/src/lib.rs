@@ -28,11 +28,16 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("steel_async.cuh", include_str!("../include/steel_async.cuh")),
     ("steel_common.cuh", include_str!("../include/steel_common.cuh")),
     ("steel_mma.cuh", include_str!("../include/steel_mma.cuh")),
+    ("steel_vec.cuh", include_str!("../include/steel_vec.cuh")),
 ];
 
 /// Kernels written for the tensor cores: their SASS must show HMMA, and LDSM (the ldmatrix loads
 /// that feed them).
 pub const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
+
+/// Memory-bound kernels whose rows (or flat ranges) are read with 128-bit vector loads when
+/// aligned (`include/steel_vec.cuh`): their SASS must show `LDG.E.128`.
+pub const VECTOR_LOAD_KERNELS: &[&str] = &[];
 
 /// The only kernels allowed local memory (LDL/STL): the emulator's deliberate stack test.
 pub const LOCAL_MEMORY_KERNELS: &[&str] = &["emu_test_stack"];

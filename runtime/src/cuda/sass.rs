@@ -135,6 +135,12 @@ pub fn problems(c: &SassCounts) -> Vec<String> {
             c.name, c.hmma, c.ldsm
         ));
     }
+    if steel_kernels::VECTOR_LOAD_KERNELS.contains(&c.name.as_str()) && c.ldg128 == 0 {
+        out.push(format!(
+            "{}: reads its aligned rows with 128-bit vector loads, but its SASS has no LDG.E.128",
+            c.name
+        ));
+    }
     if c.local > 0 && !steel_kernels::LOCAL_MEMORY_KERNELS.contains(&c.name.as_str()) {
         out.push(format!("{}: {} local-memory instructions (LDL/STL)", c.name, c.local));
     }
