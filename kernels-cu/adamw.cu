@@ -65,3 +65,96 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_f32(const AdamWPara
         if (t.copy) t.copy[i] = f32_to_bf16(w);
     }
 }
+
+// ---- global_norm: sqrt(Σ_t Σ_i t_i²), deterministic, in f64 --------------------------------------
+//
+// Every tensor in one launch (a table as for AdamW): block b squares and sums its chunk of
+// NORM_ELEMS_PER_BLOCK elements in f64 (a fixed shuffle tree per warp, the warps in order) and
+// writes partial[b]; `global_norm_reduce_f64` adds the partials in block order. Tensors are f32
+// or bf16 (`is_bf16`); 128-bit loads on 16-byte aligned runs of 8.
+#include "steel_vec.cuh"
+
+struct NormTensor {
+    const void* x;  // (n) f32 or bf16
+    u64 n;
+    u64 block_start;
+    unsigned is_bf16;
+    unsigned pad_;
+};
+STEEL_PARAMS_SIZE(NormTensor, 32);
+
+struct GlobalNormParams {
+    const NormTensor* tensors;  // (count), sorted by block_start
+    double* partial;            // (blocks)
+    u64 count;
+    u64 elems_per_block;
+};
+STEEL_PARAMS_SIZE(GlobalNormParams, 32);
+
+template <typename T>
+static __device__ __forceinline__ double sum_squares(const T* x, u64 begin, u64 end) {
+    double acc = 0.0;
+    const u64 vec_end = is_aligned16(x) ? begin + ((end - begin) / 8) * 8 : begin;
+    for (u64 i = begin + 8 * (u64)threadIdx.x; i < vec_end; i += 8 * (u64)blockDim.x) {
+        float v[8];
+        ld8(x + i, v);
+STEEL_UNROLL
+        for (int j = 0; j < 8; ++j) acc += (double)v[j] * (double)v[j];
+    }
+    for (u64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) {
+        const double v = ld_f32(x, i);
+        acc += v * v;
+    }
+    return acc;
+}
+
+extern "C" __global__ void __launch_bounds__(256) global_norm_partial_f64(const GlobalNormParams p) {
+    STEEL_SHARED(double, warp_part, 32);
+    u64 lo = 0, hi = p.count;
+    while (hi - lo > 1) {
+        const u64 mid = (lo + hi) / 2;
+        if (p.tensors[mid].block_start <= blockIdx.x) lo = mid; else hi = mid;
+    }
+    const NormTensor t = p.tensors[lo];
+    const u64 begin = ((u64)blockIdx.x - t.block_start) * p.elems_per_block;
+#ifdef STEEL_MUTATE_GLOBAL_NORM
+    const u64 end = min(begin + p.elems_per_block, t.n) - (t.n > 1 ? 1 : 0);  // test-only: drops one
+#else
+    const u64 end = min(begin + p.elems_per_block, t.n);
+#endif
+    double acc = t.is_bf16 ? sum_squares((const bf16_t*)t.x, begin, end)
+                           : sum_squares((const float*)t.x, begin, end);
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(STEEL_FULL_MASK, acc, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) warp_part[warp] = acc;
+    __syncthreads();  // why: every warp's sum is written before thread 0 adds them
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < warps; ++w) total += warp_part[w];
+        p.partial[blockIdx.x] = total;
+    }
+}
+
+struct GlobalNormReduceParams {
+    const double* partial;  // (count)
+    double* out;            // (1) Σ partial
+    u64 count;
+};
+STEEL_PARAMS_SIZE(GlobalNormReduceParams, 24);
+
+// One block: thread k sums the partials k, k + 256, … in order, then the block's threads are
+// added in a fixed tree. Deterministic for the fixed block size.
+extern "C" __global__ void __launch_bounds__(256) global_norm_reduce_f64(const GlobalNormReduceParams p) {
+    STEEL_SHARED(double, warp_part, 32);
+    double acc = 0.0;
+    for (u64 i = threadIdx.x; i < p.count; i += blockDim.x) acc += p.partial[i];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(STEEL_FULL_MASK, acc, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) warp_part[warp] = acc;
+    __syncthreads();  // why: every warp's sum is written before thread 0 adds them
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < warps; ++w) total += warp_part[w];
+        p.out[0] = total;
+    }
+}

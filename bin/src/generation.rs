@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use steel_data::tokenizer::Tokenizer;
 use steel_model::{load_hf_dir, GenerationOptions, SteelModel, TokenIds};
-use steel_runtime::{cpu::CpuBackend, DType};
+use steel_runtime::{Backend, DType};
 
 /// Sampling flags; each overrides the model's generation_config.json.
 #[derive(Args, Clone, Debug, Default)]
@@ -56,8 +56,9 @@ impl Loaded {
         model_dir: &Path,
         tokenizer: Option<&Path>,
         need_tokenizer: bool,
+        backend: Arc<dyn Backend>,
     ) -> anyhow::Result<Loaded> {
-        let model = load_hf_dir(model_dir, Arc::new(CpuBackend::new()), DType::F32)
+        let model = load_hf_dir(model_dir, backend, DType::F32)
             .with_context(|| format!("loading the model {}", model_dir.display()))?;
         let tdir: PathBuf =
             tokenizer.map(Path::to_path_buf).unwrap_or_else(|| model_dir.to_path_buf());

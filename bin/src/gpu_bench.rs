@@ -482,3 +482,59 @@ pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>, profile: bool) ->
     }
     Ok(())
 }
+
+/// The checks of the table on the emulator (`steel-bench kernels --device emu`): every case on
+/// its small, ragged problem against the CPU backend, no timings (the emulator's speed says
+/// nothing about a GPU's).
+pub fn run_emu() -> Result<()> {
+    let t0 = Instant::now();
+    let gpu = Arc::new(steel_runtime::gpu::EmuGpu::new());
+    let be = GpuBackend::new(gpu.clone());
+    let cpu = CpuBackend::new();
+    println!("{:<30} {:<34} {:>8} {:>9}", "op (emulated)", "checked problem", "check", "rel err");
+    let (mut passed, mut failed, mut missing) = (0usize, 0usize, 0usize);
+    for c in cases() {
+        let check = (|| -> Result<f64> {
+            let host = (c.build)(&cpu, false)?;
+            let dev: Vec<Tensor> = host.iter().map(|t| be.upload(t)).collect::<Result<_, _>>()?;
+            let want = (c.exec)(&cpu, &host)?;
+            let got = (c.exec)(&be, &dev)?;
+            let got: Vec<Tensor> = got.iter().map(|t| be.download(t)).collect::<Result<_, _>>()?;
+            rel_err(&got, &want)
+        })();
+        let (verdict, err) = match &check {
+            Ok(e) if *e <= c.tol => {
+                passed += 1;
+                ("pass", format!("{e:.1e}"))
+            }
+            Ok(e) => {
+                failed += 1;
+                ("FAIL", format!("{e:.1e}"))
+            }
+            Err(e) if not_implemented(e) => {
+                missing += 1;
+                ("n/a", "-".to_string())
+            }
+            Err(_) => {
+                failed += 1;
+                ("ERROR", "-".to_string())
+            }
+        };
+        println!("{:<30} {:<34} {:>8} {:>9}", c.name, "(small, ragged)", verdict, err);
+        if let Err(e) = &check {
+            if verdict != "n/a" {
+                println!("    {e:#}");
+            }
+        }
+    }
+    let counts = gpu.counts();
+    if missing > 0 {
+        println!("{missing} op(s) not yet implemented on the GPU backend (n/a)");
+    }
+    println!("{passed} passed, {failed} failed; emu: {counts}");
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    if failed > 0 {
+        bail!("{failed} emulated check(s) failed");
+    }
+    Ok(())
+}

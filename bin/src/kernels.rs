@@ -25,7 +25,8 @@ use steel_runtime::{choose_device, Device, DeviceRequest};
 
 #[derive(Parser)]
 pub struct KernelsArgs {
-    /// auto (the GPU when one is usable), cpu, or cuda.
+    /// auto (the GPU when one is usable), cpu, cuda, or emu (the checks of the table on the CPU
+    /// emulator, small problems, no timings).
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
     /// Only compile every kernel with NVRTC and print ptxas's report (no GPU needed).
@@ -65,6 +66,9 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     }
     let choice = choose_device(args.device, true)?;
     eprintln!("{}", choice.notice);
+    if choice.emulated {
+        return crate::gpu_bench::run_emu();
+    }
     match choice.device {
         Device::Cpu => bail!(
             "steel-bench kernels times the CUDA kernels on a GPU and none is in use; run it with \

@@ -59,3 +59,47 @@ pub fn spinner() -> indicatif::ProgressBar {
     );
     bar
 }
+
+/// `--device`, the same flag in every tool.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// Where to compute: auto, cpu, cuda or emu (the GPU backend with every kernel run by the CPU
+    /// emulator: slow, needs no GPU; for debugging kernels and for CI).
+    #[arg(long, default_value = "auto", long_help = steel_runtime::DEVICE_HELP)]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    /// Opens the backend and prints its `device: …` line (stderr). `gpu_ready`: whether this
+    /// tool's ops all run on the GPU backend yet, so `auto` may pick a GPU.
+    pub fn open(&self, gpu_ready: bool) -> anyhow::Result<DeviceRun> {
+        let req: steel_runtime::DeviceRequest = self.device.parse()?;
+        let compute = steel_runtime::open_backend(req, gpu_ready)?;
+        eprintln!("{}", compute.choice().notice);
+        Ok(DeviceRun { compute })
+    }
+}
+
+/// The backend of a run. On a GPU (`cuda`, `emu`) it prints, when the run ends (also on an
+/// error), how many kernels and GEMMs it launched and whether any CPU backend was constructed:
+/// `emu: 1234 kernel launches and 56 GEMMs; no CPU backend constructed`.
+pub struct DeviceRun {
+    compute: steel_runtime::Compute,
+}
+
+impl DeviceRun {
+    pub fn backend(&self) -> std::sync::Arc<dyn steel_runtime::Backend> {
+        self.compute.backend()
+    }
+    pub fn compute(&self) -> &steel_runtime::Compute {
+        &self.compute
+    }
+}
+
+impl Drop for DeviceRun {
+    fn drop(&mut self) {
+        if let Some(line) = self.compute.summary() {
+            eprintln!("{line}");
+        }
+    }
+}

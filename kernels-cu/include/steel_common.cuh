@@ -12,6 +12,13 @@ typedef unsigned long long u64;
 typedef __nv_bfloat16 bf16_t;
 
 #define STEEL_FULL_MASK 0xffffffffu
+
+// `#pragma unroll` for NVRTC; g++ (the emulator, warnings as errors) does not know the pragma.
+#ifdef STEEL_EMU
+#define STEEL_UNROLL
+#else
+#define STEEL_UNROLL _Pragma("unroll")
+#endif
 #define STEEL_NEG_INF __int_as_float(0xff800000)
 
 // A parameter struct's size, checked on both sides of the FFI (the Rust mirror asserts it too).

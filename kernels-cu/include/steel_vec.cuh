@@ -57,12 +57,12 @@ static __device__ __forceinline__ bool is_aligned16(const void* p) {
 // Loads Vec<T>::N elements at `p` (16-byte aligned) into `out`, as floats.
 static __device__ __forceinline__ void ld_vec(const float* p, float* out) {
     const Vec16 v = *reinterpret_cast<const Vec16*>(p);
-#pragma unroll
+STEEL_UNROLL
     for (int j = 0; j < 4; ++j) out[j] = __uint_as_float(v.w[j]);
 }
 static __device__ __forceinline__ void ld_vec(const bf16_t* p, float* out) {
     const Vec16 v = *reinterpret_cast<const Vec16*>(p);
-#pragma unroll
+STEEL_UNROLL
     for (int j = 0; j < 4; ++j) {
         out[2 * j] = __uint_as_float(v.w[j] << 16);
         out[2 * j + 1] = __uint_as_float(v.w[j] & 0xffff0000u);
@@ -72,17 +72,43 @@ static __device__ __forceinline__ void ld_vec(const bf16_t* p, float* out) {
 // Stores Vec<T>::N floats at `p` (16-byte aligned) as T.
 static __device__ __forceinline__ void st_vec(float* p, const float* in) {
     Vec16 v;
-#pragma unroll
+STEEL_UNROLL
     for (int j = 0; j < 4; ++j) v.w[j] = __float_as_uint(in[j]);
     *reinterpret_cast<Vec16*>(p) = v;
 }
 static __device__ __forceinline__ void st_vec(bf16_t* p, const float* in) {
     Vec16 v;
-#pragma unroll
+STEEL_UNROLL
     for (int j = 0; j < 4; ++j) {
         const unsigned lo = __bfloat16_as_ushort(f32_to_bf16(in[2 * j]));
         const unsigned hi = __bfloat16_as_ushort(f32_to_bf16(in[2 * j + 1]));
         v.w[j] = lo | (hi << 16);
     }
     *reinterpret_cast<Vec16*>(p) = v;
+}
+
+// Eight elements at `p` (16-byte aligned) as floats: two f32 vectors or one bf16 vector. The flat
+// kernels move runs of 8 so that operands of either dtype line up element for element.
+static __device__ __forceinline__ void ld8(const float* p, float* out) {
+    ld_vec(p, out);
+    ld_vec(p + 4, out + 4);
+}
+static __device__ __forceinline__ void ld8(const bf16_t* p, float* out) { ld_vec(p, out); }
+static __device__ __forceinline__ void st8(float* p, const float* in) {
+    st_vec(p, in);
+    st_vec(p + 4, in + 4);
+}
+static __device__ __forceinline__ void st8(bf16_t* p, const float* in) { st_vec(p, in); }
+
+// The elements of a flat kernel's block: `begin .. end` (a fixed chunk of the tensor, so the
+// partition depends on n only), of which `begin .. vec_end` run as vectors of 8 when every
+// operand is 16-byte aligned (`aligned`), the rest element by element.
+struct FlatSpan {
+    u64 begin, vec_end, end;
+};
+static __device__ __forceinline__ FlatSpan flat_span(u64 n, u64 chunk, bool aligned) {
+    const u64 begin = (u64)blockIdx.x * chunk;
+    const u64 end = min(begin + chunk, n);
+    const u64 vec_end = aligned ? begin + ((end - begin) / 8) * 8 : begin;
+    return FlatSpan{begin, vec_end, end};
 }

@@ -21,7 +21,10 @@ mod scan;
 /// Every `.cu` source (compiled) and header of `include/` (included), as `(name, text)`.
 pub const SOURCES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../adamw.cu")),
+    ("elementwise.cu", include_str!("../elementwise.cu")),
+    ("layout.cu", include_str!("../layout.cu")),
     ("lm_head_ce.cu", include_str!("../lm_head_ce.cu")),
+    ("matmul.cu", include_str!("../matmul.cu")),
     ("mma_gemm.cu", include_str!("../mma_gemm.cu")),
     ("rms_norm.cu", include_str!("../rms_norm.cu")),
     ("test_emu.cu", include_str!("../test_emu.cu")),
@@ -37,7 +40,24 @@ pub const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
 
 /// Memory-bound kernels whose rows (or flat ranges) are read with 128-bit vector loads when
 /// aligned (`include/steel_vec.cuh`): their SASS must show `LDG.E.128`.
-pub const VECTOR_LOAD_KERNELS: &[&str] = &[];
+pub const VECTOR_LOAD_KERNELS: &[&str] = &[
+    "add_fwd_f32",
+    "add_fwd_bf16",
+    "add_assign_f32",
+    "add_assign_bf16",
+    "scale_fwd_f32",
+    "scale_fwd_bf16",
+    "scale_by_bwd_f32",
+    "scale_by_bwd_bf16",
+    "swiglu_fwd_f32",
+    "swiglu_fwd_bf16",
+    "swiglu_bwd_f32",
+    "swiglu_bwd_bf16",
+    "cast_f32_bf16",
+    "cast_bf16_f32",
+    "transpose01_v16",
+    "global_norm_partial_f64",
+];
 
 /// The only kernels allowed local memory (LDL/STL): the emulator's deliberate stack test.
 pub const LOCAL_MEMORY_KERNELS: &[&str] = &["emu_test_stack"];

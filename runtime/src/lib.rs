@@ -18,7 +18,8 @@ pub mod trace;
 
 pub use backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul, Transpose};
 pub use device::{
-    choose_device, probe_cuda_driver, Device, DeviceChoice, DeviceRequest, DriverProbe,
+    choose_device, open_backend, probe_cuda_driver, Compute, Device, DeviceChoice, DeviceRequest,
+    DriverProbe, DEVICE_HELP,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

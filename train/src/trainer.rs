@@ -35,6 +35,8 @@ use steel_model::{SteelConfig, SteelModel, TrainingBatch};
 use steel_runtime::comm::{Communicator, InProcessComm, ReduceOp};
 use steel_runtime::cpu::CpuBackend;
 use steel_runtime::cuda::profile::ProfileWindow;
+use steel_runtime::cuda::CudaGpu;
+use steel_runtime::gpu::{EmuGpu, Gpu, GpuBackend};
 use steel_runtime::{trace, Backend, DType, DeviceRequest, Tensor};
 
 /// Which checkpoint to continue from.
@@ -351,6 +353,29 @@ struct Shared<'a> {
     start_elapsed: f64,
     loaded: Option<Loaded>,
     stop: Arc<AtomicBool>,
+    /// `cpu`, or the GPU backend (`cuda`, `emu`) of every rank.
+    device: DeviceRequest,
+    /// The ranks' GPUs, for the end-of-run launch counts.
+    gpus: std::sync::Mutex<Vec<Arc<dyn Gpu>>>,
+}
+
+/// The backend of `rank`: the CPU's, or the GPU backend on device `rank` (for `emu`, an emulated
+/// device per rank). Nothing of a GPU run computes on a `CpuBackend`.
+fn rank_backend(sh: &Shared<'_>, rank: usize) -> Result<Arc<dyn Backend>> {
+    let keep = |g: Arc<dyn Gpu>| sh.gpus.lock().unwrap_or_else(|p| p.into_inner()).push(g);
+    Ok(match sh.device {
+        DeviceRequest::Emu => {
+            let g = Arc::new(EmuGpu::with_ordinal(rank));
+            keep(g.clone());
+            Arc::new(GpuBackend::new(g))
+        }
+        DeviceRequest::Cuda => {
+            let g = Arc::new(CudaGpu::new(rank)?);
+            keep(g.clone());
+            Arc::new(GpuBackend::new(g))
+        }
+        DeviceRequest::Cpu | DeviceRequest::Auto => Arc::new(CpuBackend::new()),
+    })
 }
 
 fn adamw_config(recipe: &Recipe) -> AdamWConfig {
@@ -366,7 +391,7 @@ fn adamw_config(recipe: &Recipe) -> AdamWConfig {
 
 fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> Result<Rank> {
     let world = sh.recipe.train.ranks;
-    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let be = rank_backend(sh, rank)?;
     let (model, opt) = match &sh.loaded {
         Some(l) => {
             let tensors = l.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -806,14 +831,27 @@ pub fn train(
     opts: &RunOptions,
     events: &mut dyn FnMut(&Event),
 ) -> Result<Summary> {
-    let device: DeviceRequest = recipe.train.device.parse()?;
-    let choice = steel_runtime::choose_device(device, false)?;
-    events(&Event::Notice(choice.notice));
+    let request: DeviceRequest = recipe.train.device.parse()?;
+    let choice = steel_runtime::choose_device(request, false)?;
+    events(&Event::Notice(choice.notice.clone()));
+    // `auto` stays on the CPU until the GPU backend covers the model; `cuda` and `emu` run the
+    // GPU backend and fail with the name of an op it does not have yet.
+    let device = match (choice.device, choice.emulated) {
+        (steel_runtime::Device::Cpu, _) => DeviceRequest::Cpu,
+        (_, true) => DeviceRequest::Emu,
+        (_, false) => DeviceRequest::Cuda,
+    };
     if recipe.train.precision == "bf16-mixed" {
-        events(&Event::Notice(
-            "precision: the CPU backend computes in f32 (bf16-mixed applies on a GPU)".into(),
-        ));
+        events(&Event::Notice(match device {
+            DeviceRequest::Cpu => {
+                "precision: the CPU backend computes in f32 (bf16-mixed applies on a GPU)".into()
+            }
+            _ => "precision: f32 on the GPU backend for now (bf16-mixed comes with the GPU \
+                  trainer)"
+                .into(),
+        }));
     }
+    let cpu_backends_at_start = CpuBackend::constructed();
     std::fs::create_dir_all(&opts.out).map_err(|e| io(&opts.out, e))?;
     let config = model_config(recipe)?;
     if let Some(dir) = &recipe.model.init_from {
@@ -909,6 +947,8 @@ pub fn train(
         schedule,
         loaded,
         stop,
+        device,
+        gpus: std::sync::Mutex::new(Vec::new()),
     };
     if let Some(tok) = &sh.prepared.tokenizer {
         events(&Event::Notice(format!("tokenizer: {}", tok.display())));
@@ -922,7 +962,7 @@ pub fn train(
     let world = recipe.train.ranks;
     let mut comms = InProcessComm::group(world)?.into_iter();
     let comm0 = comms.next().ok_or_else(|| inv("no rank 0"))?;
-    std::thread::scope(|scope| {
+    let result = std::thread::scope(|scope| {
         let sh = &sh;
         let handles: Vec<_> = comms
             .enumerate()
@@ -961,7 +1001,21 @@ pub fn train(
             (Err(e), _) => Err(e),
             (Ok(_), Some(e)) => Err(inv(e)),
         }
-    })
+    });
+    // The proof that a GPU run ran on the GPU backend: its launches, and no CPU backend.
+    if device != DeviceRequest::Cpu {
+        let gpus = sh.gpus.lock().unwrap_or_else(|p| p.into_inner());
+        let (kernels, gemms) =
+            gpus.iter().map(|g| g.counts()).fold((0, 0), |(k, m), c| (k + c.kernels, m + c.gemms));
+        let cpu = match CpuBackend::constructed() - cpu_backends_at_start {
+            0 => "no CPU backend constructed".to_string(),
+            n => format!("{n} CPU backend(s) constructed"),
+        };
+        events(&Event::Notice(format!(
+            "{device}: {kernels} kernel launches and {gemms} GEMMs; {cpu}"
+        )));
+    }
+    result
 }
 
 /// Breaks the rank group when a rank leaves with an error, so the others stop waiting.

@@ -67,7 +67,8 @@ struct TrainArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// cpu or cuda.
+    /// cpu, cuda, or emu (the GPU backend with every kernel run by the CPU emulator: slow, for
+    /// debugging kernels).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// CPU threads (default: all cores).
@@ -84,16 +85,14 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let req: steel_runtime::DeviceRequest = args.device.parse()?;
-    let choice = steel_runtime::choose_device(req, false)?;
-    eprintln!("steel-bench train: {}", choice.notice);
+    let run = steel_cli::DeviceArgs { device: args.device.clone() }.open(false)?;
     if args.seq == 0 || args.batch == 0 || args.steps == 0 {
         anyhow::bail!("--seq, --batch and --steps must be at least 1");
     }
     let config = steel_model::SteelConfig::from_file(&args.model_config)?;
     let (pool, threads) = steel_cli::thread_pool(args.threads)?;
     pool.install(|| -> Result<()> {
-        let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+        let be: Arc<dyn Backend> = run.backend();
         let model = steel_model::SteelModel::init(config.clone(), be.clone(), DType::F32, 1)?;
         let mut opt =
             steel_train::Optimizer::new(&model.params, steel_train::AdamWConfig::default())?;
@@ -118,7 +117,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 &[args.batch, args.seq + 1],
             )?);
             let (l, _) = model.loss(&mut tape, &batch)?;
-            loss = tape.value(l)?.scalar()?;
+            loss = be.download(tape.value(l)?)?.scalar()?;
             tape.backward(l)?;
             opt.step(&model.params, 3e-4)?;
             let dt = t0.elapsed().as_secs_f64();
@@ -139,7 +138,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 "step_ms": step_s * 1e3,
                 "mfu": mfu,
                 "peak_mem_bytes": peak_rss(),
-                "device": "cpu",
+                "device": run.compute().choice().notice.trim_start_matches("device: "),
                 "threads": threads,
                 "params": config.num_params(),
                 "seq": args.seq,

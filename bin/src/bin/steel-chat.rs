@@ -29,12 +29,15 @@ struct Args {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    device: steel_cli::DeviceArgs,
 }
 
 fn main() -> ExitCode {
     steel_cli::run("steel-chat", || {
         let a = Args::parse();
-        let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), true)?;
+        let run = a.device.open(false)?;
+        let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), true, run.backend())?;
         let tok = lm.tokenizer.as_ref().context("steel-chat needs a tokenizer")?;
         let tmpl = tok
             .chat_template()

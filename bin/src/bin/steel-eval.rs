@@ -5,9 +5,7 @@ use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use steel_model::load_hf_dir;
-use steel_runtime::cpu::CpuBackend;
 use steel_runtime::{DType, Tensor};
 
 #[derive(Parser)]
@@ -45,6 +43,8 @@ struct PplArgs {
     /// Also write the f32 logits [T, vocab] as the tensor `logits` of a safetensors file.
     #[arg(long)]
     dump_logits: Option<PathBuf>,
+    #[command(flatten)]
+    device: steel_cli::DeviceArgs,
 }
 
 fn main() -> ExitCode {
@@ -72,8 +72,8 @@ fn ppl(args: PplArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score (got {})", ids.len());
     }
-    let backend = Arc::new(CpuBackend::new());
-    let model = load_hf_dir(&args.model, backend, DType::F32)
+    let run = args.device.open(false)?;
+    let model = load_hf_dir(&args.model, run.backend(), DType::F32)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let (loss, tokens) = model.shifted_loss(&ids)?;
     if let Some(path) = &args.dump_logits {

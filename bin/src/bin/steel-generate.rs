@@ -43,6 +43,8 @@ struct Args {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    device: steel_cli::DeviceArgs,
     /// Print only one JSON line: {"ids": [generated ids], "text": text or null}.
     #[arg(long)]
     json: bool,
@@ -51,8 +53,9 @@ struct Args {
 fn main() -> ExitCode {
     steel_cli::run("steel-generate", || {
         let a = Args::parse();
+        let run = a.device.open(false)?;
         let need_tok = a.prompt.is_some() || a.chat;
-        let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), need_tok)?;
+        let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), need_tok, run.backend())?;
         let prompt: Vec<u32> = match (&a.prompt, &a.prompt_ids) {
             (Some(text), _) => {
                 let tok = lm.tokenizer.as_ref().context("--prompt needs a tokenizer")?;

@@ -59,7 +59,9 @@ struct Args {
     /// On resume, append the shards under DIR to the training data (repeatable).
     #[arg(long, value_name = "DIR")]
     add_data: Vec<PathBuf>,
-    /// auto (the GPU when one is usable, else the CPU), cpu or cuda (train.device).
+    /// auto (the GPU when one is usable, else the CPU), cpu, cuda, or emu (the GPU backend with
+    /// every kernel run by the CPU emulator: slow, needs no GPU; for debugging kernels and CI)
+    /// (train.device).
     #[arg(long)]
     device: Option<String>,
     /// Data-parallel ranks; on the CPU, worker threads with a model replica each (train.ranks).

@@ -69,6 +69,8 @@ pub struct McArgs {
     /// Questions per subject at most.
     #[arg(long)]
     pub limit: Option<usize>,
+    #[command(flatten)]
+    pub device: crate::DeviceArgs,
     /// Tokens generated per question with --method generate (reference: CMMLU 64, C-Eval 1024).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -348,7 +350,8 @@ fn mean(xs: &[f64]) -> Option<f64> {
 
 /// Runs `steel-eval mc`.
 pub fn run(a: McArgs) -> Result<()> {
-    let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), true)?;
+    let run = a.device.open(false)?;
+    let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), true, run.backend())?;
     let tok = lm.tokenizer.as_ref().context("a tokenizer is needed")?;
     let split = a.split.clone().unwrap_or_else(|| match a.format {
         Format::Ceval => "val".into(),

@@ -219,14 +219,70 @@ pub(crate) fn ids_as_usize(op: &'static str, ids: &Tensor, limit: usize) -> Resu
         .collect()
 }
 
+// ---- BF16 values (DESIGN §3: bf16 storage, f32 arithmetic) -------------------------------------
+//
+// Wherever the GPU takes BF16 values, the CPU reference does too, computing exactly what the GPU
+// is specified to compute: the bf16 inputs widened to f32 (exact), the op in f32, and each bf16
+// output rounded once to nearest even. Gradients stay F32.
+
+/// The f32 view of a BF16 operand (an exact widening); any other tensor as it is.
+fn widen(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::BF16 {
+        elementwise::cast(t, DType::F32)
+    } else {
+        Ok(t.clone())
+    }
+}
+
+/// `out` rounded to BF16 when the op's value inputs were BF16.
+fn narrow(out: Tensor, like: DType) -> Result<Tensor> {
+    if like == DType::BF16 && out.dtype() == DType::F32 {
+        elementwise::cast(&out, DType::BF16)
+    } else {
+        Ok(out)
+    }
+}
+
+/// Runs an in-place op on a BF16 `dst` through an f32 copy and rounds the result back into it.
+fn in_place_bf16(dst: &Tensor, f: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
+    if dst.dtype() != DType::BF16 {
+        return f(dst);
+    }
+    let wide = elementwise::cast(dst, DType::F32)?;
+    f(&wide)?;
+    let back = elementwise::cast(&wide, DType::BF16)?;
+    let storage = back.cpu_read()?.clone();
+    *dst.cpu_write()? = storage;
+    Ok(())
+}
+
 /// The CPU backend. Threads come from the rayon pool the caller runs in (the global pool by
 /// default; `ThreadPool::install` to pin a count).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+#[derive(Clone, Copy, Debug)]
+pub struct CpuBackend {
+    // Private: every `CpuBackend` comes from `new` (or `default`), which counts it.
+    _counted: (),
+}
+
+/// How many `CpuBackend`s this process has constructed (`--device emu` proves with it that no
+/// CPU backend computed the model's ops).
+static CONSTRUCTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        CONSTRUCTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CpuBackend { _counted: () }
+    }
+
+    /// The number of `CpuBackend`s constructed in this process so far.
+    pub fn constructed() -> usize {
+        CONSTRUCTED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -268,19 +324,23 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        elementwise::add(a, b)
+        narrow(elementwise::add(&widen(a)?, &widen(b)?)?, a.dtype())
     }
 
     fn add_assign(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        if src.dtype() == DType::BF16 && dst.dtype() == DType::BF16 {
+            let src = widen(src)?;
+            return in_place_bf16(dst, |d| elementwise::add_assign(d, &src));
+        }
         elementwise::add_assign(dst, src)
     }
 
     fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor> {
-        elementwise::scale(x, alpha)
+        narrow(elementwise::scale(&widen(x)?, alpha)?, x.dtype())
     }
 
     fn scale_by_fwd(&self, x: &Tensor, s: &Tensor) -> Result<Tensor> {
-        elementwise::scale_by_fwd(x, s)
+        narrow(elementwise::scale_by_fwd(&widen(x)?, s)?, x.dtype())
     }
 
     fn scale_by_bwd(
@@ -291,11 +351,11 @@ impl Backend for CpuBackend {
         dx: &Tensor,
         ds: &Tensor,
     ) -> Result<()> {
-        elementwise::scale_by_bwd(x, s, dy, dx, ds)
+        elementwise::scale_by_bwd(&widen(x)?, s, dy, dx, ds)
     }
 
     fn swiglu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        elementwise::swiglu_fwd(a, b)
+        narrow(elementwise::swiglu_fwd(&widen(a)?, &widen(b)?)?, a.dtype())
     }
 
     fn swiglu_bwd(
@@ -306,7 +366,7 @@ impl Backend for CpuBackend {
         da: &Tensor,
         db: &Tensor,
     ) -> Result<()> {
-        elementwise::swiglu_bwd(a, b, dy, da, db)
+        elementwise::swiglu_bwd(&widen(a)?, &widen(b)?, dy, da, db)
     }
 
     fn transpose01(&self, x: &Tensor) -> Result<Tensor> {
@@ -318,6 +378,10 @@ impl Backend for CpuBackend {
     }
 
     fn slice0_bwd(&self, dy: &Tensor, dx: &Tensor, start: usize) -> Result<()> {
+        if dy.dtype() == DType::BF16 && dx.dtype() == DType::BF16 {
+            let dy = widen(dy)?;
+            return in_place_bf16(dx, |d| layout::slice0_bwd(&dy, d, start));
+        }
         layout::slice0_bwd(dy, dx, start)
     }
 
@@ -341,7 +405,7 @@ impl Backend for CpuBackend {
     }
 
     fn sum_rows_into(&self, x: &Tensor, out: &Tensor) -> Result<()> {
-        matmul::sum_rows_into(x, out)
+        matmul::sum_rows_into(&widen(x)?, out)
     }
 
     fn embedding_fwd(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor> {
@@ -393,7 +457,8 @@ impl Backend for CpuBackend {
     }
 
     fn l2_normalize_fwd(&self, x: &Tensor, axis: usize, eps: f64) -> Result<(Tensor, Tensor)> {
-        l2_normalize::l2_normalize_fwd(x, axis, eps)
+        let (y, norm) = l2_normalize::l2_normalize_fwd(&widen(x)?, axis, eps)?;
+        Ok((narrow(y, x.dtype())?, norm))
     }
 
     fn l2_normalize_bwd(
@@ -405,19 +470,19 @@ impl Backend for CpuBackend {
         eps: f64,
         dx: &Tensor,
     ) -> Result<()> {
-        l2_normalize::l2_normalize_bwd(y, norm, dy, axis, eps, dx)
+        l2_normalize::l2_normalize_bwd(&widen(y)?, norm, dy, axis, eps, dx)
     }
 
     fn softmax_fwd(&self, x: &Tensor, axis: usize) -> Result<Tensor> {
-        softmax::softmax_fwd(x, axis)
+        narrow(softmax::softmax_fwd(&widen(x)?, axis)?, x.dtype())
     }
 
     fn softmax_bwd(&self, y: &Tensor, dy: &Tensor, axis: usize, dx: &Tensor) -> Result<()> {
-        softmax::softmax_bwd(y, dy, axis, dx)
+        softmax::softmax_bwd(&widen(y)?, dy, axis, dx)
     }
 
     fn rope_fwd(&self, x: &Tensor, theta: f64, pos_offset: usize) -> Result<Tensor> {
-        rope::rope_fwd(x, theta, pos_offset)
+        narrow(rope::rope_fwd(&widen(x)?, theta, pos_offset)?, x.dtype())
     }
 
     fn rope_bwd(&self, dy: &Tensor, theta: f64, pos_offset: usize, dx: &Tensor) -> Result<()> {
@@ -457,7 +522,7 @@ impl Backend for CpuBackend {
         targets: &Tensor,
         spec: CrossEntropy,
     ) -> Result<CrossEntropyOut> {
-        lm_head_ce::lm_head_ce_fwd(x, w, targets, spec)
+        lm_head_ce::lm_head_ce_fwd(&widen(x)?, &widen(w)?, targets, spec)
     }
 
     fn lm_head_ce_bwd(
@@ -472,7 +537,7 @@ impl Backend for CpuBackend {
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<()> {
-        lm_head_ce::lm_head_ce_bwd(x, w, targets, lse, dloss, scale, spec, dx, dw)
+        lm_head_ce::lm_head_ce_bwd(&widen(x)?, &widen(w)?, targets, lse, dloss, scale, spec, dx, dw)
     }
 
     fn lm_head_ce_fwd_bwd(
@@ -485,7 +550,7 @@ impl Backend for CpuBackend {
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<CrossEntropyOut> {
-        lm_head_ce::lm_head_ce_fwd_bwd(x, w, targets, scale, spec, dx, dw)
+        lm_head_ce::lm_head_ce_fwd_bwd(&widen(x)?, &widen(w)?, targets, scale, spec, dx, dw)
     }
 
     fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()> {
@@ -493,6 +558,7 @@ impl Backend for CpuBackend {
     }
 
     fn global_norm(&self, tensors: &[&Tensor]) -> Result<f64> {
-        adamw::global_norm(tensors)
+        let wide = tensors.iter().map(|t| widen(t)).collect::<Result<Vec<_>>>()?;
+        adamw::global_norm(&wide.iter().collect::<Vec<_>>())
     }
 }

@@ -36,6 +36,7 @@ pub struct CudaGpu {
     /// cuBLASLt's workspace (`gemm::WORKSPACE_BYTES`), held for the life of the device.
     workspace: u64,
     name: String,
+    counters: crate::gpu::Counters,
 }
 
 /// The cubins of every kernels-cu source for `ctx`'s architecture: `(source file, cubin)`.
@@ -90,6 +91,7 @@ impl CudaGpu {
             lt: Mutex::new(lt),
             workspace,
             name,
+            counters: crate::gpu::Counters::default(),
         })
     }
 
@@ -128,6 +130,7 @@ impl CudaGpu {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        self.counters.gemm();
         let plan = gemm::plan(shape)?;
         let align = gemm::alignments(shape, &ptrs);
         gemm::check_alignment(shape, &align)?;
@@ -199,6 +202,7 @@ impl Gpu for CudaGpu {
     }
 
     unsafe fn launch(&self, symbol: &'static str, cfg: LaunchConfig, params: &[u8]) -> Result<()> {
+        self.counters.kernel();
         let f = self.kernels.get(symbol).ok_or_else(|| {
             CudaError::invalid("launch", format!("no kernel {symbol} in kernels-cu"))
         })?;
@@ -244,6 +248,7 @@ impl Gpu for CudaGpu {
     }
 
     unsafe fn gemm(&self, desc: &GemmDesc, a: DevicePtr, b: DevicePtr, c: DevicePtr) -> Result<()> {
+        self.counters.gemm();
         let shape = GemmShape::contiguous(
             desc.m,
             desc.n,
@@ -276,6 +281,10 @@ impl Gpu for CudaGpu {
 
     fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
+    }
+
+    fn counts(&self) -> crate::gpu::LaunchCounts {
+        self.counters.get()
     }
 
     fn nvtx_push(&self, name: &str) {

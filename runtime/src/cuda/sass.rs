@@ -2,7 +2,8 @@
 //! `nvidia-cuda-cuobjdump` with `nvidia-cuda-nvdisasm`, 13.2 or newer, read sm_90 cubins on any
 //! machine) disassembles it; [`parse`] counts, per kernel, the instructions that show whether a
 //! kernel does what it was written for: tensor-core MMAs (`HMMA`), shared-memory matrix loads
-//! (`LDSM`), 128-bit global loads and stores (`LDG.E.128`, `STG.E.128`), cp.async copies
+//! (`LDSM`), 128-bit global loads and stores (`LDG.E.128`, `STG.E.128`, and the generic
+//! `LD.E.128`/`ST.E.128` of pointers read from memory), cp.async copies
 //! (`LDGSTS`), local-memory traffic
 //! (`LDL`/`STL`: spills or stack arrays) and barriers (`BAR`). A tensor-core kernel is thus
 //! proven to use the tensor cores before any GPU runs it.
@@ -115,8 +116,11 @@ pub fn parse(sass: &str) -> Vec<SassCounts> {
         k.ldsm += count(op.starts_with("LDSM"));
         let ldgsts = op.starts_with("LDGSTS");
         k.ldgsts += count(ldgsts);
-        k.ldg128 += count(op.starts_with("LDG") && !ldgsts && op.contains(".128"));
-        k.stg128 += count(op.starts_with("STG") && op.contains(".128"));
+        // Generic `LD.E.128`/`ST.E.128` count too: a pointer read from memory (a multi-tensor
+        // table) is not provably global, so the compiler addresses it generically.
+        let wide = op.contains(".128");
+        k.ldg128 += count(wide && !ldgsts && (op.starts_with("LDG") || op.starts_with("LD.")));
+        k.stg128 += count(wide && (op.starts_with("STG") || op.starts_with("ST.")));
         k.local += count(op.starts_with("LDL") || op.starts_with("STL"));
         k.bar += count(op.starts_with("BAR"));
     }

@@ -5,7 +5,7 @@ use super::backend::{distinct, GpuBackend};
 use super::launch::{dptr, grid_x, launch, opt_dptr, workspace};
 use super::{DevicePtr, Dim3, Gpu, LaunchConfig, NvtxRange};
 use crate::backend::{AdamW, AdamWParam};
-use crate::{DType, Error, Result};
+use crate::{DType, Error, Result, Tensor};
 use bytemuck::{Pod, Zeroable};
 use std::sync::Arc;
 
@@ -133,4 +133,106 @@ pub(super) fn adamw_step<G: Gpu>(
         distinct(OP, &outs, &[&p.grad])?;
     }
     launch_adamw_step(be.gpu(), params, hp)
+}
+
+// ---- global_norm (adamw.cu) ------------------------------------------------------------------------
+
+/// `NormTensor` of `adamw.cu` (one row of the device table).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NormTensor {
+    x: DevicePtr, // (n) f32 or bf16
+    n: u64,
+    block_start: u64,
+    is_bf16: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<NormTensor>() == 32);
+
+/// `GlobalNormParams` of `adamw.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct GlobalNormParams {
+    tensors: DevicePtr, // (count) NormTensor
+    partial: DevicePtr, // (blocks) f64
+    count: u64,
+    elems_per_block: u64,
+}
+const _: () = assert!(std::mem::size_of::<GlobalNormParams>() == 32);
+
+/// `GlobalNormReduceParams` of `adamw.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct GlobalNormReduceParams {
+    partial: DevicePtr, // (count) f64
+    out: DevicePtr,     // (1) f64
+    count: u64,
+}
+const _: () = assert!(std::mem::size_of::<GlobalNormReduceParams>() == 24);
+
+/// global_norm: threads per block and elements per block of the partial sums.
+pub const NORM_BLOCK: u32 = 256;
+pub const NORM_ELEMS_PER_BLOCK: usize = 256 * 16;
+
+/// `sqrt(Σ_t Σ_i t_i²)` over every tensor in one launch: f64 partial sums per fixed chunk, added
+/// in block order by one block (deterministic; the CPU reference sums in another fixed order, so
+/// the two agree to f64 rounding, not bit for bit).
+pub(super) fn global_norm<G: Gpu>(be: &GpuBackend<G>, tensors: &[&Tensor]) -> Result<f64> {
+    const OP: &str = "global_norm";
+    be.on_device(OP, tensors)?;
+    let gpu = be.gpu();
+    let mut table = Vec::with_capacity(tensors.len());
+    let mut blocks = 0usize;
+    for t in tensors {
+        let is_bf16 = match t.dtype() {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            other => {
+                return Err(Error::dtype(
+                    OP,
+                    other,
+                    "the GPU takes the norm of F32 or BF16 tensors",
+                ))
+            }
+        };
+        let n = t.numel();
+        if n > 0 {
+            table.push(NormTensor {
+                x: dptr(gpu, OP, t, t.dtype(), n)?,
+                n: n as u64,
+                block_start: blocks as u64,
+                is_bf16,
+                pad: 0,
+            });
+            blocks += n.div_ceil(NORM_ELEMS_PER_BLOCK);
+        }
+    }
+    if table.is_empty() {
+        return Ok(0.0);
+    }
+    let _range = NvtxRange::new(gpu.as_ref(), OP);
+    let ws = workspace(gpu, std::mem::size_of_val(table.as_slice()))?;
+    // SAFETY: the workspace holds exactly the table's bytes.
+    unsafe { gpu.upload(ws.ptr(), bytemuck::cast_slice(&table))? };
+    let partial = workspace(gpu, blocks * 8)?;
+    let out = workspace(gpu, 8)?;
+    let p = GlobalNormParams {
+        tensors: ws.ptr(),
+        partial: partial.ptr(),
+        count: table.len() as u64,
+        elems_per_block: NORM_ELEMS_PER_BLOCK as u64,
+    };
+    let cfg = LaunchConfig {
+        grid: Dim3::x(grid_x(OP, blocks)?),
+        block: Dim3::x(NORM_BLOCK),
+        shared_bytes: 0,
+    };
+    launch(gpu.as_ref(), "global_norm_partial_f64", cfg, &p)?;
+    let r = GlobalNormReduceParams { partial: partial.ptr(), out: out.ptr(), count: blocks as u64 };
+    let one = LaunchConfig { grid: Dim3::x(1), block: Dim3::x(NORM_BLOCK), shared_bytes: 0 };
+    launch(gpu.as_ref(), "global_norm_reduce_f64", one, &r)?;
+    let mut bytes = [0u8; 8];
+    // SAFETY: out holds one f64.
+    unsafe { gpu.download(out.ptr(), &mut bytes)? };
+    Ok(f64::from_le_bytes(bytes).sqrt())
 }

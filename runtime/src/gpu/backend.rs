@@ -7,7 +7,7 @@
 //! returns `Error::Gpu` "not yet implemented on the GPU backend": nothing falls back to the CPU
 //! silently. Outputs are fresh allocations (poisoned under the emulator).
 
-use super::{adamw, lm_head_ce, matmul, rms_norm};
+use super::{adamw, elementwise, layout, lm_head_ce, matmul, rms_norm};
 use super::{Fill, Gpu, GpuBuffer};
 use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -142,53 +142,60 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         Ok(out)
     }
 
-    fn cast(&self, _t: &Tensor, _dtype: DType) -> Result<Tensor> {
-        Err(not_yet("cast"))
+    fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        elementwise::cast(self, t, dtype)
     }
 
     fn synchronize(&self) -> Result<()> {
         self.gpu.synchronize()
     }
 
-    fn add(&self, _a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-        Err(not_yet("add"))
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::add(self, a, b)
     }
-    fn add_assign(&self, _dst: &Tensor, _src: &Tensor) -> Result<()> {
-        Err(not_yet("add_assign"))
+    fn add_assign(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        elementwise::add_assign(self, dst, src)
     }
-    fn scale(&self, _x: &Tensor, _alpha: f64) -> Result<Tensor> {
-        Err(not_yet("scale"))
+    fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor> {
+        elementwise::scale(self, x, alpha)
     }
-    fn scale_by_fwd(&self, _x: &Tensor, _s: &Tensor) -> Result<Tensor> {
-        Err(not_yet("scale_by_fwd"))
+    fn scale_by_fwd(&self, x: &Tensor, s: &Tensor) -> Result<Tensor> {
+        elementwise::scale_by_fwd(self, x, s)
     }
     fn scale_by_bwd(
         &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
+        x: &Tensor,
+        s: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+        ds: &Tensor,
     ) -> Result<()> {
-        Err(not_yet("scale_by_bwd"))
+        elementwise::scale_by_bwd(self, x, s, dy, dx, ds)
     }
-    fn swiglu_fwd(&self, _a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-        Err(not_yet("swiglu_fwd"))
+    fn swiglu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::swiglu_fwd(self, a, b)
     }
-    fn swiglu_bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
-        Err(not_yet("swiglu_bwd"))
+    fn swiglu_bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        da: &Tensor,
+        db: &Tensor,
+    ) -> Result<()> {
+        elementwise::swiglu_bwd(self, a, b, dy, da, db)
     }
-    fn transpose01(&self, _x: &Tensor) -> Result<Tensor> {
-        Err(not_yet("transpose01"))
+    fn transpose01(&self, x: &Tensor) -> Result<Tensor> {
+        layout::transpose01(self, x)
     }
-    fn slice0(&self, _x: &Tensor, _start: usize, _len: usize) -> Result<Tensor> {
-        Err(not_yet("slice0"))
+    fn slice0(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        layout::slice0(self, x, start, len)
     }
-    fn slice0_bwd(&self, _dy: &Tensor, _dx: &Tensor, _start: usize) -> Result<()> {
-        Err(not_yet("slice0_bwd"))
+    fn slice0_bwd(&self, dy: &Tensor, dx: &Tensor, start: usize) -> Result<()> {
+        layout::slice0_bwd(self, dy, dx, start)
     }
-    fn concat0(&self, _parts: &[&Tensor]) -> Result<Tensor> {
-        Err(not_yet("concat0"))
+    fn concat0(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        layout::concat0(self, parts)
     }
     fn matmul(
         &self,
@@ -203,8 +210,8 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     fn matmul_into(&self, a: &Tensor, b: &Tensor, spec: Matmul, out: &Tensor) -> Result<()> {
         matmul::matmul_into(self, a, b, spec, out)
     }
-    fn sum_rows_into(&self, _x: &Tensor, _out: &Tensor) -> Result<()> {
-        Err(not_yet("sum_rows_into"))
+    fn sum_rows_into(&self, x: &Tensor, out: &Tensor) -> Result<()> {
+        matmul::sum_rows_into(self, x, out)
     }
     fn embedding_fwd(&self, _ids: &Tensor, _table: &Tensor) -> Result<Tensor> {
         Err(not_yet("embedding_fwd"))
@@ -333,7 +340,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         adamw::adamw_step(self, params, hp)
     }
 
-    fn global_norm(&self, _tensors: &[&Tensor]) -> Result<f64> {
-        Err(not_yet("global_norm"))
+    fn global_norm(&self, tensors: &[&Tensor]) -> Result<f64> {
+        adamw::global_norm(self, tensors)
     }
 }

@@ -67,6 +67,7 @@ pub struct EmuGpu {
     state: Mutex<State>,
     /// Held for the whole of every operation: this device's one stream.
     stream: Mutex<()>,
+    counters: super::Counters,
 }
 
 impl Default for EmuGpu {
@@ -89,6 +90,7 @@ impl EmuGpu {
             check: Check::from_env(),
             state: Mutex::new(State::default()),
             stream: Mutex::new(()),
+            counters: super::Counters::default(),
         }
     }
 
@@ -317,6 +319,7 @@ impl Gpu for EmuGpu {
     unsafe fn launch(&self, symbol: &'static str, cfg: LaunchConfig, params: &[u8]) -> Result<()> {
         let _stream = self.stream();
         self.take_sticky("EmuGpu::launch")?;
+        self.counters.kernel();
         let (nvtx, dyn_shared_optin) = {
             let mut s = self.state();
             let nvtx = s.nvtx_stack.join("/");
@@ -369,6 +372,7 @@ impl Gpu for EmuGpu {
 
     unsafe fn gemm(&self, g: &GemmDesc, a: DevicePtr, b: DevicePtr, c: DevicePtr) -> Result<()> {
         let _stream = self.stream();
+        self.counters.gemm();
         let (m, n, k) = (g.m, g.n, g.k);
         let tr = |op| if op == Op::T { crate::Transpose::Yes } else { crate::Transpose::No };
         let shape = GemmShape::contiguous(
@@ -406,6 +410,7 @@ impl Gpu for EmuGpu {
         use crate::backend::Transpose;
         const OP: &str = "EmuGpu::gemm_ex";
         let _stream = self.stream();
+        self.counters.gemm();
         cublaslt_model(s, &p)?;
         let (m, n, k) = (s.m, s.n, s.k);
         let (ie, oe) = (s.input.size_in_bytes() as u64, s.output.size_in_bytes() as u64);
@@ -472,6 +477,10 @@ impl Gpu for EmuGpu {
     fn synchronize(&self) -> Result<()> {
         let _stream = self.stream();
         self.take_sticky("EmuGpu::synchronize")
+    }
+
+    fn counts(&self) -> super::LaunchCounts {
+        self.counters.get()
     }
 
     fn nvtx_push(&self, name: &str) {

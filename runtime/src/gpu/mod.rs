@@ -21,10 +21,12 @@
 pub mod adamw;
 mod backend;
 mod comm;
+pub mod elementwise;
 mod emu;
 pub mod launch;
+pub mod layout;
 pub mod lm_head_ce;
-mod matmul;
+pub mod matmul;
 pub mod mma_gemm;
 pub mod rms_norm;
 
@@ -113,6 +115,40 @@ pub struct GemmDesc {
     pub beta: f32,
 }
 
+/// How much work a [`Gpu`] has been given: kernel launches and GEMMs since it was created
+/// (`--device emu` prints them at the end of a run, the proof that the GPU path did the work).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchCounts {
+    pub kernels: u64,
+    pub gemms: u64,
+}
+
+impl std::fmt::Display for LaunchCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} kernel launches and {} GEMMs", self.kernels, self.gemms)
+    }
+}
+
+/// The counters behind [`Gpu::counts`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    kernels: std::sync::atomic::AtomicU64,
+    gemms: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn kernel(&self) {
+        self.kernels.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub(crate) fn gemm(&self) {
+        self.gemms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub(crate) fn get(&self) -> LaunchCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        LaunchCounts { kernels: self.kernels.load(Relaxed), gemms: self.gemms.load(Relaxed) }
+    }
+}
+
 /// What the GPU runtime needs from a device. Small on purpose: everything else (launch
 /// configurations, parameter packing, workspaces, NVTX names) lives once in the launchers.
 pub trait Gpu: Send + Sync + 'static {
@@ -187,6 +223,8 @@ pub trait Gpu: Send + Sync + 'static {
     ) -> Result<()>;
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<()>;
+    /// The kernels launched and GEMMs queued so far.
+    fn counts(&self) -> LaunchCounts;
 
     /// Opens an NVTX range (nested; closed by `nvtx_pop`). Never fails: telemetry is optional.
     fn nvtx_push(&self, name: &str);

@@ -91,3 +91,52 @@ proptest! {
         }
     }
 }
+
+// ---- global_norm ----------------------------------------------------------------------------------
+
+fn check_global_norm<G: TestGpu>(g: &GpuBackend<G>, sizes: &[usize], seed: u64) -> Outputs {
+    let c = cpu();
+    let ts: Vec<Tensor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let dt = if i % 3 == 2 { DType::BF16 } else { DType::F32 };
+            rand_tensor_dt(&[n], dt, seed ^ i as u64)
+        })
+        .collect();
+    let gs: Vec<Tensor> = ts.iter().map(|t| g.upload(t).unwrap()).collect();
+    let want = c.global_norm(&ts.iter().collect::<Vec<_>>()).unwrap();
+    let got = g.global_norm(&gs.iter().collect::<Vec<_>>()).unwrap();
+    // f64 sums in two fixed orders: equal to f64 rounding.
+    assert!((got - want).abs() <= 1e-12 * want.max(1e-300), "global_norm {got} vs {want}");
+    if let Some(log) = g.gpu().launch_log() {
+        assert_eq!(symbols(&log), ["global_norm_partial_f64", "global_norm_reduce_f64"]);
+        let blocks: usize =
+            sizes.iter().map(|n| n.div_ceil(steel_runtime::gpu::adamw::NORM_ELEMS_PER_BLOCK)).sum();
+        assert_eq!(log[0].grid, Dim3::x(blocks as u32));
+    }
+    vec![vec![got.to_bits()]]
+}
+
+proptest! {
+    #![proptest_config(proptest_config(24))]
+
+    #[test]
+    fn emu_global_norm_matches_cpu(sizes in prop::collection::vec(1..=9000usize, 1..=5), seed in any::<u64>()) {
+        on_two_schedules(seed, |g| check_global_norm(g, &sizes, seed));
+    }
+
+    #[test]
+    fn cuda_global_norm_matches_cpu(sizes in prop::collection::vec(1..=9000usize, 1..=5), seed in any::<u64>()) {
+        if let Some(g) = cuda() {
+            check_global_norm(&g, &sizes, seed);
+        }
+    }
+}
+
+#[test]
+fn emu_global_norm_of_nothing_and_of_the_model_widths() {
+    let g = emu();
+    assert_eq!(g.global_norm(&[]).unwrap(), 0.0);
+    on_two_schedules(60, |g| check_global_norm(g, &[1792 * 3, 448, 151_936 / 16], 60));
+}

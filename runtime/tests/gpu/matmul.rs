@@ -95,3 +95,99 @@ proptest! {
         }
     }
 }
+
+// ---- sum_rows_into and the empty product --------------------------------------------------------
+
+fn check_sum_rows<G: TestGpu>(
+    g: &GpuBackend<G>,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    seed: u64,
+) -> Outputs {
+    let c = cpu();
+    let x = rand_tensor_dt(&[rows, cols], dtype, seed);
+    let out = f32_rand(&[cols], seed ^ 1);
+    let gout = g.upload(&out).unwrap();
+    c.sum_rows_into(&x, &out).unwrap();
+    g.sum_rows_into(&g.upload(&x).unwrap(), &gout).unwrap();
+    let got = down(g, &gout);
+    // The CPU's order of adds (64-row chunks, then the chunks in order): bit-identical.
+    assert_eq!(bits(&got), bits(&vals(&out)), "sum_rows_into must add in the CPU's order");
+    if let Some(log) = g.gpu().launch_log() {
+        let sfx = if dtype == DType::BF16 { "bf16" } else { "f32" };
+        assert_eq!(
+            symbols(&log),
+            [format!("sum_rows_partial_{sfx}").as_str(), "sum_rows_reduce_f32"]
+        );
+    }
+    vec![bits(&got)]
+}
+
+proptest! {
+    #![proptest_config(proptest_config(24))]
+
+    #[test]
+    fn emu_sum_rows_into_matches_cpu(rows in 1..=200usize, cols in 1..=300usize, bf16 in any::<bool>(), seed in any::<u64>()) {
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        on_two_schedules(seed, |g| check_sum_rows(g, rows, cols, dtype, seed));
+    }
+
+    #[test]
+    fn cuda_sum_rows_into_matches_cpu(rows in 1..=200usize, cols in 1..=300usize, bf16 in any::<bool>(), seed in any::<u64>()) {
+        if let Some(g) = cuda() {
+            let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+            check_sum_rows(&g, rows, cols, dtype, seed);
+        }
+    }
+}
+
+#[test]
+fn emu_sum_rows_into_at_model_widths() {
+    on_two_schedules(40, |g| check_sum_rows(g, 130, 1792, DType::F32, 40));
+    on_two_schedules(41, |g| check_sum_rows(g, 70, 448, DType::BF16, 41));
+}
+
+/// k = 0: the product is empty, so `matmul` gives the bias in every row (or zeros), and
+/// `matmul_into` gives `beta · out` — as the CPU backend, for f32 and bf16 outputs.
+#[test]
+fn emu_matmul_with_an_empty_product() {
+    use steel_runtime::Matmul;
+    let (g, c) = (emu(), cpu());
+    for (dtype, batch) in [(DType::F32, 1usize), (DType::BF16, 3)] {
+        let a_shape: Vec<usize> = if batch == 1 { vec![5, 0] } else { vec![batch, 5, 0] };
+        let (a, b) = (Tensor::zeros(&a_shape, dtype), Tensor::zeros(&[0, 7], dtype));
+        let bias = rand_tensor_dt(&[7], dtype, 50);
+        let (ga, gb, gbias) =
+            (g.upload(&a).unwrap(), g.upload(&b).unwrap(), g.upload(&bias).unwrap());
+        let want = c
+            .matmul(
+                &c.cast(&a, DType::F32).unwrap(),
+                &c.cast(&b, DType::F32).unwrap(),
+                Some(&c.cast(&bias, DType::F32).unwrap()),
+                Matmul::NN,
+                None,
+            )
+            .unwrap();
+        let got = g.matmul(&ga, &gb, Some(&gbias), Matmul::NN, None).unwrap();
+        assert_eq!((got.shape(), got.dtype()), (want.shape(), dtype));
+        assert_eq!(down(&g, &got), vals(&want), "k = 0 with a bias: every row is the bias");
+        let zeros = g.matmul(&ga, &gb, None, Matmul::NN, None).unwrap();
+        assert!(down(&g, &zeros).iter().all(|&v| v == 0.0));
+        for beta in [0.0f32, 1.0, -0.5] {
+            let spec = Matmul { beta, ..Matmul::NN };
+            let prev = f32_rand(&[5, 7], 51);
+            let want = prev.deep_copy().unwrap();
+            c.matmul_into(
+                &c.cast(&a, DType::F32).unwrap(),
+                &c.cast(&b, DType::F32).unwrap(),
+                spec,
+                &want,
+            )
+            .unwrap();
+            let got = g.upload(&prev).unwrap();
+            g.matmul_into(&ga, &gb, spec, &got).unwrap();
+            assert_eq!(down(&g, &got), vals(&want), "matmul_into with k = 0, beta {beta}");
+        }
+    }
+}

@@ -112,7 +112,9 @@ fn symbols(log: &[LaunchRecord]) -> Vec<&'static str> {
 }
 
 mod adamw;
+mod elementwise;
 mod emulator;
+mod layout;
 mod lm_head_ce;
 mod matmul;
 mod mma_gemm;
