@@ -39,7 +39,11 @@ STEEL_UNROLL
         for (int j = 0; j < 8; ++j) x[j] += y[j];
         st8(out + i, x);
     }
+#ifdef STEEL_MUTATE_ELEMENTWISE_OOB
+    for (u64 i = s.vec_end + threadIdx.x; i <= s.end; i += blockDim.x) {  // test-only: one past
+#else
     for (u64 i = s.vec_end + threadIdx.x; i < s.end; i += blockDim.x) {
+#endif
 #ifdef STEEL_MUTATE_ADD_FWD
         st_f32(out, i, ld_f32(a, i) - ld_f32(b, i));  // test-only breakage: the tail subtracts
 #else

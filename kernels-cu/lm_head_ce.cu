@@ -61,7 +61,8 @@ extern "C" __global__ void __launch_bounds__(1024) softmax_ce_fwd_f32(const Soft
     if (threadIdx.x == 0) {
         const float lse = m + logf(s);
         p.lse[row] = lse;
-        p.nll[row] = lse - l[t];
+        // An invalid target (ce_count_targets reports it before the loss is used) reads nothing.
+        p.nll[row] = (t >= 0 && (u64)t < p.v) ? lse - l[t] : __int_as_float(0x7fc00000);
     }
 }
 
@@ -113,4 +114,57 @@ extern "C" __global__ void __launch_bounds__(256) sum_f32(const SumF32Params p) 
     for (u64 i = threadIdx.x; i < p.n; i += blockDim.x) acc += p.x[i];
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) p.out[0] = acc;
+}
+
+// ---- the targets' count and validity, on the device -----------------------------------------------
+
+struct CeCountParams {
+    const void* targets;  // (n), I32 or U32
+    u64* out;             // (2): the counted targets, then the first invalid position (n if none)
+    u64 n;
+    u64 v;
+    long long ignore_index;
+    unsigned target_kind;
+    unsigned pad_;
+};
+STEEL_PARAMS_SIZE(CeCountParams, 48);
+
+// One block of 256 threads: integer sums and minima (exact, so any order gives the same result).
+// Instead of downloading every target on every call, the op downloads these two words.
+extern "C" __global__ void __launch_bounds__(256) ce_count_targets(const CeCountParams p) {
+    STEEL_SHARED(u64, count_part, 8);
+    STEEL_SHARED(u64, bad_part, 8);
+    u64 count = 0, bad = p.n;
+    for (u64 i = threadIdx.x; i < p.n; i += blockDim.x) {
+        const long long t = load_target(p.targets, p.target_kind, i);
+        if (t == p.ignore_index) continue;
+#ifdef STEEL_MUTATE_CE_COUNT
+        if (t < 0 || (u64)t > p.v) {  // test-only breakage: v itself passes as a class
+#else
+        if (t < 0 || (u64)t >= p.v) {
+#endif
+            bad = min(bad, i);
+        } else {
+            ++count;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        count += __shfl_xor_sync(STEEL_FULL_MASK, count, o);
+        bad = min(bad, (u64)__shfl_xor_sync(STEEL_FULL_MASK, bad, o));
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        count_part[warp] = count;
+        bad_part[warp] = bad;
+    }
+    __syncthreads();  // why: every warp's partials are written before thread 0 combines them
+    if (threadIdx.x == 0) {
+        u64 c = 0, b = p.n;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+            c += count_part[w];
+            b = min(b, bad_part[w]);
+        }
+        p.out[0] = c;
+        p.out[1] = b;
+    }
 }

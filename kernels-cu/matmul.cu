@@ -71,7 +71,11 @@ static __device__ __forceinline__ void broadcast_rows(const BroadcastRowsParams&
     E* out = (E*)p.out;
     const u64 total = p.rows * p.n;
     const u64 begin = (u64)blockIdx.x * 2048ull, end = min(begin + 2048ull, total);
+#ifdef STEEL_MUTATE_BROADCAST_ROWS
+    for (u64 i = begin + threadIdx.x; i < end; i += blockDim.x) out[i] = bias[(i + 1) % p.n];  // test-only
+#else
     for (u64 i = begin + threadIdx.x; i < end; i += blockDim.x) out[i] = bias[i % p.n];
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(256) broadcast_rows_u16(const BroadcastRowsParams p) {

@@ -39,10 +39,16 @@ declare -A KERNEL=(
     [lm_head_ce_oob]='out-of-bounds global memory access'
     [adamw_oob]='out-of-bounds global memory access'
     [mma_tile_gemm_oob]='out-of-bounds global memory access'
+    [add_fwd]=numbers [add_assign]=numbers [scale_fwd]=numbers [scale_by_bwd]=numbers
+    [swiglu_fwd]=numbers [swiglu_bwd]=numbers [cast]=numbers [transpose01]=numbers
+    [sum_rows]=numbers [broadcast_rows]=numbers [global_norm]=numbers [ce_count]=numbers
+    [elementwise_oob]='out-of-bounds global memory access'
 )
 KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
     block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
-    mma_tile_gemm_uninit mma_tile_gemm_shared_oob mma_tile_gemm_oob)
+    mma_tile_gemm_uninit mma_tile_gemm_shared_oob mma_tile_gemm_oob
+    add_fwd add_assign scale_fwd scale_by_bwd swiglu_fwd swiglu_bwd cast transpose01 sum_rows
+    broadcast_rows global_norm ce_count elementwise_oob)
 
 # Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
 # not part of a longer identifier).
@@ -78,6 +84,13 @@ declare -A NUMERIC_TEST=(
     [add_rms_norm_fwd]=emu_add_rms_norm_fwd_bwd_matches_cpu [add_rms_norm_bwd]=emu_add_rms_norm_fwd_bwd_matches_cpu
     [adamw]=emu_adamw_step_matches_cpu [lm_head_ce_fwd]=emu_lm_head_ce_fwd_bwd_matches_cpu
     [lm_head_ce_bwd]=emu_lm_head_ce_fwd_bwd_matches_cpu [mma_tile_gemm]=emu_mma_tile_gemm_matches_cpu
+    [add_fwd]=emu_elementwise_matches_cpu [add_assign]=emu_elementwise_matches_cpu
+    [scale_fwd]=emu_elementwise_matches_cpu [scale_by_bwd]=emu_elementwise_matches_cpu
+    [swiglu_fwd]=emu_elementwise_matches_cpu [swiglu_bwd]=emu_elementwise_matches_cpu
+    [cast]=emu_elementwise_matches_cpu [transpose01]=emu_layout_matches_cpu
+    [sum_rows]=emu_sum_rows_into_matches_cpu [broadcast_rows]=emu_matmul_with_an_empty_product
+    [global_norm]=emu_global_norm_matches_cpu
+    [ce_count]=emu_lm_head_ce_bf16_at_the_vocabulary_and_bad_targets
 )
 
 log=$(mktemp)

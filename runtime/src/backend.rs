@@ -9,9 +9,15 @@
 //!   (`transpose01`, `slice0`, `concat0`) or GEMM transpose flags.
 //! - Activation layouts: tokens are `[batch, seq, …]`; attention tensors are `[B, T, heads, D]`
 //!   (the layout the QKV projection produces), so no transposes surround attention.
-//! - Float ops accept `F32` and `F64` (CPU; f64 serves gradient checks); `BF16` is accepted where
-//!   the GPU consumes it (`matmul`, `embedding_fwd`, `cast`, `adamw_step`'s copy) and computed in
-//!   f32. Statistics (rstd, lse, norms, losses) are f32, or f64 for f64 inputs.
+//! - Dtypes (the table in docs/ARCHITECTURE.md, "GPU dtype policy"): float ops accept `F32`,
+//!   `F64` on the CPU (gradient checks), and `BF16` values wherever the GPU's bf16 mixed
+//!   precision has them — `add`, `add_assign`, `scale`, `scale_by`, `swiglu`, `softmax`,
+//!   `l2_normalize`, `rope`, `sum_rows_into`'s input, the layout ops, `embedding`'s table,
+//!   `matmul`, `lm_head_ce`'s `x`/`w`, `global_norm`, `cast`, `adamw_step`'s copy. BF16 values
+//!   are computed in f32 and a BF16 result is rounded once to nearest even. A forward output has
+//!   its value inputs' dtype; statistics (rstd, lse, norms, losses) are F32 (F64 for F64 inputs).
+//!   Backward ops take saved values in their forward dtype and F32 gradients (`dy`, and every
+//!   accumulated `dx`): activation and parameter gradients are F32 on every backend.
 //! - Reductions are deterministic: no result depends on the number of threads or on scheduling.
 
 use crate::{DType, Device, Result, Tensor};

@@ -200,6 +200,20 @@ pub unsafe fn launch_scale_fwd<G: Gpu>(
     launch(gpu.as_ref(), symbol, flat_config(OP, n)?, &p)
 }
 
+/// `out (bf16) = x (f32)` rounded to nearest even, over `n` elements.
+///
+/// # Safety
+/// `x` addresses `n` live f32 and `out` `n` live bf16 of `gpu`, not overlapping.
+pub unsafe fn launch_cast_f32_bf16<G: Gpu>(
+    gpu: &Arc<G>,
+    x: DevicePtr,
+    out: DevicePtr,
+    n: usize,
+) -> Result<()> {
+    let p = CastParams { x, out, n: n as u64 };
+    launch(gpu.as_ref(), "cast_f32_bf16", flat_config("cast", n)?, &p)
+}
+
 // ---- the GpuBackend ops -----------------------------------------------------------------------
 
 fn fresh_like<G: Gpu>(be: &GpuBackend<G>, t: &Tensor) -> Result<Tensor> {

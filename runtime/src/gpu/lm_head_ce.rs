@@ -3,6 +3,7 @@
 //! `cpu/lm_head_ce.rs`): the parameter structs, the launchers, and the `GpuBackend` ops.
 
 use super::backend::{distinct, ptr, GpuBackend};
+use super::elementwise::launch_cast_f32_bf16;
 use super::launch::{gemm, gemm_desc, grid_x, launch, workspace};
 use super::{DevicePtr, Dim3, Gpu, LaunchConfig, NvtxRange, Op};
 use crate::backend::{Backend, CrossEntropy, CrossEntropyOut};
@@ -170,53 +171,99 @@ pub unsafe fn sum_f32<G: Gpu>(gpu: &Arc<G>, x: DevicePtr, n: usize, out: DeviceP
 
 // ---- the GpuBackend ops ----------------------------------------------------------------------
 
-impl<G: Gpu> GpuBackend<G> {
-    pub(super) fn download_targets(
-        &self,
-        op: &'static str,
-        targets: &Tensor,
-        v: usize,
-        ignore: i64,
-    ) -> Result<(TargetKind, usize)> {
-        let kind = TargetKind::of(op, targets.dtype())?;
-        let host = self.download(targets)?;
-        let ids: Vec<i64> = match kind {
-            TargetKind::I32 => host.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
-            TargetKind::U32 => host.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
-        };
-        if let Some((i, &bad)) =
-            ids.iter().enumerate().find(|(_, &a)| a != ignore && (a < 0 || a as usize >= v))
-        {
-            return Err(Error::invalid(
-                op,
-                format!("target {bad} at position {i} is outside 0..{v} and not the ignore index {ignore}"),
-            ));
-        }
-        Ok((kind, ids.iter().filter(|&&t| t != ignore).count()))
-    }
+/// `CeCountParams` of `lm_head_ce.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct CeCountParams {
+    targets: DevicePtr, // (n)
+    out: DevicePtr,     // (2) u64
+    n: u64,
+    v: u64,
+    ignore_index: i64,
+    target_kind: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<CeCountParams>() == 48);
 
-    fn ce_dims(
-        &self,
-        op: &'static str,
-        x: &Tensor,
-        w: &Tensor,
-        targets: &Tensor,
-        spec: CrossEntropy,
-    ) -> Result<(usize, usize, usize)> {
-        self.on_device(op, &[x, w, targets])?;
-        let crate::cpu::lm_head_ce::Dims { n, h, v } =
-            crate::cpu::lm_head_ce::dims(op, x, w, targets, spec)?;
-        for t in [x, w] {
-            if t.dtype() != DType::F32 {
-                return Err(Error::dtype(
-                    op,
-                    t.dtype(),
-                    "the GPU backend takes F32 x and w for now",
-                ));
-            }
-        }
-        Ok((n, h, v))
+/// The number of counted targets, counted on the device with their validity: the op downloads
+/// two words instead of the targets. An invalid target (outside `0..v`, not the ignore index)
+/// is an error naming its position and value.
+fn count_targets<G: Gpu>(
+    be: &GpuBackend<G>,
+    op: &'static str,
+    targets: &Tensor,
+    kind: TargetKind,
+    v: usize,
+    ignore: i64,
+) -> Result<usize> {
+    let n = targets.numel();
+    if n == 0 {
+        return Ok(0);
     }
+    let gpu = be.gpu();
+    let out = workspace(gpu, 16)?;
+    let p = CeCountParams {
+        targets: ptr(targets),
+        out: out.ptr(),
+        n: n as u64,
+        v: v as u64,
+        ignore_index: ignore,
+        target_kind: kind as u32,
+        pad: 0,
+    };
+    let cfg = LaunchConfig { grid: Dim3::x(1), block: Dim3::x(COUNT_BLOCK), shared_bytes: 0 };
+    launch(gpu.as_ref(), "ce_count_targets", cfg, &p)?;
+    let mut words = [0u8; 16];
+    // SAFETY: out holds two u64.
+    unsafe { gpu.download(out.ptr(), &mut words)? };
+    let count = u64::from_le_bytes(words[..8].try_into().unwrap_or_default());
+    let bad = u64::from_le_bytes(words[8..].try_into().unwrap_or_default()) as usize;
+    if bad < n {
+        let mut t = [0u8; 4];
+        // SAFETY: position bad < n lies inside the targets (4-byte elements).
+        unsafe { gpu.download(ptr(targets) + 4 * bad as u64, &mut t)? };
+        let value = match kind {
+            TargetKind::I32 => i64::from(i32::from_le_bytes(t)),
+            TargetKind::U32 => i64::from(u32::from_le_bytes(t)),
+        };
+        return Err(Error::invalid(
+            op,
+            format!(
+                "target {value} at position {bad} is outside 0..{v} and not the ignore index \
+                 {ignore}"
+            ),
+        ));
+    }
+    Ok(count as usize)
+}
+
+/// Threads of the one-block target count.
+pub const COUNT_BLOCK: u32 = 256;
+
+/// The shapes of the op, and the GEMM operand dtype: `x` and `w` both F32 or both BF16.
+fn ce_dims<G: Gpu>(
+    be: &GpuBackend<G>,
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    spec: CrossEntropy,
+) -> Result<(usize, usize, usize, DType)> {
+    be.on_device(op, &[x, w, targets])?;
+    let crate::cpu::lm_head_ce::Dims { n, h, v } =
+        crate::cpu::lm_head_ce::dims(op, x, w, targets, spec)?;
+    let ab = match (x.dtype(), w.dtype()) {
+        (DType::F32, DType::F32) => DType::F32,
+        (DType::BF16, DType::BF16) => DType::BF16,
+        (a, b) => {
+            return Err(Error::dtype(
+                op,
+                b,
+                format!("x is {a}: x and w are both F32 or both BF16 (the GEMMs' operands)"),
+            ))
+        }
+    };
+    Ok((n, h, v, ab))
 }
 
 pub(super) fn lm_head_ce_fwd<G: Gpu>(
@@ -227,8 +274,10 @@ pub(super) fn lm_head_ce_fwd<G: Gpu>(
     spec: CrossEntropy,
 ) -> Result<CrossEntropyOut> {
     const OP: &str = "lm_head_ce_fwd";
-    let (n, h, v) = be.ce_dims(OP, x, w, targets, spec)?;
-    let (kind, count) = be.download_targets(OP, targets, v, spec.ignore_index)?;
+    let (n, h, v, ab) = ce_dims(be, OP, x, w, targets, spec)?;
+    let kind = TargetKind::of(OP, targets.dtype())?;
+    let count = count_targets(be, OP, targets, kind, v, spec.ignore_index)?;
+    let es = ab.size_in_bytes();
     let lse = be.empty(&[n], DType::F32)?;
     let loss_sum = be.empty(&[1], DType::F32)?;
     let _range = NvtxRange::new(be.gpu().as_ref(), "lm_head_ce_fwd");
@@ -242,7 +291,7 @@ pub(super) fn lm_head_ce_fwd<G: Gpu>(
     let tsize = targets.dtype().size_in_bytes() as u64;
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
-        let desc = gemm_desc(rows, v, h, Op::N, Op::T, DType::F32, 0.0);
+        let desc = gemm_desc(rows, v, h, Op::N, Op::T, ab, 0.0);
         let c = CeChunk {
             logits: logits.ptr(),
             targets: ptr(targets) + r0 as u64 * tsize,
@@ -252,10 +301,11 @@ pub(super) fn lm_head_ce_fwd<G: Gpu>(
             v,
             ignore_index: spec.ignore_index,
         };
-        // SAFETY: x holds n·h f32 (rows r0.. are inside), w v·h, logits chunk·v ≥ rows·v;
-        // targets, lse and nll hold n elements, so the chunk's rows are inside.
+        // SAFETY: x holds n·h elements (rows r0.. are inside), w v·h, logits chunk·v ≥ rows·v
+        // f32; targets, lse and nll hold n elements, so the chunk's rows are inside.
         unsafe {
-            gemm(be.gpu(), "logits", &desc, ptr(x) + (r0 * h * 4) as u64, ptr(w), logits.ptr())?;
+            let x_rows = ptr(x) + (r0 * h * es) as u64;
+            gemm(be.gpu(), "logits", &desc, x_rows, ptr(w), logits.ptr())?;
             softmax_ce_fwd(be.gpu(), &c, nll.ptr() + r0 as u64 * 4)?;
         }
     }
@@ -278,7 +328,7 @@ pub(super) fn lm_head_ce_bwd<G: Gpu>(
     dw: &Tensor,
 ) -> Result<()> {
     const OP: &str = "lm_head_ce_bwd";
-    let (n, h, v) = be.ce_dims(OP, x, w, targets, spec)?;
+    let (n, h, v, ab) = ce_dims(be, OP, x, w, targets, spec)?;
     be.on_device(OP, &[lse, dloss, dx, dw])?;
     distinct(OP, &[dx, dw], &[x, w, targets, lse, dloss])?;
     for t in [lse, dloss, dx, dw] {
@@ -299,17 +349,24 @@ pub(super) fn lm_head_ce_bwd<G: Gpu>(
             ),
         ));
     }
-    let (kind, _) = be.download_targets(OP, targets, v, spec.ignore_index)?;
+    // No download: the softmax-CE backward only compares targets with class indices, so an
+    // invalid one (which the forward reports) cannot make it touch memory out of bounds.
+    let kind = TargetKind::of(OP, targets.dtype())?;
     if n == 0 {
         return Ok(());
     }
+    let es = ab.size_in_bytes();
     let _range = NvtxRange::new(be.gpu().as_ref(), "lm_head_ce_bwd");
     let chunk = spec.chunk_tokens.min(n);
     let logits = workspace(be.gpu(), chunk * v * 4)?;
+    // bf16 x/w: the f32 dlogits of a chunk are rounded to bf16 for the dx/dw GEMMs (both GEMM
+    // operands share a dtype; the outputs stay f32).
+    let dlogits16 =
+        if ab == DType::BF16 { Some(workspace(be.gpu(), chunk * v * 2)?) } else { None };
     let tsize = targets.dtype().size_in_bytes() as u64;
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
-        let x_rows = ptr(x) + (r0 * h * 4) as u64;
+        let x_rows = ptr(x) + (r0 * h * es) as u64;
         let c = CeChunk {
             logits: logits.ptr(),
             targets: ptr(targets) + r0 as u64 * tsize,
@@ -319,17 +376,23 @@ pub(super) fn lm_head_ce_bwd<G: Gpu>(
             v,
             ignore_index: spec.ignore_index,
         };
-        let f = DType::F32;
         // SAFETY: as in the forward; dx rows r0.. lie inside n·h, dw is v·h, and neither
-        // overlaps the inputs or the logits workspace (checked / fresh).
+        // overlaps the inputs or the logits workspaces (checked / fresh).
         unsafe {
-            let logits_desc = gemm_desc(rows, v, h, Op::N, Op::T, f, 0.0);
+            let logits_desc = gemm_desc(rows, v, h, Op::N, Op::T, ab, 0.0);
             gemm(be.gpu(), "logits", &logits_desc, x_rows, ptr(w), logits.ptr())?;
             softmax_ce_bwd(be.gpu(), &c, ptr(dloss), scale as f32)?;
-            let dx_desc = gemm_desc(rows, h, v, Op::N, Op::N, f, 1.0);
-            gemm(be.gpu(), "dx", &dx_desc, logits.ptr(), ptr(w), ptr(dx) + (r0 * h * 4) as u64)?;
-            let dw_desc = gemm_desc(v, h, rows, Op::T, Op::N, f, 1.0);
-            gemm(be.gpu(), "dw", &dw_desc, logits.ptr(), x_rows, ptr(dw))?;
+            let dlogits = match &dlogits16 {
+                Some(d16) => {
+                    launch_cast_f32_bf16(be.gpu(), logits.ptr(), d16.ptr(), rows * v)?;
+                    d16.ptr()
+                }
+                None => logits.ptr(),
+            };
+            let dx_desc = gemm_desc(rows, h, v, Op::N, Op::N, ab, 1.0);
+            gemm(be.gpu(), "dx", &dx_desc, dlogits, ptr(w), ptr(dx) + (r0 * h * 4) as u64)?;
+            let dw_desc = gemm_desc(v, h, rows, Op::T, Op::N, ab, 1.0);
+            gemm(be.gpu(), "dw", &dw_desc, dlogits, x_rows, ptr(dw))?;
         }
     }
     Ok(())

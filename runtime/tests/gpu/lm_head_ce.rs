@@ -75,3 +75,96 @@ proptest! {
         }
     }
 }
+
+/// bf16 `x`/`w` (the GPU's mixed precision): bf16 GEMMs with f32 outputs, f32 statistics, the
+/// chunk's dlogits rounded to bf16 for the dx/dw GEMMs; against the CPU given the same bf16
+/// inputs (≤ 1e-2; the loss and lse come from f32 logits of exact products and hold 1e-5).
+fn check_lm_head_ce_bf16<G: TestGpu>(
+    g: &GpuBackend<G>,
+    n: usize,
+    h: usize,
+    v: usize,
+    chunk: usize,
+    seed: u64,
+) -> Outputs {
+    let c = cpu();
+    let spec = CrossEntropy { ignore_index: -100, chunk_tokens: chunk };
+    let (x, w) = (
+        rand_tensor_dt(&[n, h], DType::BF16, seed),
+        rand_tensor_dt(&[v, h], DType::BF16, seed ^ 1),
+    );
+    let ids: Vec<i32> = rand_ids(n, v, seed ^ 2)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| if i % 3 == 1 { -100 } else { t })
+        .collect();
+    let targets = ids_tensor(&ids, &[n]);
+    let (gx, gw, gt) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.upload(&targets).unwrap());
+    let want = c.lm_head_ce_fwd(&x, &w, &targets, spec).unwrap();
+    let got = g.lm_head_ce_fwd(&gx, &gw, &gt, spec).unwrap();
+    assert_eq!(got.count, want.count, "the count comes from the device");
+    assert_eq!(got.lse.dtype(), DType::F32);
+    assert_rel_norm("lm_head_ce_fwd bf16 lse", &down(g, &got.lse), &vals(&want.lse), F32_TOL);
+    assert_rel_norm(
+        "lm_head_ce_fwd bf16 loss",
+        &down(g, &got.loss_sum),
+        &vals(&want.loss_sum),
+        F32_TOL,
+    );
+    let dloss = Tensor::from_f64(&[0.75], &[1], DType::F32).unwrap();
+    let (dx, dw) = (f32_rand(&[n, h], seed ^ 3), f32_rand(&[v, h], seed ^ 4));
+    let (gdx, gdw) = (g.upload(&dx).unwrap(), g.upload(&dw).unwrap());
+    let scale = 1.0 / want.count.max(1) as f64;
+    c.lm_head_ce_bwd(&x, &w, &targets, &want.lse, &dloss, scale, spec, &dx, &dw).unwrap();
+    let (glse, gdloss) = (g.upload(&want.lse).unwrap(), g.upload(&dloss).unwrap());
+    g.lm_head_ce_bwd(&gx, &gw, &gt, &glse, &gdloss, scale, spec, &gdx, &gdw).unwrap();
+    // dx, dw are accumulated onto random values; compare the increments, which carry the error.
+    let (gdx_v, gdw_v) = (down(g, &gdx), down(g, &gdw));
+    let inc = |after: &[f64], before: &Tensor| -> Vec<f64> {
+        after.iter().zip(vals(before)).map(|(a, b)| a - b).collect()
+    };
+    let (dx0, dw0) = (f32_rand(&[n, h], seed ^ 3), f32_rand(&[v, h], seed ^ 4));
+    assert_rel_norm("lm_head_ce_bwd bf16 dx", &inc(&gdx_v, &dx0), &inc(&vals(&dx), &dx0), BF16_TOL);
+    assert_rel_norm("lm_head_ce_bwd bf16 dw", &inc(&gdw_v, &dw0), &inc(&vals(&dw), &dw0), BF16_TOL);
+    if let Some(log) = g.gpu().launch_log() {
+        let syms = symbols(&log);
+        assert_eq!(syms.iter().filter(|s| **s == "ce_count_targets").count(), 1, "{syms:?}");
+        let chunks = n.div_ceil(chunk.min(n));
+        assert_eq!(syms.iter().filter(|s| **s == "cast_f32_bf16").count(), chunks, "{syms:?}");
+    }
+    vec![bits(&down(g, &got.lse)), bits(&gdx_v), bits(&gdw_v)]
+}
+
+proptest! {
+    #![proptest_config(proptest_config(16))]
+
+    #[test]
+    fn emu_lm_head_ce_bf16_matches_cpu(n in 1..=20usize, h in 1..=40usize, v in 2..=500usize, chunk in 1..=8usize, seed in any::<u64>()) {
+        on_two_schedules(seed, |g| check_lm_head_ce_bf16(g, n, h, v, chunk, seed));
+    }
+
+    #[test]
+    fn cuda_lm_head_ce_bf16_matches_cpu(n in 1..=20usize, h in 1..=40usize, v in 2..=500usize, chunk in 1..=8usize, seed in any::<u64>()) {
+        if let Some(g) = cuda() {
+            check_lm_head_ce_bf16(&g, n, h, v, chunk, seed);
+        }
+    }
+}
+
+/// The vocabulary 151,936 at hidden 448 in bf16 (two tokens); an invalid target is an error that
+/// names its position and value, found on the device.
+#[test]
+fn emu_lm_head_ce_bf16_at_the_vocabulary_and_bad_targets() {
+    on_two_schedules(70, |g| check_lm_head_ce_bf16(g, 2, 448, 151_936, 2, 70));
+    let g = emu();
+    let spec = CrossEntropy { ignore_index: -100, chunk_tokens: 4 };
+    let (x, w) =
+        (g.upload(&f32_rand(&[3, 4], 1)).unwrap(), g.upload(&f32_rand(&[5, 4], 2)).unwrap());
+    for (bad, pos) in [(5, 1), (-3, 2)] {
+        let mut ids = vec![0, 4, -100];
+        ids[pos] = bad;
+        let t = g.upload(&ids_tensor(&ids, &[3])).unwrap();
+        let e = g.lm_head_ce_fwd(&x, &w, &t, spec).unwrap_err().to_string();
+        assert!(e.contains(&format!("target {bad} at position {pos}")), "{e}");
+    }
+}
