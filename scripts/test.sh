@@ -75,6 +75,9 @@ cargo test --workspace --release --locked
 step "benchmark smoke run"
 cargo run --release --locked --bin steel-bench -- cpu --quick --repeats 1
 
+step "the gpu-check table's checks on the emulator (steel-bench kernels --device emu)"
+cargo run --release --locked --bin steel-bench -- kernels --device emu
+
 if [ "$nvrtc" = 1 ]; then
   step "CUDA kernels: NVRTC compile for sm_90 and their SASS (fails on errors, warnings, spills, register overuse, missing kernels, tensor-core kernels without HMMA, local memory)"
   t0=$SECONDS

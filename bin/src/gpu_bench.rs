@@ -193,6 +193,147 @@ fn cases() -> Vec<Case> {
             flops: 2.0 * 8192.0 * h * 65536.0,
             tol: 1e-5,
         },
+        Case {
+            name: "lm_head_ce_fwd bf16",
+            shape: "x [8192,1792] w [151936,1792] bf16",
+            build: |be, big| {
+                let (n, h, v) = if big { (8192, H, 151_936) } else { (37, 96, 1000) };
+                let x = rnd(be, &[n, h], DType::BF16, 17)?;
+                let w = rnd(be, &[v, h], DType::BF16, 18)?;
+                let ids: Vec<i32> =
+                    (0..n as i32).map(|i| ((i as i64 * 7919) % v as i64) as i32).collect();
+                let t = be.upload(&Tensor::from_vec(ids, &[n])?)?;
+                Ok(vec![x, w, t])
+            },
+            exec: |be, t| {
+                let spec = CrossEntropy { ignore_index: -100, chunk_tokens: 4096 };
+                let out = be.lm_head_ce_fwd(&t[0], &t[1], &t[2], spec)?;
+                Ok(vec![out.loss_sum, out.lse])
+            },
+            bytes: 0.0,
+            flops: 2.0 * 8192.0 * h * 151_936.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "add bf16",
+            shape: "a, b [32768,1792] bf16",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::BF16, 19)?, rnd(be, &[r, h], DType::BF16, 20)?])
+            },
+            exec: |be, t| Ok(vec![be.add(&t[0], &t[1])?]),
+            // read a, b; write out
+            bytes: 2.0 * 3.0 * r * h,
+            flops: 0.0,
+            tol: 1e-2,
+        },
+        Case {
+            name: "add_assign f32",
+            shape: "dst, src [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::F32, 21)?, rnd(be, &[r, h], DType::F32, 22)?])
+            },
+            exec: |be, t| {
+                be.add_assign(&t[0], &t[1])?;
+                Ok(vec![t[0].clone()])
+            },
+            // read dst, src; write dst (the check's inputs are fresh, so one call is compared)
+            bytes: f4 * 3.0 * r * h,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "swiglu_fwd bf16",
+            shape: "a, b [32768,1792] bf16",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::BF16, 23)?, rnd(be, &[r, h], DType::BF16, 24)?])
+            },
+            exec: |be, t| Ok(vec![be.swiglu_fwd(&t[0], &t[1])?]),
+            bytes: 2.0 * 3.0 * r * h,
+            flops: 0.0,
+            tol: 1e-2,
+        },
+        Case {
+            name: "swiglu_bwd bf16",
+            shape: "a, b bf16, dy f32 [32768,1792]",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![
+                    rnd(be, &[r, h], DType::BF16, 25)?,
+                    rnd(be, &[r, h], DType::BF16, 26)?,
+                    rnd(be, &[r, h], DType::F32, 27)?,
+                    be.zeros(&[r, h], DType::F32)?,
+                    be.zeros(&[r, h], DType::F32)?,
+                ])
+            },
+            exec: |be, t| {
+                be.swiglu_bwd(&t[0], &t[1], &t[2], &t[3], &t[4])?;
+                Ok(vec![t[3].clone(), t[4].clone()])
+            },
+            // read a, b (bf16), dy, da, db; write da, db
+            bytes: 2.0 * 2.0 * r * h + f4 * 5.0 * r * h,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "cast f32 → bf16",
+            shape: "x [32768,1792]",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::F32, 28)?])
+            },
+            exec: |be, t| Ok(vec![be.cast(&t[0], DType::BF16)?]),
+            bytes: (4.0 + 2.0) * r * h,
+            flops: 0.0,
+            tol: 0.0,
+        },
+        Case {
+            name: "transpose01 bf16",
+            shape: "[2048,16,1792] → [16,2048,1792]",
+            build: |be, big| {
+                let (a, b, c) = if big { (2048, 16, H) } else { (7, 5, 24) };
+                Ok(vec![rnd(be, &[a, b, c], DType::BF16, 29)?])
+            },
+            exec: |be, t| Ok(vec![be.transpose01(&t[0])?]),
+            bytes: 2.0 * 2.0 * 2048.0 * 16.0 * h,
+            flops: 0.0,
+            tol: 0.0,
+        },
+        Case {
+            name: "sum_rows_into (bias grad) f32",
+            shape: "x [32768,1792] → [1792]",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::F32, 30)?, be.zeros(&[h], DType::F32)?])
+            },
+            exec: |be, t| {
+                be.sum_rows_into(&t[0], &t[1])?;
+                Ok(vec![t[1].clone()])
+            },
+            bytes: f4 * r * h,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "global_norm (f64)",
+            shape: "64M params f32",
+            build: |be, big| {
+                let n = if big { ADAMW_N } else { 10_007 };
+                Ok(vec![rnd(be, &[n], DType::F32, 31)?, rnd(be, &[n / 3 + 1], DType::F32, 32)?])
+            },
+            exec: |be, t| {
+                let norm = be.global_norm(&[&t[0], &t[1]])?;
+                // The f64 result as two f32 (high part, remainder): compared to ~1e-14.
+                let hi = norm as f32;
+                let lo = (norm - f64::from(hi)) as f32;
+                Ok(vec![be.upload(&Tensor::from_vec(vec![hi, lo], &[2])?)?])
+            },
+            bytes: f4 * (ADAMW_N + ADAMW_N / 3) as f64,
+            flops: 0.0,
+            tol: 1e-12,
+        },
     ]
 }
 
