@@ -112,6 +112,7 @@ fn symbols(log: &[LaunchRecord]) -> Vec<&'static str> {
 }
 
 mod adamw;
+mod coverage;
 mod elementwise;
 mod emulator;
 mod layout;
