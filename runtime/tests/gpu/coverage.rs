@@ -264,7 +264,6 @@ fn emu_every_backend_op_runs_on_the_gpu_backend_and_matches_the_cpu() {
         let got = run(&g);
         if PENDING.contains(name) {
             let e = got.expect_err(name).to_string();
-            assert!(e.contains("attention") || e.contains(name), "{name}: {e}");
             assert!(e.contains("not yet implemented"), "{name}: {e}");
             continue;
         }
