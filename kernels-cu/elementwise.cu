@@ -16,16 +16,17 @@
 
 // ---- a + b, dst += src, alpha · x ------------------------------------------------------------
 
-struct AddParams {
+// out = f(a, b) elementwise: add, swiglu.
+struct BinaryParams {
     const void* a;  // (n) T
     const void* b;  // (n) T
     void* out;      // (n) T
     u64 n;
 };
-STEEL_PARAMS_SIZE(AddParams, 32);
+STEEL_PARAMS_SIZE(BinaryParams, 32);
 
 template <typename T>
-static __device__ __forceinline__ void add_fwd(const AddParams& p) {
+static __device__ __forceinline__ void add_fwd(const BinaryParams& p) {
     const T* a = (const T*)p.a;
     const T* b = (const T*)p.b;
     T* out = (T*)p.out;
@@ -52,10 +53,10 @@ STEEL_UNROLL
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) add_fwd_f32(const AddParams p) {
+extern "C" __global__ void __launch_bounds__(256) add_fwd_f32(const BinaryParams p) {
     add_fwd<float>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) add_fwd_bf16(const AddParams p) {
+extern "C" __global__ void __launch_bounds__(256) add_fwd_bf16(const BinaryParams p) {
     add_fwd<bf16_t>(p);
 }
 
@@ -214,16 +215,9 @@ extern "C" __global__ void __launch_bounds__(32) sum_f64_into_f32(const SumF64In
 
 static __device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
-struct SwigluFwdParams {
-    const void* a;  // (n) T
-    const void* b;  // (n) T
-    void* out;      // (n) T
-    u64 n;
-};
-STEEL_PARAMS_SIZE(SwigluFwdParams, 32);
 
 template <typename T>
-static __device__ __forceinline__ void swiglu_fwd(const SwigluFwdParams& p) {
+static __device__ __forceinline__ void swiglu_fwd(const BinaryParams& p) {
     const T* a = (const T*)p.a;
     const T* b = (const T*)p.b;
     T* out = (T*)p.out;
@@ -247,10 +241,10 @@ STEEL_UNROLL
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) swiglu_fwd_f32(const SwigluFwdParams p) {
+extern "C" __global__ void __launch_bounds__(256) swiglu_fwd_f32(const BinaryParams p) {
     swiglu_fwd<float>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) swiglu_fwd_bf16(const SwigluFwdParams p) {
+extern "C" __global__ void __launch_bounds__(256) swiglu_fwd_bf16(const BinaryParams p) {
     swiglu_fwd<bf16_t>(p);
 }
 

@@ -337,6 +337,17 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The relative error of case `c` on `be` against the CPU, on its small, ragged problem (the
+/// same inputs on both backends).
+fn check_case(c: &Case, cpu: &CpuBackend, be: &dyn Backend) -> Result<f64> {
+    let host = (c.build)(cpu, false)?;
+    let dev: Vec<Tensor> = host.iter().map(|t| be.upload(t)).collect::<Result<_, _>>()?;
+    let want = (c.exec)(cpu, &host)?;
+    let got = (c.exec)(be, &dev)?;
+    let got: Vec<Tensor> = got.iter().map(|t| be.download(t)).collect::<Result<_, _>>()?;
+    rel_err(&got, &want)
+}
+
 /// ‖a − b‖ / ‖b‖ over all compared tensors.
 fn rel_err(got: &[Tensor], want: &[Tensor]) -> Result<f64> {
     let (mut num, mut den) = (0f64, 0f64);
@@ -542,14 +553,7 @@ pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>, profile: bool) ->
     }
     for c in cases() {
         // Check on the small, ragged problem: same inputs on both backends.
-        let check = (|| -> Result<f64> {
-            let host = (c.build)(&cpu, false)?;
-            let dev: Vec<Tensor> = host.iter().map(|t| be.upload(t)).collect::<Result<_, _>>()?;
-            let want = (c.exec)(&cpu, &host)?;
-            let got = (c.exec)(&be, &dev)?;
-            let got: Vec<Tensor> = got.iter().map(|t| be.download(t)).collect::<Result<_, _>>()?;
-            rel_err(&got, &want)
-        })();
+        let check = check_case(&c, &cpu, &be);
         let timed = (|| -> Result<f64> {
             let inputs = (c.build)(&be, true)?;
             median_secs(&be, repeats, || (c.exec)(&be, &inputs).map(drop))
@@ -635,14 +639,7 @@ pub fn run_emu() -> Result<()> {
     println!("{:<30} {:<34} {:>8} {:>9}", "op (emulated)", "checked problem", "check", "rel err");
     let (mut passed, mut failed, mut missing) = (0usize, 0usize, 0usize);
     for c in cases() {
-        let check = (|| -> Result<f64> {
-            let host = (c.build)(&cpu, false)?;
-            let dev: Vec<Tensor> = host.iter().map(|t| be.upload(t)).collect::<Result<_, _>>()?;
-            let want = (c.exec)(&cpu, &host)?;
-            let got = (c.exec)(&be, &dev)?;
-            let got: Vec<Tensor> = got.iter().map(|t| be.download(t)).collect::<Result<_, _>>()?;
-            rel_err(&got, &want)
-        })();
+        let check = check_case(&c, &cpu, &be);
         let (verdict, err) = match &check {
             Ok(e) if *e <= c.tol => {
                 passed += 1;

@@ -16,16 +16,16 @@ use std::sync::Arc;
 
 // ---- parameter structs (mirrors of elementwise.cu) --------------------------------------------
 
-/// `AddParams` of `elementwise.cu`.
+/// `BinaryParams` of `elementwise.cu` (add, swiglu).
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct AddParams {
+struct BinaryParams {
     a: DevicePtr,   // (n)
     b: DevicePtr,   // (n)
     out: DevicePtr, // (n)
     n: u64,
 }
-const _: () = assert!(std::mem::size_of::<AddParams>() == 32);
+const _: () = assert!(std::mem::size_of::<BinaryParams>() == 32);
 
 /// `AddAssignParams` of `elementwise.cu`.
 #[repr(C)]
@@ -72,17 +72,6 @@ struct SumF64IntoF32Params {
     count: u64,
 }
 const _: () = assert!(std::mem::size_of::<SumF64IntoF32Params>() == 24);
-
-/// `SwigluFwdParams` of `elementwise.cu`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct SwigluFwdParams {
-    a: DevicePtr,   // (n)
-    b: DevicePtr,   // (n)
-    out: DevicePtr, // (n)
-    n: u64,
-}
-const _: () = assert!(std::mem::size_of::<SwigluFwdParams>() == 32);
 
 /// `SwigluBwdParams` of `elementwise.cu`.
 #[repr(C)]
@@ -159,7 +148,7 @@ pub unsafe fn launch_add_fwd<G: Gpu>(
 ) -> Result<()> {
     const OP: &str = "add";
     let symbol = if value_suffix(OP, dtype)? == "f32" { "add_fwd_f32" } else { "add_fwd_bf16" };
-    let p = AddParams { a, b, out, n: n as u64 };
+    let p = BinaryParams { a, b, out, n: n as u64 };
     launch(gpu.as_ref(), symbol, flat_config(OP, n)?, &p)
 }
 
@@ -352,7 +341,7 @@ pub(super) fn swiglu_fwd<G: Gpu>(be: &GpuBackend<G>, a: &Tensor, b: &Tensor) -> 
     let n = a.numel();
     if n > 0 {
         let _range = NvtxRange::new(be.gpu().as_ref(), OP);
-        let p = SwigluFwdParams { a: ptr(a), b: ptr(b), out: ptr(&out), n: n as u64 };
+        let p = BinaryParams { a: ptr(a), b: ptr(b), out: ptr(&out), n: n as u64 };
         let symbol = if suffix == "f32" { "swiglu_fwd_f32" } else { "swiglu_fwd_bf16" };
         launch(be.gpu().as_ref(), symbol, flat_config(OP, n)?, &p)?;
     }
