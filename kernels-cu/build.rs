@@ -125,6 +125,8 @@ fn main() {
             .flag("-Wno-unused-function")
             .flag("-Wno-unused-parameter")
             .flag("-fno-strict-aliasing")
+            // CUDA's `#pragma unroll` (steel_vec.cuh, the row kernels) means nothing to g++.
+            .flag("-Wno-unknown-pragmas")
             // Large frames probe every page, so an overflowing fiber always hits its guard page.
             .flag("-fstack-clash-protection")
             .define("STEEL_EMU", None)

@@ -21,9 +21,11 @@ mod scan;
 /// Every `.cu` source (compiled) and header of `include/` (included), as `(name, text)`.
 pub const SOURCES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../adamw.cu")),
+    ("embedding.cu", include_str!("../embedding.cu")),
     ("lm_head_ce.cu", include_str!("../lm_head_ce.cu")),
     ("mma_gemm.cu", include_str!("../mma_gemm.cu")),
     ("rms_norm.cu", include_str!("../rms_norm.cu")),
+    ("rope.cu", include_str!("../rope.cu")),
     ("test_emu.cu", include_str!("../test_emu.cu")),
     ("steel_async.cuh", include_str!("../include/steel_async.cuh")),
     ("steel_common.cuh", include_str!("../include/steel_common.cuh")),
@@ -37,7 +39,8 @@ pub const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
 
 /// Memory-bound kernels whose rows (or flat ranges) are read with 128-bit vector loads when
 /// aligned (`include/steel_vec.cuh`): their SASS must show `LDG.E.128`.
-pub const VECTOR_LOAD_KERNELS: &[&str] = &[];
+pub const VECTOR_LOAD_KERNELS: &[&str] =
+    &["embedding_fwd_f32", "embedding_fwd_bf16", "rope_fwd_f32", "rope_fwd_bf16", "rope_bwd_f32"];
 
 /// The only kernels allowed local memory (LDL/STL): the emulator's deliberate stack test.
 pub const LOCAL_MEMORY_KERNELS: &[&str] = &["emu_test_stack"];

@@ -21,12 +21,14 @@
 pub mod adamw;
 mod backend;
 mod comm;
+pub mod embedding;
 mod emu;
 pub mod launch;
 pub mod lm_head_ce;
 mod matmul;
 pub mod mma_gemm;
 pub mod rms_norm;
+pub mod rope;
 
 pub use backend::GpuBackend;
 pub use comm::StagedComm;

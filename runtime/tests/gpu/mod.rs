@@ -112,11 +112,13 @@ fn symbols(log: &[LaunchRecord]) -> Vec<&'static str> {
 }
 
 mod adamw;
+mod embedding;
 mod emulator;
 mod lm_head_ce;
 mod matmul;
 mod mma_gemm;
 mod rms_norm;
+mod rope;
 
 pub(crate) use emulator::launch_raw;
 use lm_head_ce::check_lm_head_ce;
