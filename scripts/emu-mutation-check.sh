@@ -39,10 +39,15 @@ declare -A KERNEL=(
     [lm_head_ce_oob]='out-of-bounds global memory access'
     [adamw_oob]='out-of-bounds global memory access'
     [mma_tile_gemm_oob]='out-of-bounds global memory access'
+    [embedding_fwd]=numbers [embedding_bwd]=numbers [embedding_sort]=numbers
+    [embedding_oob]='out-of-bounds global memory access'
+    [rope_fwd]=numbers [rope_bwd]=numbers
+    [rope_oob]='out-of-bounds global memory access|data race'
 )
 KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
     block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
-    mma_tile_gemm_uninit mma_tile_gemm_shared_oob mma_tile_gemm_oob)
+    mma_tile_gemm_uninit mma_tile_gemm_shared_oob mma_tile_gemm_oob
+    embedding_fwd embedding_bwd embedding_sort embedding_oob rope_fwd rope_bwd rope_oob)
 
 # Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
 # not part of a longer identifier).
@@ -78,6 +83,9 @@ declare -A NUMERIC_TEST=(
     [add_rms_norm_fwd]=emu_add_rms_norm_fwd_bwd_matches_cpu [add_rms_norm_bwd]=emu_add_rms_norm_fwd_bwd_matches_cpu
     [adamw]=emu_adamw_step_matches_cpu [lm_head_ce_fwd]=emu_lm_head_ce_fwd_bwd_matches_cpu
     [lm_head_ce_bwd]=emu_lm_head_ce_fwd_bwd_matches_cpu [mma_tile_gemm]=emu_mma_tile_gemm_matches_cpu
+    [embedding_fwd]=emu_embedding_fwd_bwd_matches_cpu [embedding_bwd]=emu_embedding_fwd_bwd_matches_cpu
+    [embedding_sort]=emu_embedding_fwd_bwd_matches_cpu
+    [rope_fwd]=emu_rope_fwd_bwd_matches_cpu [rope_bwd]=emu_rope_fwd_bwd_matches_cpu
 )
 
 log=$(mktemp)

@@ -2,8 +2,9 @@
 //! launchers, GEMMs through `Gpu::gemm`. The same code runs on `CudaGpu` and on `EmuGpu`.
 //!
 //! Coverage: memory ops (zeros, fill, upload, download, copy, synchronize), `rms_norm` and
-//! `add_rms_norm` (fwd/bwd), `lm_head_ce` (fwd/bwd; F32 `x`/`w`), `adamw_step`, `embedding` and `rope` (fwd/bwd), and `matmul` /
-//! `matmul_into` through `Gpu::gemm_ex` (cuBLASLt on a device, the CPU GEMM under the emulator). Every other op
+//! `add_rms_norm` (fwd/bwd), `lm_head_ce` (fwd/bwd; F32 `x`/`w`), `adamw_step`, `embedding` and
+//! `rope` (fwd/bwd), and `matmul` / `matmul_into` through `Gpu::gemm_ex` (cuBLASLt on a device,
+//! the CPU GEMM under the emulator). Every other op
 //! returns `Error::Gpu` "not yet implemented on the GPU backend": nothing falls back to the CPU
 //! silently. Outputs are fresh allocations (poisoned under the emulator).
 
