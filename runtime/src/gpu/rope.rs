@@ -65,7 +65,7 @@ fn vec_width(dtype: DType) -> usize {
 /// aligned allocations), else per pair.
 pub fn rope_grid(rows: usize, half: usize, dtype: DType) -> usize {
     let n = vec_width(dtype);
-    let per_row = if half % n == 0 { half / n } else { half };
+    let per_row = if half.is_multiple_of(n) { half / n } else { half };
     (rows * per_row).div_ceil(ROPE_BLOCK as usize).clamp(1, ROPE_MAX_BLOCKS)
 }
 

@@ -159,8 +159,7 @@ fn check_bad_dtypes<G: TestGpu>(g: &GpuBackend<G>) {
 fn fixed_cases() -> Vec<(Vec<i32>, Vec<usize>, usize, usize)> {
     let mut sparse = make_ids(38, 151_936, 0, 7);
     sparse.extend([0, 151_935]);
-    let hot: Vec<i32> =
-        (0..600).map(|i| if i % 6 == 5 { (i * 13 % 1000) as i32 } else { 417 }).collect();
+    let hot: Vec<i32> = (0..600).map(|i| if i % 6 == 5 { i * 13 % 1000 } else { 417 }).collect();
     vec![
         (make_ids(45, 300, 4, 1), vec![5, 9], 300, 1792),
         (make_ids(70, 257, 3, 2), vec![70], 257, 448),
