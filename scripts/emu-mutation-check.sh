@@ -43,12 +43,17 @@ declare -A KERNEL=(
     [swiglu_fwd]=numbers [swiglu_bwd]=numbers [cast]=numbers [transpose01]=numbers
     [sum_rows]=numbers [broadcast_rows]=numbers [global_norm]=numbers [ce_count]=numbers
     [elementwise_oob]='out-of-bounds global memory access'
+    [embedding_fwd]=numbers [embedding_bwd]=numbers [embedding_sort]=numbers
+    [embedding_oob]='out-of-bounds global memory access'
+    [rope_fwd]=numbers [rope_bwd]=numbers
+    [rope_oob]='out-of-bounds global memory access|data race'
 )
 KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
     block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
     mma_tile_gemm_uninit mma_tile_gemm_shared_oob mma_tile_gemm_oob
     add_fwd add_assign scale_fwd scale_by_bwd swiglu_fwd swiglu_bwd cast transpose01 sum_rows
-    broadcast_rows global_norm ce_count elementwise_oob)
+    broadcast_rows global_norm ce_count elementwise_oob
+    embedding_fwd embedding_bwd embedding_sort embedding_oob rope_fwd rope_bwd rope_oob)
 
 # Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
 # not part of a longer identifier).
@@ -91,6 +96,9 @@ declare -A NUMERIC_TEST=(
     [sum_rows]=emu_sum_rows_into_matches_cpu [broadcast_rows]=emu_matmul_with_an_empty_product
     [global_norm]=emu_global_norm_matches_cpu
     [ce_count]=emu_lm_head_ce_bf16_at_the_vocabulary_and_bad_targets
+    [embedding_fwd]=emu_embedding_fwd_bwd_matches_cpu [embedding_bwd]=emu_embedding_fwd_bwd_matches_cpu
+    [embedding_sort]=emu_embedding_fwd_bwd_matches_cpu
+    [rope_fwd]=emu_rope_fwd_bwd_matches_cpu [rope_bwd]=emu_rope_fwd_bwd_matches_cpu
 )
 
 log=$(mktemp)

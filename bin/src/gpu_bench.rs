@@ -53,6 +53,30 @@ fn rows_h(big: bool) -> (usize, usize) {
     }
 }
 
+/// The embedding cases' inputs: ids `[n]` (I32, a fixed scatter over the vocabulary with every
+/// 16th token the same hot id) and the table `[V, h]` of `dtype` (zeros when timed: the values do
+/// not change the time, and 272M random values would take the host seconds).
+fn embedding_inputs(be: &dyn Backend, big: bool, dtype: DType) -> Result<Vec<Tensor>> {
+    let (n, v, h) = if big { (ROWS, 151_936, H) } else { (CHECK_ROWS * 5, 3001, CHECK_H) };
+    let ids: Vec<i32> = (0..n as i64)
+        .map(|i| if i % 16 == 0 { 11 } else { ((i * 7919) % v as i64) as i32 })
+        .collect();
+    let ids = be.upload(&Tensor::from_vec(ids, &[n])?)?;
+    let table = if big { be.zeros(&[v, h], dtype)? } else { rnd(be, &[v, h], dtype, 17)? };
+    Ok(vec![ids, table])
+}
+
+/// Elements of the timed rope problem: [8, 2048, 32, 56].
+const ROPE_NUMEL: f64 = 8.0 * 2048.0 * 32.0 * 56.0;
+
+fn rope_shape(big: bool) -> [usize; 4] {
+    if big {
+        [8, 2048, 32, 56]
+    } else {
+        [2, 37, 3, 56]
+    }
+}
+
 fn rnd(be: &dyn Backend, shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
     Ok(random_tensor(be, shape, dtype, 1.0, seed)?)
 }
@@ -157,6 +181,61 @@ fn cases() -> Vec<Case> {
             },
             // read param, grad, m, v; write param, m, v
             bytes: f4 * 7.0 * ADAMW_N as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "embedding_fwd bf16",
+            shape: "32768 ids, table [151936,1792]",
+            build: |be, big| embedding_inputs(be, big, DType::BF16),
+            exec: |be, t| Ok(vec![be.embedding_fwd(&t[0], &t[1])?]),
+            // read ids and one table row per token; write the rows
+            bytes: 4.0 * r + 2.0 * 2.0 * r * h,
+            flops: 0.0,
+            tol: 0.0,
+        },
+        Case {
+            name: "embedding_bwd",
+            shape: "dy [32768,1792] f32, V 151936",
+            build: |be, big| {
+                let mut t = embedding_inputs(be, big, DType::F32)?;
+                let (n, h) = (t[0].numel(), t[1].shape()[1]);
+                t.push(rnd(be, &[n, h], DType::F32, 18)?);
+                Ok(t)
+            },
+            exec: |be, t| {
+                be.embedding_bwd(&t[0], &t[2], &t[1])?;
+                Ok(vec![t[1].clone()])
+            },
+            // read dy; read and write the touched dtable rows (≤ one per token); the sort's
+            // passes over the 4-byte ids and positions are negligible
+            bytes: f4 * 3.0 * r * h,
+            flops: 0.0,
+            tol: 0.0,
+        },
+        Case {
+            name: "rope_fwd",
+            shape: "x [8,2048,32,56] f32",
+            build: |be, big| Ok(vec![rnd(be, &rope_shape(big), DType::F32, 19)?]),
+            exec: |be, t| Ok(vec![be.rope_fwd(&t[0], 1e6, 0)?]),
+            // read x, write y (the [2048, 28] cos/sin tables are negligible)
+            bytes: f4 * 2.0 * ROPE_NUMEL,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "rope_bwd",
+            shape: "dy, dx [8,2048,32,56] f32",
+            build: |be, big| {
+                let s = rope_shape(big);
+                Ok(vec![rnd(be, &s, DType::F32, 20)?, rnd(be, &s, DType::F32, 21)?])
+            },
+            exec: |be, t| {
+                be.rope_bwd(&t[0], 1e6, 0, &t[1])?;
+                Ok(vec![t[1].clone()])
+            },
+            // read dy and dx (accumulated), write dx
+            bytes: f4 * 3.0 * ROPE_NUMEL,
             flops: 0.0,
             tol: 1e-5,
         },

@@ -244,6 +244,9 @@ static inline unsigned long long min(unsigned long long a, unsigned long long b)
 static inline unsigned long long max(unsigned long long a, unsigned long long b) {
     return a > b ? a : b;
 }
+// Bit counts of a 32-bit word (the device's POPC / FLO-based intrinsics).
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int __ffs(int x) { return __builtin_ffs(x); }
 
 // ---- bf16: the shim's own type (cuda_bf16.h does not compile with host g++) --------------------
 struct __nv_bfloat16 {

@@ -23,10 +23,12 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../adamw.cu")),
     ("elementwise.cu", include_str!("../elementwise.cu")),
     ("layout.cu", include_str!("../layout.cu")),
+    ("embedding.cu", include_str!("../embedding.cu")),
     ("lm_head_ce.cu", include_str!("../lm_head_ce.cu")),
     ("matmul.cu", include_str!("../matmul.cu")),
     ("mma_gemm.cu", include_str!("../mma_gemm.cu")),
     ("rms_norm.cu", include_str!("../rms_norm.cu")),
+    ("rope.cu", include_str!("../rope.cu")),
     ("test_emu.cu", include_str!("../test_emu.cu")),
     ("steel_async.cuh", include_str!("../include/steel_async.cuh")),
     ("steel_common.cuh", include_str!("../include/steel_common.cuh")),
@@ -57,6 +59,11 @@ pub const VECTOR_LOAD_KERNELS: &[&str] = &[
     "cast_bf16_f32",
     "transpose01_v16",
     "global_norm_partial_f64",
+    "embedding_fwd_f32",
+    "embedding_fwd_bf16",
+    "rope_fwd_f32",
+    "rope_fwd_bf16",
+    "rope_bwd_f32",
 ];
 
 /// The only kernels allowed local memory (LDL/STL): the emulator's deliberate stack test.

@@ -4,7 +4,7 @@ use super::{check_cpu, distinct, ids_as_usize, slice, slice_mut, with_any, with_
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
-fn table_dims(op: &'static str, table: &Tensor) -> Result<(usize, usize)> {
+pub(crate) fn table_dims(op: &'static str, table: &Tensor) -> Result<(usize, usize)> {
     match table.shape() {
         [v, h] => Ok((*v, *h)),
         s => Err(Error::shape(op, format!("the table must be [vocab, hidden], got {s:?}"))),

@@ -10,14 +10,14 @@
 mod adamw;
 mod attention;
 mod elementwise;
-mod embedding;
+pub(crate) mod embedding;
 pub(crate) mod gemm;
 mod l2_normalize;
 mod layout;
 pub(crate) mod lm_head_ce;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
-mod rope;
+pub(crate) mod rope;
 mod softmax;
 
 use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};

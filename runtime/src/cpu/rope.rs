@@ -12,7 +12,7 @@ use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
 /// `(B, T, H, D)` of a rotary input.
-fn dims(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+pub(crate) fn dims(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match x.shape() {
         [b, t, h, d] if d % 2 == 0 => Ok((*b, *t, *h, *d)),
         s => Err(Error::shape(

@@ -2,12 +2,13 @@
 //! launchers, GEMMs through `Gpu::gemm`. The same code runs on `CudaGpu` and on `EmuGpu`.
 //!
 //! Coverage: memory ops (zeros, fill, upload, download, copy, synchronize), `rms_norm` and
-//! `add_rms_norm` (fwd/bwd), `lm_head_ce` (fwd/bwd; F32 `x`/`w`), `adamw_step`, and `matmul` /
-//! `matmul_into` through `Gpu::gemm_ex` (cuBLASLt on a device, the CPU GEMM under the emulator). Every other op
+//! `add_rms_norm` (fwd/bwd), `lm_head_ce` (fwd/bwd; F32 `x`/`w`), `adamw_step`, `embedding` and
+//! `rope` (fwd/bwd), and `matmul` / `matmul_into` through `Gpu::gemm_ex` (cuBLASLt on a device,
+//! the CPU GEMM under the emulator). Every other op
 //! returns `Error::Gpu` "not yet implemented on the GPU backend": nothing falls back to the CPU
 //! silently. Outputs are fresh allocations (poisoned under the emulator).
 
-use super::{adamw, elementwise, layout, lm_head_ce, matmul, rms_norm};
+use super::{adamw, elementwise, embedding, layout, lm_head_ce, matmul, rms_norm, rope};
 use super::{Fill, Gpu, GpuBuffer};
 use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -213,11 +214,11 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     fn sum_rows_into(&self, x: &Tensor, out: &Tensor) -> Result<()> {
         matmul::sum_rows_into(self, x, out)
     }
-    fn embedding_fwd(&self, _ids: &Tensor, _table: &Tensor) -> Result<Tensor> {
-        Err(not_yet("embedding_fwd"))
+    fn embedding_fwd(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+        embedding::embedding_fwd(self, ids, table)
     }
-    fn embedding_bwd(&self, _ids: &Tensor, _dy: &Tensor, _dtable: &Tensor) -> Result<()> {
-        Err(not_yet("embedding_bwd"))
+    fn embedding_bwd(&self, ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Result<()> {
+        embedding::embedding_bwd(self, ids, dy, dtable)
     }
 
     fn rms_norm_fwd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
@@ -280,11 +281,11 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     fn softmax_bwd(&self, _y: &Tensor, _dy: &Tensor, _axis: usize, _dx: &Tensor) -> Result<()> {
         Err(not_yet("softmax_bwd"))
     }
-    fn rope_fwd(&self, _x: &Tensor, _theta: f64, _pos_offset: usize) -> Result<Tensor> {
-        Err(not_yet("rope_fwd"))
+    fn rope_fwd(&self, x: &Tensor, theta: f64, pos_offset: usize) -> Result<Tensor> {
+        rope::rope_fwd(self, x, theta, pos_offset)
     }
-    fn rope_bwd(&self, _dy: &Tensor, _theta: f64, _pos_offset: usize, _dx: &Tensor) -> Result<()> {
-        Err(not_yet("rope_bwd"))
+    fn rope_bwd(&self, dy: &Tensor, theta: f64, pos_offset: usize, dx: &Tensor) -> Result<()> {
+        rope::rope_bwd(self, dy, theta, pos_offset, dx)
     }
     fn attention_fwd(
         &self,

@@ -22,6 +22,7 @@ pub mod adamw;
 mod backend;
 mod comm;
 pub mod elementwise;
+pub mod embedding;
 mod emu;
 pub mod launch;
 pub mod layout;
@@ -29,6 +30,7 @@ pub mod lm_head_ce;
 pub mod matmul;
 pub mod mma_gemm;
 pub mod rms_norm;
+pub mod rope;
 
 pub use backend::GpuBackend;
 pub use comm::StagedComm;

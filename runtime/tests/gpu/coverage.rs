@@ -8,10 +8,6 @@ use steel_runtime::{Matmul, Transpose};
 const PENDING: &[&str] = &[
     "attention_fwd",
     "attention_bwd",
-    "embedding_fwd",
-    "embedding_bwd",
-    "rope_fwd",
-    "rope_bwd",
     "softmax_fwd",
     "softmax_bwd",
     "l2_normalize_fwd",

@@ -114,12 +114,14 @@ fn symbols(log: &[LaunchRecord]) -> Vec<&'static str> {
 mod adamw;
 mod coverage;
 mod elementwise;
+mod embedding;
 mod emulator;
 mod layout;
 mod lm_head_ce;
 mod matmul;
 mod mma_gemm;
 mod rms_norm;
+mod rope;
 
 pub(crate) use emulator::launch_raw;
 use lm_head_ce::check_lm_head_ce;
