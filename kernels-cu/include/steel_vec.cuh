@@ -57,12 +57,10 @@ static __device__ __forceinline__ bool is_aligned16(const void* p) {
 // Loads Vec<T>::N elements at `p` (16-byte aligned) into `out`, as floats.
 static __device__ __forceinline__ void ld_vec(const float* p, float* out) {
     const Vec16 v = *reinterpret_cast<const Vec16*>(p);
-#pragma unroll
     for (int j = 0; j < 4; ++j) out[j] = __uint_as_float(v.w[j]);
 }
 static __device__ __forceinline__ void ld_vec(const bf16_t* p, float* out) {
     const Vec16 v = *reinterpret_cast<const Vec16*>(p);
-#pragma unroll
     for (int j = 0; j < 4; ++j) {
         out[2 * j] = __uint_as_float(v.w[j] << 16);
         out[2 * j + 1] = __uint_as_float(v.w[j] & 0xffff0000u);
@@ -72,13 +70,11 @@ static __device__ __forceinline__ void ld_vec(const bf16_t* p, float* out) {
 // Stores Vec<T>::N floats at `p` (16-byte aligned) as T.
 static __device__ __forceinline__ void st_vec(float* p, const float* in) {
     Vec16 v;
-#pragma unroll
     for (int j = 0; j < 4; ++j) v.w[j] = __float_as_uint(in[j]);
     *reinterpret_cast<Vec16*>(p) = v;
 }
 static __device__ __forceinline__ void st_vec(bf16_t* p, const float* in) {
     Vec16 v;
-#pragma unroll
     for (int j = 0; j < 4; ++j) {
         const unsigned lo = __bfloat16_as_ushort(f32_to_bf16(in[2 * j]));
         const unsigned hi = __bfloat16_as_ushort(f32_to_bf16(in[2 * j + 1]));

@@ -21,11 +21,14 @@ mod scan;
 /// Every `.cu` source (compiled) and header of `include/` (included), as `(name, text)`.
 pub const SOURCES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../adamw.cu")),
+    ("l2_normalize.cu", include_str!("../l2_normalize.cu")),
     ("lm_head_ce.cu", include_str!("../lm_head_ce.cu")),
     ("mma_gemm.cu", include_str!("../mma_gemm.cu")),
     ("rms_norm.cu", include_str!("../rms_norm.cu")),
+    ("softmax.cu", include_str!("../softmax.cu")),
     ("test_emu.cu", include_str!("../test_emu.cu")),
     ("steel_async.cuh", include_str!("../include/steel_async.cuh")),
+    ("steel_axis.cuh", include_str!("../include/steel_axis.cuh")),
     ("steel_common.cuh", include_str!("../include/steel_common.cuh")),
     ("steel_mma.cuh", include_str!("../include/steel_mma.cuh")),
     ("steel_vec.cuh", include_str!("../include/steel_vec.cuh")),
@@ -37,7 +40,16 @@ pub const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
 
 /// Memory-bound kernels whose rows (or flat ranges) are read with 128-bit vector loads when
 /// aligned (`include/steel_vec.cuh`): their SASS must show `LDG.E.128`.
-pub const VECTOR_LOAD_KERNELS: &[&str] = &[];
+pub const VECTOR_LOAD_KERNELS: &[&str] = &[
+    "l2_normalize_fwd_f32",
+    "l2_normalize_fwd_bf16",
+    "l2_normalize_bwd_f32",
+    "l2_normalize_bwd_bf16",
+    "softmax_fwd_f32",
+    "softmax_fwd_bf16",
+    "softmax_bwd_f32",
+    "softmax_bwd_bf16",
+];
 
 /// The only kernels allowed local memory (LDL/STL): the emulator's deliberate stack test.
 pub const LOCAL_MEMORY_KERNELS: &[&str] = &["emu_test_stack"];

@@ -22,11 +22,13 @@ pub mod adamw;
 mod backend;
 mod comm;
 mod emu;
+pub mod l2_normalize;
 pub mod launch;
 pub mod lm_head_ce;
 mod matmul;
 pub mod mma_gemm;
 pub mod rms_norm;
+pub mod softmax;
 
 pub use backend::GpuBackend;
 pub use comm::StagedComm;

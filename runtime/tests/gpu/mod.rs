@@ -113,10 +113,12 @@ fn symbols(log: &[LaunchRecord]) -> Vec<&'static str> {
 
 mod adamw;
 mod emulator;
+mod l2_normalize;
 mod lm_head_ce;
 mod matmul;
 mod mma_gemm;
 mod rms_norm;
+mod softmax;
 
 pub(crate) use emulator::launch_raw;
 use lm_head_ce::check_lm_head_ce;
