@@ -106,7 +106,6 @@ pub fn launch_l2_normalize_fwd<G: Gpu>(
 /// Backward of [`launch_l2_normalize_fwd`] from the saved `y` and `norm`: where `norm > eps`,
 /// `dx += (dy − y · Σ_axis y ⊙ dy) / norm`, elsewhere `dx += dy / eps`. `y` F32 or BF16, `norm`,
 /// `dy`, `dx` F32.
-#[allow(clippy::too_many_arguments)]
 pub fn launch_l2_normalize_bwd<G: Gpu>(
     gpu: &Arc<G>,
     y: &Tensor,

@@ -103,7 +103,7 @@ impl AxisLaunch {
         }
         let (bx, by) = strided_block(n, inner);
         let col_blocks = inner.div_ceil(bx as usize);
-        let blocks = outer.checked_mul(col_blocks).unwrap_or(usize::MAX);
+        let blocks = outer.saturating_mul(col_blocks);
         Ok(AxisLaunch {
             layout: AxisLayout::Strided,
             cfg: LaunchConfig {
