@@ -31,6 +31,9 @@ MEMORY='data race|uninitialised shared memory|has not yet written'
 declare -A KERNEL=(
     [add_rms_norm_fwd]=numbers [add_rms_norm_bwd]=numbers [adamw]=numbers
     [lm_head_ce_fwd]=numbers [lm_head_ce_bwd]=numbers [mma_tile_gemm]=numbers
+    [softmax_fwd]=numbers [softmax_bwd]=numbers [softmax_strided_fwd]=numbers
+    [softmax_strided_bwd]=numbers [l2_normalize_fwd]=numbers [l2_normalize_bwd]=numbers
+    [l2_normalize_strided_fwd]=numbers [l2_normalize_strided_bwd]=numbers
     [block_sum_uninit]='uninitialised shared memory'
     [softmax_stats_uninit]='uninitialised shared memory'
     [mma_tile_gemm_uninit]='uninitialised shared memory'
@@ -47,6 +50,8 @@ declare -A KERNEL=(
     [embedding_oob]='out-of-bounds global memory access'
     [rope_fwd]=numbers [rope_bwd]=numbers
     [rope_oob]='out-of-bounds global memory access|data race'
+    [softmax_strided_uninit]='uninitialised shared memory|out-of-bounds shared memory access'
+    [l2_normalize_strided_uninit]='uninitialised shared memory|out-of-bounds shared memory access'
 )
 KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
     block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
@@ -54,6 +59,9 @@ KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_
     add_fwd add_assign scale_fwd scale_by_bwd swiglu_fwd swiglu_bwd cast transpose01 sum_rows
     broadcast_rows global_norm ce_count elementwise_oob
     embedding_fwd embedding_bwd embedding_sort embedding_oob rope_fwd rope_bwd rope_oob)
+    softmax_fwd softmax_bwd softmax_strided_fwd softmax_strided_bwd softmax_strided_uninit
+    l2_normalize_fwd l2_normalize_bwd l2_normalize_strided_fwd l2_normalize_strided_bwd
+    l2_normalize_strided_uninit)
 
 # Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
 # not part of a longer identifier).
@@ -99,6 +107,11 @@ declare -A NUMERIC_TEST=(
     [embedding_fwd]=emu_embedding_fwd_bwd_matches_cpu [embedding_bwd]=emu_embedding_fwd_bwd_matches_cpu
     [embedding_sort]=emu_embedding_fwd_bwd_matches_cpu
     [rope_fwd]=emu_rope_fwd_bwd_matches_cpu [rope_bwd]=emu_rope_fwd_bwd_matches_cpu
+    [softmax_fwd]=emu_softmax_matches_cpu [softmax_bwd]=emu_softmax_matches_cpu
+    [softmax_strided_fwd]=emu_softmax_matches_cpu [softmax_strided_bwd]=emu_softmax_matches_cpu
+    [l2_normalize_fwd]=emu_l2_normalize_matches_cpu [l2_normalize_bwd]=emu_l2_normalize_matches_cpu
+    [l2_normalize_strided_fwd]=emu_l2_normalize_matches_cpu
+    [l2_normalize_strided_bwd]=emu_l2_normalize_matches_cpu
 )
 
 log=$(mktemp)
@@ -126,12 +139,12 @@ for m in "${names[@]}"; do
     [ "$expect" = numbers ] && filter=${NUMERIC_TEST[${m#kernel:}]}
     env "${env_var[@]}" cargo test --release -p steel-runtime --test main -q -- "$filter" >"$log" 2>&1 || true
     secs=$((SECONDS - t0))
-    failing=$(grep -oE '^    [a-z_:]+emu_[a-z0-9_]+$' "$log" | sed 's/^ *//' | sort -u | tr '\n' ' ')
+    failing=$(grep -oE '^    [a-z0-9_:]+emu_[a-z0-9_]+$' "$log" | sed 's/^ *//' | sort -u | tr '\n' ' ')
     if ! grep -q 'test result: FAILED' "$log"; then
         printf '%-40s SURVIVED: every emulated test passed (%d s)\n' "$m" "$secs"; failed=1
     elif [ "$expect" = numbers ]; then
         t=${NUMERIC_TEST[${m#kernel:}]}
-        if grep -qE "^    gpu::[a-z_]+::$t\$" "$log"; then
+        if grep -qE "^    gpu::[a-z0-9_]+::$t\$" "$log"; then
             printf '%-40s caught: %s fails (%d s)\n' "$m" "$t" "$secs"
         else
             printf '%-40s NOT CAUGHT by %s (failing: %s)\n' "$m" "$t" "$failing"; failed=1

@@ -144,6 +144,84 @@ fn cases() -> Vec<Case> {
             tol: 1e-5,
         },
         Case {
+            name: "softmax_fwd (last axis)",
+            shape: "x [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::F32, 30)?])
+            },
+            exec: |be, t| Ok(vec![be.softmax_fwd(&t[0], 1)?]),
+            // read x; write y
+            bytes: f4 * 2.0 * r * h,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "softmax_fwd (token axis)",
+            shape: "x [16,2048,64] f32, axis 1",
+            build: |be, big| {
+                let shape: &[usize] = if big { &[16, 2048, 64] } else { &[3, 300, 17] };
+                Ok(vec![rnd(be, shape, DType::F32, 31)?])
+            },
+            exec: |be, t| Ok(vec![be.softmax_fwd(&t[0], 1)?]),
+            // read x; write y
+            bytes: f4 * 2.0 * (16 * 2048 * 64) as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "softmax_bwd (last axis)",
+            shape: "y, dy [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                let y = be.softmax_fwd(&rnd(be, &[r, h], DType::F32, 32)?, 1)?;
+                let dy = rnd(be, &[r, h], DType::F32, 33)?;
+                Ok(vec![y, dy, be.zeros(&[r, h], DType::F32)?])
+            },
+            exec: |be, t| {
+                be.softmax_bwd(&t[0], &t[1], 1, &t[2])?;
+                Ok(vec![t[2].clone()])
+            },
+            // read y, dy, dx (accumulated); write dx
+            bytes: f4 * 4.0 * r * h,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "l2_normalize_fwd (last axis)",
+            shape: "x [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                Ok(vec![rnd(be, &[r, h], DType::F32, 34)?])
+            },
+            exec: |be, t| {
+                let (y, norm) = be.l2_normalize_fwd(&t[0], 1, EPS)?;
+                Ok(vec![y, norm])
+            },
+            // read x; write y, norm
+            bytes: f4 * (2.0 * r * h + r),
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "l2_normalize_bwd (last axis)",
+            shape: "y, dy [32768,1792] f32",
+            build: |be, big| {
+                let (r, h) = rows_h(big);
+                let (y, norm) = be.l2_normalize_fwd(&rnd(be, &[r, h], DType::F32, 35)?, 1, EPS)?;
+                let dy = rnd(be, &[r, h], DType::F32, 36)?;
+                Ok(vec![y, norm, dy, be.zeros(&[r, h], DType::F32)?])
+            },
+            exec: |be, t| {
+                be.l2_normalize_bwd(&t[0], &t[1], &t[2], 1, EPS, &t[3])?;
+                Ok(vec![t[3].clone()])
+            },
+            // read y, norm, dy, dx (accumulated); write dx
+            bytes: f4 * (4.0 * r * h + r),
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
             name: "adamw_step",
             shape: "64M params f32",
             build: |be, big| {

@@ -56,10 +56,12 @@ static __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // Online softmax statistics: the pair (max m, Σ exp(x − m)) merged in a numerically stable way.
+// Only the side with the smaller max is rescaled: expf(0) is not promised to be exactly 1 (the
+// emulator models expf's 2-ulp error), and a chain of merges must not compound that error.
 static __device__ __forceinline__ void softmax_merge(float& m, float& s, float m2, float s2) {
     const float mm = fmaxf(m, m2);
     if (mm == STEEL_NEG_INF) return;  // both empty
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    s = (m == mm ? s : s * expf(m - mm)) + (m2 == mm ? s2 : s2 * expf(m2 - mm));
     m = mm;
 }
 

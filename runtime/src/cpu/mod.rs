@@ -18,7 +18,7 @@ pub(crate) mod lm_head_ce;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
-mod softmax;
+pub(crate) mod softmax;
 
 use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};
 use crate::{CpuStorage, DType, Device, Element, Error, Result, Tensor};

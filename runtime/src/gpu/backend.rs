@@ -1,14 +1,14 @@
 //! `GpuBackend<G>`: the `Backend` ops over any [`Gpu`] — the kernels of kernels-cu through the
 //! launchers, GEMMs through `Gpu::gemm`. The same code runs on `CudaGpu` and on `EmuGpu`.
 //!
-//! Coverage: memory ops (zeros, fill, upload, download, copy, synchronize), `rms_norm` and
-//! `add_rms_norm` (fwd/bwd), `lm_head_ce` (fwd/bwd; F32 `x`/`w`), `adamw_step`, `embedding` and
-//! `rope` (fwd/bwd), and `matmul` / `matmul_into` through `Gpu::gemm_ex` (cuBLASLt on a device,
-//! the CPU GEMM under the emulator). Every other op
-//! returns `Error::Gpu` "not yet implemented on the GPU backend": nothing falls back to the CPU
-//! silently. Outputs are fresh allocations (poisoned under the emulator).
+//! Every `Backend` op over any `Gpu` except attention (the next issue), which returns
+//! `Error::Gpu` "not yet implemented on the GPU backend": nothing falls back to the CPU
+//! silently. The ops live with their family (`elementwise.rs`, `layout.rs`, `rms_norm.rs`, …);
+//! this file keeps the struct, the memory ops, the operand checks and one delegating line per
+//! op. Outputs are fresh allocations (poisoned under the emulator).
 
-use super::{adamw, elementwise, embedding, layout, lm_head_ce, matmul, rms_norm, rope};
+use super::{adamw, elementwise, embedding, l2_normalize, layout, lm_head_ce, matmul, rms_norm};
+use super::{rope, softmax};
 use super::{Fill, Gpu, GpuBuffer};
 use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -261,25 +261,25 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         rms_norm::add_rms_norm_bwd(self, sum, w, rstd, dy, dsum, dx, dr, dw)
     }
 
-    fn l2_normalize_fwd(&self, _x: &Tensor, _axis: usize, _eps: f64) -> Result<(Tensor, Tensor)> {
-        Err(not_yet("l2_normalize_fwd"))
+    fn l2_normalize_fwd(&self, x: &Tensor, axis: usize, eps: f64) -> Result<(Tensor, Tensor)> {
+        l2_normalize::l2_normalize_fwd(self, x, axis, eps)
     }
     fn l2_normalize_bwd(
         &self,
-        _y: &Tensor,
-        _norm: &Tensor,
-        _dy: &Tensor,
-        _axis: usize,
-        _eps: f64,
-        _dx: &Tensor,
+        y: &Tensor,
+        norm: &Tensor,
+        dy: &Tensor,
+        axis: usize,
+        eps: f64,
+        dx: &Tensor,
     ) -> Result<()> {
-        Err(not_yet("l2_normalize_bwd"))
+        l2_normalize::l2_normalize_bwd(self, y, norm, dy, axis, eps, dx)
     }
-    fn softmax_fwd(&self, _x: &Tensor, _axis: usize) -> Result<Tensor> {
-        Err(not_yet("softmax_fwd"))
+    fn softmax_fwd(&self, x: &Tensor, axis: usize) -> Result<Tensor> {
+        softmax::softmax_fwd(self, x, axis)
     }
-    fn softmax_bwd(&self, _y: &Tensor, _dy: &Tensor, _axis: usize, _dx: &Tensor) -> Result<()> {
-        Err(not_yet("softmax_bwd"))
+    fn softmax_bwd(&self, y: &Tensor, dy: &Tensor, axis: usize, dx: &Tensor) -> Result<()> {
+        softmax::softmax_bwd(self, y, dy, axis, dx)
     }
     fn rope_fwd(&self, x: &Tensor, theta: f64, pos_offset: usize) -> Result<Tensor> {
         rope::rope_fwd(self, x, theta, pos_offset)

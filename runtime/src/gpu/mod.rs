@@ -24,6 +24,7 @@ mod comm;
 pub mod elementwise;
 pub mod embedding;
 mod emu;
+pub mod l2_normalize;
 pub mod launch;
 pub mod layout;
 pub mod lm_head_ce;
@@ -31,6 +32,7 @@ pub mod matmul;
 pub mod mma_gemm;
 pub mod rms_norm;
 pub mod rope;
+pub mod softmax;
 
 pub use backend::GpuBackend;
 pub use comm::StagedComm;

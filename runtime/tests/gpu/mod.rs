@@ -116,12 +116,14 @@ mod coverage;
 mod elementwise;
 mod embedding;
 mod emulator;
+mod l2_normalize;
 mod layout;
 mod lm_head_ce;
 mod matmul;
 mod mma_gemm;
 mod rms_norm;
 mod rope;
+mod softmax;
 
 pub(crate) use emulator::launch_raw;
 use lm_head_ce::check_lm_head_ce;
