@@ -335,7 +335,17 @@ impl SteelModel {
         let head = &self.params.get(self.head_id()).value;
         let out = if head.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         let logits = self.backend().matmul(&h2, head, None, Matmul::NT, Some(out))?;
-        Ok(logits.reshape(&[b, t, self.config.vocab_size])?)
+        Ok(self.to_host(logits)?.reshape(&[b, t, self.config.vocab_size])?)
+    }
+
+    /// `t` as a CPU tensor: itself on the CPU backend, downloaded from a GPU (the logits are read
+    /// on the host).
+    pub(crate) fn to_host(&self, t: Tensor) -> Result<Tensor> {
+        if t.device() == steel_runtime::Device::Cpu {
+            Ok(t)
+        } else {
+            Ok(self.backend().download(&t)?)
+        }
     }
 
     /// HF's shifted loss of one sequence: the model sees all T tokens and the loss is the mean

@@ -97,7 +97,7 @@ impl Rng {
 fn append(model: &SteelModel, old: Option<&Tensor>, new: &Tensor) -> Result<Tensor> {
     let s = new.shape().to_vec();
     let flat_new = new.reshape(&[s[1], s[2], s[3]])?;
-    let Some(old) = old else { return Ok(new.deep_copy()?) };
+    let Some(old) = old else { return Ok(model.backend().copy(new)?) };
     let t = old.shape()[1];
     let flat_old = old.reshape(&[t, s[2], s[3]])?;
     let cat = model.backend().concat0(&[&flat_old, &flat_new])?;
@@ -290,7 +290,7 @@ impl SteelModel {
         for (i, p) in prompts.iter().enumerate() {
             let ids = Tensor::from_vec(p.iter().map(|&t| t as i32).collect(), &[1, p.len()])?;
             let logits = self.decode_step(&ids, std::slice::from_mut(&mut caches[i]))?;
-            let mut row = logits.to_f64_vec()?;
+            let mut row = self.to_host(logits)?.to_f64_vec()?;
             next.push(pick(&mut row, p, opts, &mut rng));
         }
         let mut active: Vec<usize> = (0..prompts.len()).collect();
@@ -321,7 +321,7 @@ impl SteelModel {
             for (&(i, _), c) in still.iter().zip(batch) {
                 caches[i] = c;
             }
-            let all = logits.to_f64_vec()?;
+            let all = self.to_host(logits)?.to_f64_vec()?;
             next = Vec::with_capacity(still.len());
             for (j, &(i, _)) in still.iter().enumerate() {
                 let mut row = all[j * v..(j + 1) * v].to_vec();
@@ -343,6 +343,6 @@ impl SteelModel {
         let hv = tape.value(hidden)?.reshape(&[t, self.config.hidden_size])?;
         let head = &self.params.get(self.head_id()).value;
         let out = if head.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        Ok(self.backend().matmul(&hv, head, None, Matmul::NT, Some(out))?)
+        self.to_host(self.backend().matmul(&hv, head, None, Matmul::NT, Some(out))?)
     }
 }
