@@ -324,6 +324,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        same_dtype("add", &[a, b])?;
         narrow(elementwise::add(&widen(a)?, &widen(b)?)?, a.dtype())
     }
 
@@ -355,6 +356,7 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        same_dtype("swiglu_fwd", &[a, b])?;
         narrow(elementwise::swiglu_fwd(&widen(a)?, &widen(b)?)?, a.dtype())
     }
 
@@ -366,6 +368,7 @@ impl Backend for CpuBackend {
         da: &Tensor,
         db: &Tensor,
     ) -> Result<()> {
+        same_dtype("swiglu_bwd", &[a, b])?;
         elementwise::swiglu_bwd(&widen(a)?, &widen(b)?, dy, da, db)
     }
 
@@ -522,6 +525,7 @@ impl Backend for CpuBackend {
         targets: &Tensor,
         spec: CrossEntropy,
     ) -> Result<CrossEntropyOut> {
+        same_dtype("lm_head_ce_fwd", &[x, w])?;
         lm_head_ce::lm_head_ce_fwd(&widen(x)?, &widen(w)?, targets, spec)
     }
 
@@ -537,6 +541,7 @@ impl Backend for CpuBackend {
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<()> {
+        same_dtype("lm_head_ce_bwd", &[x, w])?;
         lm_head_ce::lm_head_ce_bwd(&widen(x)?, &widen(w)?, targets, lse, dloss, scale, spec, dx, dw)
     }
 
@@ -550,6 +555,7 @@ impl Backend for CpuBackend {
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<CrossEntropyOut> {
+        same_dtype("lm_head_ce_fwd_bwd", &[x, w])?;
         lm_head_ce::lm_head_ce_fwd_bwd(&widen(x)?, &widen(w)?, targets, scale, spec, dx, dw)
     }
 
