@@ -325,6 +325,29 @@ pub trait Backend: Send + Sync {
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<()>;
+    /// `lm_head_ce_fwd` when the caller already knows `count`, the number of counted targets
+    /// (the trainer counts them on the host as it builds the batch): a GPU backend then neither
+    /// downloads nor counts anything, so the call does not synchronise. The targets are not
+    /// validated on the host either: an invalid one never reaches memory out of bounds and
+    /// makes its row's loss NaN. The returned `count` is `count`. The default (the CPU) runs
+    /// `lm_head_ce_fwd` and checks that `count` is right.
+    fn lm_head_ce_fwd_counted(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        spec: CrossEntropy,
+        count: usize,
+    ) -> Result<CrossEntropyOut> {
+        let out = self.lm_head_ce_fwd(x, w, targets, spec)?;
+        if out.count != count {
+            return Err(crate::Error::invalid(
+                "lm_head_ce_fwd_counted",
+                format!("the caller's count {count} is not the {} counted targets", out.count),
+            ));
+        }
+        Ok(out)
+    }
     /// Forward and backward in one pass, for training where the loss's scale is known up front:
     /// the loss as `lm_head_ce_fwd`, and `dx += dlogits · w`, `dw += dlogitsᵀ · x` with
     /// `dlogits = scale · (softmax − onehot)` (as `lm_head_ce_bwd` with `dloss = 1`). Each chunk's

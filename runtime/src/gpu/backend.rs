@@ -321,6 +321,16 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     ) -> Result<CrossEntropyOut> {
         lm_head_ce::lm_head_ce_fwd(self, x, w, targets, spec)
     }
+    fn lm_head_ce_fwd_counted(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        spec: CrossEntropy,
+        count: usize,
+    ) -> Result<CrossEntropyOut> {
+        lm_head_ce::lm_head_ce_fwd_counted(self, x, w, targets, spec, count)
+    }
 
     fn lm_head_ce_bwd(
         &self,

@@ -274,9 +274,42 @@ pub(super) fn lm_head_ce_fwd<G: Gpu>(
     spec: CrossEntropy,
 ) -> Result<CrossEntropyOut> {
     const OP: &str = "lm_head_ce_fwd";
-    let (n, h, v, ab) = ce_dims(be, OP, x, w, targets, spec)?;
+    let (_, _, v, _) = ce_dims(be, OP, x, w, targets, spec)?;
     let kind = TargetKind::of(OP, targets.dtype())?;
     let count = count_targets(be, OP, targets, kind, v, spec.ignore_index)?;
+    ce_fwd(be, x, w, targets, spec, count)
+}
+
+/// `lm_head_ce_fwd` with the caller's count: nothing is downloaded or counted (see
+/// `Backend::lm_head_ce_fwd_counted`).
+pub(super) fn lm_head_ce_fwd_counted<G: Gpu>(
+    be: &GpuBackend<G>,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    spec: CrossEntropy,
+    count: usize,
+) -> Result<CrossEntropyOut> {
+    const OP: &str = "lm_head_ce_fwd_counted";
+    let (n, _, _, _) = ce_dims(be, OP, x, w, targets, spec)?;
+    if count > n {
+        return Err(Error::invalid(OP, format!("count {count} exceeds the {n} targets")));
+    }
+    ce_fwd(be, x, w, targets, spec, count)
+}
+
+/// The forward's chunks: logits GEMM, softmax-CE rows, the loss sum.
+fn ce_fwd<G: Gpu>(
+    be: &GpuBackend<G>,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    spec: CrossEntropy,
+    count: usize,
+) -> Result<CrossEntropyOut> {
+    const OP: &str = "lm_head_ce_fwd";
+    let (n, h, v, ab) = ce_dims(be, OP, x, w, targets, spec)?;
+    let kind = TargetKind::of(OP, targets.dtype())?;
     let es = ab.size_in_bytes();
     let lse = be.empty(&[n], DType::F32)?;
     let loss_sum = be.empty(&[1], DType::F32)?;

@@ -185,6 +185,13 @@ fn calls() -> Vec<(&'static str, Run)> {
             let out = be.lm_head_ce_fwd(&f(be, &[4, 5], 81), &f(be, &[7, 5], 82), &t, spec)?;
             Ok(vec![out.loss_sum, out.lse])
         }),
+        ("lm_head_ce_fwd_counted", |be| {
+            let t = up(be, ids_tensor(&[1, -100, 6, 0], &[4]));
+            let spec = CrossEntropy { ignore_index: -100, chunk_tokens: 3 };
+            let out =
+                be.lm_head_ce_fwd_counted(&f(be, &[4, 5], 97), &f(be, &[7, 5], 98), &t, spec, 3)?;
+            Ok(vec![out.loss_sum, out.lse])
+        }),
         ("lm_head_ce_bwd", |be| {
             let (x, w) = (f(be, &[4, 5], 83), f(be, &[7, 5], 84));
             let t = up(be, ids_tensor(&[1, -100, 6, 0], &[4]));

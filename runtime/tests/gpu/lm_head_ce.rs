@@ -168,3 +168,26 @@ fn emu_lm_head_ce_bf16_at_the_vocabulary_and_bad_targets() {
         assert!(e.contains(&format!("target {bad} at position {pos}")), "{e}");
     }
 }
+
+/// The caller's count: the GPU launches no count kernel and downloads nothing (the loss and lse
+/// are those of `lm_head_ce_fwd`); the CPU default checks the count.
+#[test]
+fn emu_lm_head_ce_fwd_counted_takes_the_callers_count() {
+    let (g, c) = (emu(), cpu());
+    let spec = CrossEntropy { ignore_index: -100, chunk_tokens: 2 };
+    let (x, w) = (rand_tensor_dt(&[5, 6], DType::BF16, 1), rand_tensor_dt(&[9, 6], DType::BF16, 2));
+    let targets = ids_tensor(&[3, -100, 8, 0, -100], &[5]);
+    let (gx, gw, gt) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.upload(&targets).unwrap());
+    let want = c.lm_head_ce_fwd(&x, &w, &targets, spec).unwrap();
+    let before = g.gpu().launches().len();
+    let got = g.lm_head_ce_fwd_counted(&gx, &gw, &gt, spec, 3).unwrap();
+    assert_eq!(got.count, 3);
+    let syms: Vec<&str> = g.gpu().launches()[before..].iter().map(|r| r.symbol).collect();
+    assert!(!syms.contains(&"ce_count_targets"), "{syms:?}");
+    assert_rel_norm("counted lse", &down(&g, &got.lse), &vals(&want.lse), F32_TOL);
+    assert_rel_norm("counted loss", &down(&g, &got.loss_sum), &vals(&want.loss_sum), F32_TOL);
+    let e = c.lm_head_ce_fwd_counted(&x, &w, &targets, spec, 4).unwrap_err().to_string();
+    assert!(e.contains("count 4 is not the 3 counted targets"), "{e}");
+    let e = g.lm_head_ce_fwd_counted(&gx, &gw, &gt, spec, 6).unwrap_err().to_string();
+    assert!(e.contains("exceeds the 5 targets"), "{e}");
+}
