@@ -58,7 +58,7 @@ KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_
     mma_tile_gemm_uninit mma_tile_gemm_shared_oob mma_tile_gemm_oob
     add_fwd add_assign scale_fwd scale_by_bwd swiglu_fwd swiglu_bwd cast transpose01 sum_rows
     broadcast_rows global_norm ce_count elementwise_oob
-    embedding_fwd embedding_bwd embedding_sort embedding_oob rope_fwd rope_bwd rope_oob)
+    embedding_fwd embedding_bwd embedding_sort embedding_oob rope_fwd rope_bwd rope_oob
     softmax_fwd softmax_bwd softmax_strided_fwd softmax_strided_bwd softmax_strided_uninit
     l2_normalize_fwd l2_normalize_bwd l2_normalize_strided_fwd l2_normalize_strided_bwd
     l2_normalize_strided_uninit)
