@@ -274,10 +274,10 @@ pub(super) fn lm_head_ce_fwd<G: Gpu>(
     spec: CrossEntropy,
 ) -> Result<CrossEntropyOut> {
     const OP: &str = "lm_head_ce_fwd";
-    let (_, _, v, _) = ce_dims(be, OP, x, w, targets, spec)?;
+    let dims = ce_dims(be, OP, x, w, targets, spec)?;
     let kind = TargetKind::of(OP, targets.dtype())?;
-    let count = count_targets(be, OP, targets, kind, v, spec.ignore_index)?;
-    ce_fwd(be, x, w, targets, spec, count)
+    let count = count_targets(be, OP, targets, kind, dims.2, spec.ignore_index)?;
+    ce_fwd(be, x, w, targets, spec, dims, kind, count)
 }
 
 /// `lm_head_ce_fwd` with the caller's count: nothing is downloaded or counted (see
@@ -291,25 +291,27 @@ pub(super) fn lm_head_ce_fwd_counted<G: Gpu>(
     count: usize,
 ) -> Result<CrossEntropyOut> {
     const OP: &str = "lm_head_ce_fwd_counted";
-    let (n, _, _, _) = ce_dims(be, OP, x, w, targets, spec)?;
-    if count > n {
-        return Err(Error::invalid(OP, format!("count {count} exceeds the {n} targets")));
+    let dims = ce_dims(be, OP, x, w, targets, spec)?;
+    let kind = TargetKind::of(OP, targets.dtype())?;
+    if count > dims.0 {
+        return Err(Error::invalid(OP, format!("count {count} exceeds the {} targets", dims.0)));
     }
-    ce_fwd(be, x, w, targets, spec, count)
+    ce_fwd(be, x, w, targets, spec, dims, kind, count)
 }
 
-/// The forward's chunks: logits GEMM, softmax-CE rows, the loss sum.
+/// The forward's chunks (logits GEMM, softmax-CE rows, the loss sum) on operands `ce_dims`
+/// has checked.
+#[allow(clippy::too_many_arguments)]
 fn ce_fwd<G: Gpu>(
     be: &GpuBackend<G>,
     x: &Tensor,
     w: &Tensor,
     targets: &Tensor,
     spec: CrossEntropy,
+    (n, h, v, ab): (usize, usize, usize, DType),
+    kind: TargetKind,
     count: usize,
 ) -> Result<CrossEntropyOut> {
-    const OP: &str = "lm_head_ce_fwd";
-    let (n, h, v, ab) = ce_dims(be, OP, x, w, targets, spec)?;
-    let kind = TargetKind::of(OP, targets.dtype())?;
     let es = ab.size_in_bytes();
     let lse = be.empty(&[n], DType::F32)?;
     let loss_sum = be.empty(&[1], DType::F32)?;

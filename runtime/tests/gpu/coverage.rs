@@ -21,7 +21,9 @@ fn f(be: &dyn Backend, shape: &[usize], seed: u64) -> Tensor {
 fn calls() -> Vec<(&'static str, Run)> {
     vec![
         ("device", |be| {
-            let _ = be.device();
+            // The backend's device is where its tensors live.
+            assert_eq!(be.zeros(&[1], DType::F32)?.device(), be.device());
+            assert_eq!(f(be, &[2], 99).device(), be.device());
             Ok(vec![])
         }),
         ("name", |be| {
