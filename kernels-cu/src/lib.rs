@@ -21,6 +21,7 @@ mod scan;
 /// Every `.cu` source (compiled) and header of `include/` (included), as `(name, text)`.
 pub const SOURCES: &[(&str, &str)] = &[
     ("adamw.cu", include_str!("../adamw.cu")),
+    ("attention.cu", include_str!("../attention.cu")),
     ("elementwise.cu", include_str!("../elementwise.cu")),
     ("layout.cu", include_str!("../layout.cu")),
     ("embedding.cu", include_str!("../embedding.cu")),
@@ -41,7 +42,33 @@ pub const SOURCES: &[(&str, &str)] = &[
 
 /// Kernels written for the tensor cores: their SASS must show HMMA, and LDSM (the ldmatrix loads
 /// that feed them).
-pub const TENSOR_CORE_KERNELS: &[&str] = &["mma_tile_gemm_bf16"];
+pub const TENSOR_CORE_KERNELS: &[&str] = &[
+    "mma_tile_gemm_bf16",
+    "attention_fwd_d16",
+    "attention_fwd_d32",
+    "attention_fwd_d48",
+    "attention_fwd_d64",
+    "attention_fwd_d80",
+    "attention_fwd_d96",
+    "attention_fwd_d112",
+    "attention_fwd_d128",
+    "attention_bwd_dkdv_d16",
+    "attention_bwd_dkdv_d32",
+    "attention_bwd_dkdv_d48",
+    "attention_bwd_dkdv_d64",
+    "attention_bwd_dkdv_d80",
+    "attention_bwd_dkdv_d96",
+    "attention_bwd_dkdv_d112",
+    "attention_bwd_dkdv_d128",
+    "attention_bwd_dq_d16",
+    "attention_bwd_dq_d32",
+    "attention_bwd_dq_d48",
+    "attention_bwd_dq_d64",
+    "attention_bwd_dq_d80",
+    "attention_bwd_dq_d96",
+    "attention_bwd_dq_d112",
+    "attention_bwd_dq_d128",
+];
 
 /// Memory-bound kernels whose rows (or flat ranges) are read with 128-bit vector loads when
 /// aligned (`include/steel_vec.cuh`): their SASS must show `LDG.E.128`.

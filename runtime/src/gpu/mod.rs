@@ -19,6 +19,7 @@
 //!   hierarchy with [`Gpu::nvtx_push`] (e.g. `fwd/layer.3`).
 
 pub mod adamw;
+pub mod attention;
 mod backend;
 mod comm;
 pub mod elementwise;

@@ -112,6 +112,7 @@ fn symbols(log: &[LaunchRecord]) -> Vec<&'static str> {
 }
 
 mod adamw;
+mod attention;
 mod coverage;
 mod elementwise;
 mod embedding;
