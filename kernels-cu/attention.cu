@@ -82,12 +82,17 @@ struct AttentionDeltaParams {
 };
 STEEL_PARAMS_SIZE(AttentionDeltaParams, 56);
 
-// Key `key` is visible to the query at position `qpos` (= Tk − Tq + query index).
-static __device__ __forceinline__ bool att_visible(u64 key, u64 qpos) {
+// The causal mask as one integer per thread and tile: key kbase + kk is visible to the query at
+// position qbase + qq iff kk ≤ qq + diag, where diag = qbase − kbase (clamped to ±2^30, beyond
+// which a tile is wholly visible or wholly masked). Per element it is then a compare of
+// compile-time offsets with one register.
+static __device__ __forceinline__ int att_diag(u64 qbase, u64 kbase) {
+    long long d = (long long)qbase - (long long)kbase;
+    d = d > (1 << 30) ? (1 << 30) : d < -(1 << 30) ? -(1 << 30) : d;
 #ifdef STEEL_MUTATE_ATTENTION_CAUSAL
-    return key < qpos;  // test-only breakage: the diagonal is masked off
+    return (int)d - 1;  // test-only breakage: the diagonal is masked off
 #else
-    return key <= qpos;
+    return (int)d;
 #endif
 }
 
@@ -102,6 +107,9 @@ static __device__ __forceinline__ void zero16(bf16_t* s) { *reinterpret_cast<Vec
 // not a multiple of 16: never written by a tile load, so once per block is enough).
 template <int DP>
 static __device__ void zero_padding(bf16_t* base, unsigned tiles, unsigned d) {
+#ifdef STEEL_MUTATE_ATTENTION_PAD_UNINIT
+    if (d + 8 < DP) return;  // test-only breakage: a padding wider than 8 is left unwritten
+#endif
     const unsigned chunks = (DP - d) / 8, rows = tiles * ATT_TILE;
     for (unsigned e = threadIdx.x; e < rows * chunks; e += ATT_THREADS)
         zero16(base + (e / chunks) * (DP + 8) + d + (e % chunks) * 8);
@@ -149,19 +157,22 @@ static __device__ __forceinline__ void ld_b_cols(unsigned b[4], const bf16_t* ti
     ldmatrix_x4_trans(b, tile + (k0 + (mat & 1) * 8 + rr) * (DP + 8) + n0 + (mat >> 1) * 8);
 }
 
-// acc[8][4] (16 rows × 64) = A-tile rows `arow0 ..` (all DP columns) · B-tile rows ᵀ (its 64 rows,
-// all DP columns): S = Q Kᵀ, dP = dO Vᵀ and their transposes.
-template <int DP>
-static __device__ __forceinline__ void tile_abt(float acc[8][4], const bf16_t* at, unsigned arow0,
+// acc[NT][4] (16 rows × 8·NT) = A-tile rows `arow0 ..` (all DP columns) · (B-tile rows 0 .. 8·NT)ᵀ
+// (all DP columns): S = Q Kᵀ, dP = dO Vᵀ and their transposes.
+template <int DP, int NT>
+static __device__ __forceinline__ void tile_abt(float acc[NT][4], const bf16_t* at, unsigned arow0,
                                                 const bf16_t* bt) {
-    for (int n = 0; n < 8; ++n)
+    STEEL_UNROLL
+    for (int n = 0; n < NT; ++n) {
+        STEEL_UNROLL
         for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+    }
     STEEL_UNROLL
     for (int kk = 0; kk < DP / 16; ++kk) {
         unsigned a[4];
         ld_a<DP>(a, at, arow0, 16 * kk);
         STEEL_UNROLL
-        for (int t = 0; t < 4; ++t) {
+        for (int t = 0; t < NT / 2; ++t) {
             unsigned b[4];
             ld_b_rows<DP>(b, bt, 16 * t, 16 * kk);
             const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
@@ -171,13 +182,13 @@ static __device__ __forceinline__ void tile_abt(float acc[8][4], const bf16_t* a
     }
 }
 
-// out[DP/8][4] (16 rows × DP) += X (16 rows × 64, the accumulator layout of `x`, rounded to bf16)
-// · tile (64 rows × DP): O += PV, dV += PᵀdO, dK += dSᵀQ, dQ += dS K.
-template <int DP>
-static __device__ __forceinline__ void tile_xb(float out[DP / 8][4], const float x[8][4],
+// out[DP/8][4] (16 rows × DP) += X (16 rows × 8·NT, the accumulator layout of `x`, rounded to
+// bf16) · tile rows 0 .. 8·NT (all DP columns): O += PV, dV += PᵀdO, dK += dSᵀQ, dQ += dS K.
+template <int DP, int NT>
+static __device__ __forceinline__ void tile_xb(float out[DP / 8][4], const float x[NT][4],
                                                const bf16_t* bt) {
     STEEL_UNROLL
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < NT / 2; ++kk) {
         // The accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step kk.
         const unsigned a[4] = {pack_bf16x2(x[2 * kk][0], x[2 * kk][1]),
                                pack_bf16x2(x[2 * kk][2], x[2 * kk][3]),
@@ -205,7 +216,9 @@ static __device__ void attention_fwd_body(const AttentionFwdParams& p) {
     bf16_t* const vs = smem + 3 * TILE_ELEMS; // [2][64][ROW]
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane / 4, t4 = lane % 4;
     const unsigned d = (unsigned)p.d;
-    const u64 bh = blockIdx.y, b = bh / p.hq, h = bh % p.hq, kvh = h / (p.hq / p.hkv);
+    // 32-bit index arithmetic (a 64-bit division is a subroutine call).
+    const unsigned bh = blockIdx.y, hq = (unsigned)p.hq, b = bh / hq, h = bh % hq;
+    const unsigned kvh = h / (hq / (unsigned)p.hkv);
     // The heaviest tiles (the last queries see the most keys) are scheduled first.
     const u64 q0 = (u64)(gridDim.x - 1 - blockIdx.x) * ATT_TILE;
     const u64 off = p.tk - p.tq;
@@ -218,18 +231,27 @@ static __device__ void attention_fwd_body(const AttentionFwdParams& p) {
 
     zero_padding<DP>(smem, 5, d);
     load_tile<DP>(qs, qh, qstride, q0, p.tq, d);
+    cp_async_commit();
     load_tile<DP>(ks, kh, kstride, 0, p.tk, d);
     load_tile<DP>(vs, vh, kstride, 0, p.tk, d);
     cp_async_commit();
+    cp_async_wait<1>();  // Q landed; K/V tile 0 stays in flight
+    __syncthreads();     // why: every thread's Q copies (and the zero padding) are visible
+    // The warp's 16 query rows as A fragments, held in registers for every KV tile.
+    unsigned qf[DP / 16][4];
+    STEEL_UNROLL
+    for (int kk = 0; kk < DP / 16; ++kk) ld_a<DP>(qf[kk], qs, warp * 16, 16 * kk);
 
     // Rows g and g + 8 of the warp's 16: running max (log2 units), partial sum (this lane's
     // columns; the quad is summed at the end), output accumulators.
     float m[2] = {STEEL_NEG_INF, STEEL_NEG_INF}, l[2] = {0.0f, 0.0f};
     float acc[DP / 8][4];
-    for (int n = 0; n < DP / 8; ++n)
+    STEEL_UNROLL
+    for (int n = 0; n < DP / 8; ++n) {
+        STEEL_UNROLL
         for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
-    unsigned qf[DP / 16][4];
-    const u64 row_pos[2] = {off + q0 + warp * 16 + g, off + q0 + warp * 16 + g + 8};
+    }
+    const u64 row_pos = off + q0 + warp * 16 + g;  // of row g; row g + 8 is 8 later
 
 #ifdef STEEL_MUTATE_ATTENTION_SKIP_TILE
     const u64 last = n_tiles > 1 ? n_tiles - 1 : n_tiles;  // test-only breakage: one tile less
@@ -249,16 +271,15 @@ static __device__ void attention_fwd_body(const AttentionFwdParams& p) {
             cp_async_wait<0>();
         }
         __syncthreads();  // why: every thread's copies of tile j are visible to every warp
-        if (j == 0) {
-            STEEL_UNROLL
-            for (int kk = 0; kk < DP / 16; ++kk) ld_a<DP>(qf[kk], qs, warp * 16, 16 * kk);
-        }
         const bf16_t* kt = ks + buf * TILE_ELEMS;
         const bf16_t* vt = vs + buf * TILE_ELEMS;
 
         float s[8][4];
-        for (int n = 0; n < 8; ++n)
+        STEEL_UNROLL
+        for (int n = 0; n < 8; ++n) {
+            STEEL_UNROLL
             for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+        }
         STEEL_UNROLL
         for (int kk = 0; kk < DP / 16; ++kk) {
             STEEL_UNROLL
@@ -274,14 +295,19 @@ static __device__ void attention_fwd_body(const AttentionFwdParams& p) {
         // causal mask on the tiles that reach past the block's first query.
         const u64 k0 = j * ATT_TILE;
         const bool masked = k0 + ATT_TILE - 1 > off + q0;
-        for (int n = 0; n < 8; ++n)
+        const int diag = att_diag(row_pos, k0 + 2 * t4);
+        STEEL_UNROLL
+        for (int n = 0; n < 8; ++n) {
+            STEEL_UNROLL
             for (int i = 0; i < 4; ++i)
-                s[n][i] = masked && !att_visible(k0 + 8 * n + 2 * t4 + (i & 1), row_pos[i >> 1])
-                              ? STEEL_NEG_INF
-                              : s[n][i] * p.scale_log2;
+                s[n][i] = masked && 8 * n + (i & 1) > 8 * (i >> 1) + diag ? STEEL_NEG_INF
+                                                                         : s[n][i] * p.scale_log2;
+        }
         // Online softmax: the new running max, the rescale of what came before, P = 2^(S − m).
+        STEEL_UNROLL
         for (int r = 0; r < 2; ++r) {
             float mx = STEEL_NEG_INF;
+            STEEL_UNROLL
             for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(STEEL_FULL_MASK, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(STEEL_FULL_MASK, mx, 2));
@@ -290,35 +316,42 @@ static __device__ void attention_fwd_body(const AttentionFwdParams& p) {
             const float alpha = exp2f(m[r] - m_new);
             m[r] = m_new;
             float sum = 0.0f;
-            for (int n = 0; n < 8; ++n)
+            STEEL_UNROLL
+            for (int n = 0; n < 8; ++n) {
+                STEEL_UNROLL
                 for (int c = 0; c < 2; ++c) {
                     const float e = exp2f(s[n][2 * r + c] - m_new);
                     s[n][2 * r + c] = e;
                     sum += e;
                 }
+            }
             l[r] = l[r] * alpha + sum;
+            STEEL_UNROLL
             for (int n = 0; n < DP / 8; ++n) {
                 acc[n][2 * r] *= alpha;
                 acc[n][2 * r + 1] *= alpha;
             }
         }
-        tile_xb<DP>(acc, s, vt);
+        tile_xb<DP, 8>(acc, s, vt);
         __syncthreads();  // why: every warp is done with buffer `buf` before tile j + 2 refills it
     }
 
     // The quad's partial sums, then O / l and lse = log Σ exp(scale · s).
+    STEEL_UNROLL
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(STEEL_FULL_MASK, l[r], 1);
         l[r] += __shfl_xor_sync(STEEL_FULL_MASK, l[r], 2);
     }
+    STEEL_UNROLL
     for (int r = 0; r < 2; ++r) {
         const u64 i = q0 + warp * 16 + g + 8 * r;
         if (i >= p.tq) continue;
-        const float inv = 1.0f / l[r];
+        const float inv = __fdividef(1.0f, l[r]);  // l ≥ 1: the row max contributes 1
         const u64 row = ((b * p.tq + i) * p.hq + h) * p.d;
+        STEEL_UNROLL
         for (int n = 0; n < DP / 8; ++n) {
             const unsigned c = 8 * n + 2 * t4;
-            if (c >= d) break;
+            if (c >= d) continue;
             const float x0 = acc[n][2 * r] * inv, x1 = acc[n][2 * r + 1] * inv;
             if (p.o_f32) {
                 float* o = static_cast<float*>(p.o) + row + c;
@@ -380,10 +413,14 @@ extern "C" __global__ void __launch_bounds__(256) attention_bwd_delta(const Atte
     }
 }
 
-// The dK/dV kernel: accumulator rows are keys, columns queries (Sᵀ, Pᵀ, dPᵀ, dSᵀ).
-template <int DP>
+// The dK/dV kernel: accumulator rows are keys, columns queries (Sᵀ, Pᵀ, dPᵀ, dSᵀ). MODE 0
+// computes dK and dV together; above head_dim 96 their accumulators (2·DP/8·4 registers per
+// thread) do not fit beside the tiles, so MODE 1 (dV only) and MODE 2 (dK only) split the work
+// in two launches that each recompute Sᵀ (5 tile GEMMs instead of 4).
+template <int DP, int MODE>
 static __device__ void attention_bwd_dkdv_body(const AttentionBwdParams& p) {
-    constexpr int ROW = DP + 8, TILE_ELEMS = ATT_TILE * ROW;
+    constexpr bool DO_V = MODE != 2, DO_K = MODE != 1;
+    constexpr int ROW = DP + 8, TILE_ELEMS = ATT_TILE * ROW, QN = DP <= 48 || MODE ? 64 : 32;
     STEEL_DYNAMIC_SHARED(bf16_t, smem);
     bf16_t* const ks = smem;                    // [64][ROW]
     bf16_t* const vs = smem + TILE_ELEMS;       // [64][ROW]
@@ -393,21 +430,23 @@ static __device__ void attention_bwd_dkdv_body(const AttentionBwdParams& p) {
     float* const dl_s = lse_s + 2 * ATT_TILE;                                // [2][64]
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane / 4, t4 = lane % 4;
     const unsigned d = (unsigned)p.d;
-    const u64 bg = blockIdx.y, b = bg / p.hkv, kvh = bg % p.hkv, rep = p.hq / p.hkv;
+    const unsigned bg = blockIdx.y, hkv = (unsigned)p.hkv, b = bg / hkv, kvh = bg % hkv;
+    const unsigned rep = (unsigned)p.hq / hkv;
     const u64 k0 = (u64)blockIdx.x * ATT_TILE, off = p.tk - p.tq;
     const u64 qstride = p.hq * p.d, kstride = p.hkv * p.d;
     // Query tiles that see a key of this tile: those ending after position k0 − off.
-    const u64 first_qt = k0 > off ? (k0 - off) / ATT_TILE : 0;
-    const u64 n_qt = (p.tq + ATT_TILE - 1) / ATT_TILE;
-    const u64 per_head = n_qt - first_qt, n_iter = rep * per_head;
+    const unsigned first_qt = k0 > off ? (unsigned)((k0 - off) / ATT_TILE) : 0;
+    const unsigned n_qt = (unsigned)((p.tq + ATT_TILE - 1) / ATT_TILE);
+    const unsigned per_head = n_qt - first_qt, n_iter = rep * per_head;
 
     zero_padding<DP>(smem, 6, d);
     load_tile<DP>(ks, p.k + (b * p.tk * p.hkv + kvh) * p.d, kstride, k0, p.tk, d);
     load_tile<DP>(vs, p.v + (b * p.tk * p.hkv + kvh) * p.d, kstride, k0, p.tk, d);
 
     // Step `it` is query head kvh·rep + it / per_head, query tile first_qt + it % per_head.
-    auto issue = [&](u64 it, unsigned buf) {
-        const u64 h = kvh * rep + it / per_head, q0 = (first_qt + it % per_head) * ATT_TILE;
+    auto issue = [&](unsigned it, unsigned buf) {
+        const unsigned h = kvh * rep + it / per_head;
+        const u64 q0 = (u64)(first_qt + it % per_head) * ATT_TILE;
         const u64 head = (b * p.tq * p.hq + h) * p.d;
         load_tile<DP>(qs + buf * TILE_ELEMS, p.q + head, qstride, q0, p.tq, d);
         load_tile<DP>(dos + buf * TILE_ELEMS, p.d_o + head, qstride, q0, p.tq, d);
@@ -422,12 +461,18 @@ static __device__ void attention_bwd_dkdv_body(const AttentionBwdParams& p) {
     issue(0, 0);
     cp_async_commit();
 
-    float dk[DP / 8][4], dv[DP / 8][4];
-    for (int n = 0; n < DP / 8; ++n)
-        for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.0f;
-    const u64 key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    float dk[DO_K ? DP / 8 : 1][4], dv[DO_V ? DP / 8 : 1][4];
+    STEEL_UNROLL
+    for (int n = 0; n < DP / 8; ++n) {
+        STEEL_UNROLL
+        for (int i = 0; i < 4; ++i) {
+            if (DO_K) dk[n][i] = 0.0f;
+            if (DO_V) dv[n][i] = 0.0f;
+        }
+    }
+    const u64 key0 = k0 + warp * 16 + g;  // the key of row g; row g + 8 is 8 later
 
-    for (u64 it = 0; it < n_iter; ++it) {
+    for (unsigned it = 0; it < n_iter; ++it) {
         const unsigned buf = (unsigned)(it & 1);
         if (it + 1 < n_iter) {
             issue(it + 1, buf ^ 1);
@@ -441,40 +486,60 @@ static __device__ void attention_bwd_dkdv_body(const AttentionBwdParams& p) {
         const bf16_t* dot = dos + buf * TILE_ELEMS;
         const float* ls = lse_s + buf * ATT_TILE;
         const float* dls = dl_s + buf * ATT_TILE;
-        const u64 qpos0 = off + (first_qt + it % per_head) * ATT_TILE;
+        const u64 qpos0 = off + (u64)(first_qt + it % per_head) * ATT_TILE;
 
-        float s[8][4], dp[8][4];
-        tile_abt<DP>(s, ks, warp * 16, qt);   // Sᵀ = K Qᵀ
-        tile_abt<DP>(dp, vs, warp * 16, dot); // dPᵀ = V dOᵀ
-        for (int n = 0; n < 8; ++n)
-            for (int i = 0; i < 4; ++i) {
-                const unsigned c = 8 * n + 2 * t4 + (i & 1);
-                const float pr = att_visible(key[i >> 1], qpos0 + c)
-                                     ? exp2f(fmaf(s[n][i], p.scale_log2, -ls[c]))
-                                     : 0.0f;
-                s[n][i] = pr;
+        // The query tile in sub-tiles of QN queries: all 64 at once up to head_dim 48 (and in the
+        // split kernels), halves where the dK and dV accumulators (2·DP/2 registers per thread)
+        // leave less room for Sᵀ and dPᵀ (at 64 a whole tile spills one register).
+        STEEL_UNROLL
+        for (int sub = 0; sub < ATT_TILE / QN; ++sub) {
+            const bf16_t* qsub = qt + sub * QN * ROW;
+            const bf16_t* dosub = dot + sub * QN * ROW;
+            const int diag = att_diag(qpos0 + sub * QN + 2 * t4, key0);
+            float s[QN / 8][4], dp[DO_K ? QN / 8 : 1][4];
+            tile_abt<DP, QN / 8>(s, ks, warp * 16, qsub);                // Sᵀ = K Qᵀ
+            if (DO_K) tile_abt<DP, QN / 8>(dp, vs, warp * 16, dosub);  // dPᵀ = V dOᵀ
+            STEEL_UNROLL
+            for (int n = 0; n < QN / 8; ++n) {
+                STEEL_UNROLL
+                for (int i = 0; i < 4; ++i) {
+                    const unsigned c = sub * QN + 8 * n + 2 * t4 + (i & 1);
+                    const float pr = 8 * (i >> 1) <= 8 * n + (i & 1) + diag
+                                         ? exp2f(fmaf(s[n][i], p.scale_log2, -ls[c]))
+                                         : 0.0f;
+                    s[n][i] = pr;
+                    if (!DO_K) continue;
 #ifdef STEEL_MUTATE_ATTENTION_DELTA
-                dp[n][i] = pr * dp[n][i];  // test-only breakage: δ left out
+                    dp[n][i] = pr * dp[n][i];  // test-only breakage: δ left out
 #else
-                dp[n][i] = pr * (dp[n][i] - dls[c]);
+                    dp[n][i] = pr * (dp[n][i] - dls[c]);
 #endif
+                }
             }
-        tile_xb<DP>(dv, s, dot);  // dV += Pᵀ dO
-        tile_xb<DP>(dk, dp, qt);  // dK += dSᵀ Q
+            if (DO_V) tile_xb<DP, QN / 8>(dv, s, dosub);  // dV += Pᵀ dO
+            if (DO_K) tile_xb<DP, QN / 8>(dk, dp, qsub);  // dK += dSᵀ Q
+        }
         __syncthreads();  // why: every warp is done with buffer `buf` before step it + 2 refills it
     }
+    STEEL_UNROLL
     for (int r = 0; r < 2; ++r) {
-        if (key[r] >= p.tk) continue;
-        const u64 row = ((b * p.tk + key[r]) * p.hkv + kvh) * p.d;
+        const u64 key = key0 + 8 * r;
+        if (key >= p.tk) continue;
+        const u64 row = ((b * p.tk + key) * p.hkv + kvh) * p.d;
+        STEEL_UNROLL
         for (int n = 0; n < DP / 8; ++n) {
             const unsigned c = 8 * n + 2 * t4;
-            if (c >= d) break;
-            float* k_out = p.dk + row + c;
-            float* v_out = p.dv + row + c;
-            k_out[0] += p.scale * dk[n][2 * r];
-            k_out[1] += p.scale * dk[n][2 * r + 1];
-            v_out[0] += dv[n][2 * r];
-            v_out[1] += dv[n][2 * r + 1];
+            if (c >= d) continue;
+            if (DO_K) {
+                float* k_out = p.dk + row + c;
+                k_out[0] += p.scale * dk[n][2 * r];
+                k_out[1] += p.scale * dk[n][2 * r + 1];
+            }
+            if (DO_V) {
+                float* v_out = p.dv + row + c;
+                v_out[0] += dv[n][2 * r];
+                v_out[1] += dv[n][2 * r + 1];
+            }
         }
     }
 }
@@ -490,7 +555,8 @@ static __device__ void attention_bwd_dq_body(const AttentionBwdParams& p) {
     bf16_t* const vs = smem + 4 * TILE_ELEMS;   // [2][64][ROW]
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane / 4, t4 = lane % 4;
     const unsigned d = (unsigned)p.d;
-    const u64 bh = blockIdx.y, b = bh / p.hq, h = bh % p.hq, kvh = h / (p.hq / p.hkv);
+    const unsigned bh = blockIdx.y, hq = (unsigned)p.hq, b = bh / hq, h = bh % hq;
+    const unsigned kvh = h / (hq / (unsigned)p.hkv);
     const u64 q0 = (u64)(gridDim.x - 1 - blockIdx.x) * ATT_TILE;
     const u64 off = p.tk - p.tq;
     const u64 q_end = q0 + ATT_TILE < p.tq ? q0 + ATT_TILE : p.tq;
@@ -509,15 +575,19 @@ static __device__ void attention_bwd_dq_body(const AttentionBwdParams& p) {
 
     // Rows g and g + 8: their lse (· log2 e) and δ; rows past Tq get P = 0.
     float ls[2], dl[2];
-    const u64 qpos[2] = {off + q0 + warp * 16 + g, off + q0 + warp * 16 + g + 8};
+    const u64 qpos = off + q0 + warp * 16 + g;  // of row g; row g + 8 is 8 later
+    STEEL_UNROLL
     for (int r = 0; r < 2; ++r) {
         const u64 i = q0 + warp * 16 + g + 8 * r, at = (b * p.hq + h) * p.tq + i;
         ls[r] = i < p.tq ? p.lse[at] * 1.44269504088896340736f : __int_as_float(0x7f800000);
         dl[r] = i < p.tq ? p.delta[at] : 0.0f;
     }
     float dq[DP / 8][4];
-    for (int n = 0; n < DP / 8; ++n)
+    STEEL_UNROLL
+    for (int n = 0; n < DP / 8; ++n) {
+        STEEL_UNROLL
         for (int i = 0; i < 4; ++i) dq[n][i] = 0.0f;
+    }
 
     for (u64 j = 0; j < n_tiles; ++j) {
         const unsigned buf = (unsigned)(j & 1);
@@ -532,30 +602,35 @@ static __device__ void attention_bwd_dq_body(const AttentionBwdParams& p) {
         __syncthreads();  // why: every thread's copies of tile j are visible to every warp
         const bf16_t* kt = ks + buf * TILE_ELEMS;
         const bf16_t* vt = vs + buf * TILE_ELEMS;
-        const u64 kb = j * ATT_TILE;
+        const int diag = att_diag(qpos, j * ATT_TILE + 2 * t4);
 
         float s[8][4], dp[8][4];
-        tile_abt<DP>(s, qs, warp * 16, kt);    // S = Q Kᵀ
-        tile_abt<DP>(dp, dos, warp * 16, vt);  // dP = dO Vᵀ
-        for (int n = 0; n < 8; ++n)
+        tile_abt<DP, 8>(s, qs, warp * 16, kt);    // S = Q Kᵀ
+        tile_abt<DP, 8>(dp, dos, warp * 16, vt);  // dP = dO Vᵀ
+        STEEL_UNROLL
+        for (int n = 0; n < 8; ++n) {
+            STEEL_UNROLL
             for (int i = 0; i < 4; ++i) {
-                const u64 key = kb + 8 * n + 2 * t4 + (i & 1);
+                // Keys past Tk are never visible to a real query (and padded rows have P = 0).
                 const int r = i >> 1;
-                const float pr = att_visible(key, qpos[r]) && key < p.tk
+                const float pr = 8 * n + (i & 1) <= 8 * r + diag
                                      ? exp2f(fmaf(s[n][i], p.scale_log2, -ls[r]))
                                      : 0.0f;
                 dp[n][i] = pr * (dp[n][i] - dl[r]);
             }
-        tile_xb<DP>(dq, dp, kt);  // dQ += dS K
+        }
+        tile_xb<DP, 8>(dq, dp, kt);  // dQ += dS K
         __syncthreads();  // why: every warp is done with buffer `buf` before tile j + 2 refills it
     }
+    STEEL_UNROLL
     for (int r = 0; r < 2; ++r) {
         const u64 i = q0 + warp * 16 + g + 8 * r;
         if (i >= p.tq) continue;
         const u64 row = ((b * p.tq + i) * p.hq + h) * p.d;
+        STEEL_UNROLL
         for (int n = 0; n < DP / 8; ++n) {
             const unsigned c = 8 * n + 2 * t4;
-            if (c >= d) break;
+            if (c >= d) continue;
             float* out = p.dq + row + c;
             out[0] += p.scale * dq[n][2 * r];
             out[1] += p.scale * dq[n][2 * r + 1];
@@ -563,30 +638,36 @@ static __device__ void attention_bwd_dq_body(const AttentionBwdParams& p) {
     }
 }
 
-// One kernel pair per padded head_dim.
+// The backward kernels of each padded head_dim (dK and dV apart above 96).
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d16(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<16>(p);
+    attention_bwd_dkdv_body<16, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d32(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<32>(p);
+    attention_bwd_dkdv_body<32, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d48(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<48>(p);
+    attention_bwd_dkdv_body<48, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d64(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<64>(p);
+    attention_bwd_dkdv_body<64, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d80(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<80>(p);
+    attention_bwd_dkdv_body<80, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d96(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<96>(p);
+    attention_bwd_dkdv_body<96, 0>(p);
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d112(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<112>(p);
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dv_d112(const AttentionBwdParams p) {
+    attention_bwd_dkdv_body<112, 1>(p);
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dkdv_d128(const AttentionBwdParams p) {
-    attention_bwd_dkdv_body<128>(p);
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dk_d112(const AttentionBwdParams p) {
+    attention_bwd_dkdv_body<112, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dv_d128(const AttentionBwdParams p) {
+    attention_bwd_dkdv_body<128, 1>(p);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dk_d128(const AttentionBwdParams p) {
+    attention_bwd_dkdv_body<128, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dq_d16(const AttentionBwdParams p) {
     attention_bwd_dq_body<16>(p);

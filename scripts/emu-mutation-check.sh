@@ -52,6 +52,9 @@ declare -A KERNEL=(
     [rope_oob]='out-of-bounds global memory access|data race'
     [softmax_strided_uninit]='uninitialised shared memory|out-of-bounds shared memory access'
     [l2_normalize_strided_uninit]='uninitialised shared memory|out-of-bounds shared memory access'
+    [attention_causal]=numbers [attention_skip_tile]=numbers [attention_delta]=numbers
+    [attention_no_wait]='has not yet written'
+    [attention_pad_uninit]='uninitialised shared memory'
 )
 KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
     block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
@@ -61,7 +64,8 @@ KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_
     embedding_fwd embedding_bwd embedding_sort embedding_oob rope_fwd rope_bwd rope_oob
     softmax_fwd softmax_bwd softmax_strided_fwd softmax_strided_bwd softmax_strided_uninit
     l2_normalize_fwd l2_normalize_bwd l2_normalize_strided_fwd l2_normalize_strided_bwd
-    l2_normalize_strided_uninit)
+    l2_normalize_strided_uninit
+    attention_causal attention_skip_tile attention_delta attention_no_wait attention_pad_uninit)
 
 # Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
 # not part of a longer identifier).
@@ -112,6 +116,8 @@ declare -A NUMERIC_TEST=(
     [l2_normalize_fwd]=emu_l2_normalize_matches_cpu [l2_normalize_bwd]=emu_l2_normalize_matches_cpu
     [l2_normalize_strided_fwd]=emu_l2_normalize_matches_cpu
     [l2_normalize_strided_bwd]=emu_l2_normalize_matches_cpu
+    [attention_causal]=emu_attention_fixed_cases [attention_skip_tile]=emu_attention_fixed_cases
+    [attention_delta]=emu_attention_fixed_cases
 )
 
 log=$(mktemp)

@@ -194,7 +194,21 @@ run() {
     echo "==> compute-sanitizer: not on this machine (skipped)"
   fi
   echo "==> GPU ops against the CPU backend, and timings against the copy roofline"
-  "$DIR/steel-bench" kernels --device cuda --repeats "$REPEATS" || status=1
+  # PyTorch's SDPA (FlashAttention backend) at the attention rows' shape, where PyTorch exists.
+  local peer=() py
+  for py in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python3}" /opt/torch/.venv/bin/python3 python3; do
+    [ -n "$py" ] && "$py" -c "import torch" >/dev/null 2>&1 || continue
+    if timeout 120 "$py" bench/attention_torch.py > "$DIR/attention-torch.json" 2> "$DIR/attention-torch.log"; then
+      peer=(--peer "$DIR/attention-torch.json")
+      echo "PyTorch peer: $(cat "$DIR/attention-torch.json")"
+    else
+      echo "bench/attention_torch.py failed (the attention rows have no peer):"
+      tail -n 5 "$DIR/attention-torch.log" "$DIR/attention-torch.json" | sed 's/^/    /'
+    fi
+    break
+  done
+  [ "${#peer[@]}" -gt 0 ] || echo "(no PyTorch here: the attention rows have no peer)"
+  "$DIR/steel-bench" kernels --device cuda --repeats "$REPEATS" "${peer[@]}" || status=1
   echo "gpu-check finished in $((SECONDS - t0)) s (status $status)"
   exit "$status"
 }

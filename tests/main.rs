@@ -3,6 +3,7 @@
 //! run. (One test binary: every test binary links the whole dependency tree.)
 
 mod common;
+mod gpu_block;
 mod model;
 mod tape;
 mod train;

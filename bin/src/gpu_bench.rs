@@ -77,6 +77,56 @@ fn rope_shape(big: bool) -> [usize; 4] {
     }
 }
 
+/// The timed attention problem: the model's B = 8 sequences of 2,048 tokens, 32 heads of 56.
+const ATTENTION: [usize; 4] = [8, 2048, 32, 56];
+/// The standard causal count of the forward, 2·B·H·T²·D (the backward is 2.5× that): what
+/// FlashAttention's and PyTorch's benchmarks report, not the FLOPs as executed.
+const ATTENTION_FWD_FLOPS: f64 = 2.0 * 8.0 * 32.0 * 2048.0 * 2048.0 * 56.0;
+
+fn attention_scale() -> f64 {
+    1.0 / (ATTENTION[3] as f64).sqrt()
+}
+
+/// q, k, v: bf16 at the timed size (what training feeds the kernels); f32 on the small, ragged
+/// check (GQA 4/2, 70 tokens: two tiles, the second ragged), so the CPU reference runs in f32
+/// and the GPU rounds the same values to bf16.
+fn attention_inputs(be: &dyn Backend, big: bool) -> Result<Vec<Tensor>> {
+    let ([b, t, h, d], hkv, dtype) =
+        if big { (ATTENTION, ATTENTION[2], DType::BF16) } else { ([2, 70, 4, 56], 2, DType::F32) };
+    Ok(vec![
+        rnd(be, &[b, t, h, d], dtype, 31)?,
+        rnd(be, &[b, t, hkv, d], dtype, 32)?,
+        rnd(be, &[b, t, hkv, d], dtype, 33)?,
+    ])
+}
+
+/// PyTorch's numbers for the attention rows (a line of bench/attention_torch.py).
+pub struct Peer {
+    pub name: String,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+}
+
+impl Peer {
+    pub fn read(path: &std::path::Path) -> Result<Peer> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the PyTorch peer timings {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| {
+            format!("{} is not a JSON line of attention_torch.py", path.display())
+        })?;
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            bail!("the PyTorch peer did not run: {e}");
+        }
+        let ms = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_f64())
+                .with_context(|| format!("{}: no number {k:?}", path.display()))
+        };
+        let name = v.get("peer").and_then(|x| x.as_str()).unwrap_or("PyTorch").to_string();
+        Ok(Peer { name, fwd_ms: ms("fwd_ms")?, bwd_ms: ms("bwd_ms")? })
+    }
+}
+
 fn rnd(be: &dyn Backend, shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
     Ok(random_tensor(be, shape, dtype, 1.0, seed)?)
 }
@@ -85,6 +135,42 @@ fn cases() -> Vec<Case> {
     let f4 = 4.0;
     let (r, h) = (ROWS as f64, H as f64);
     vec![
+        Case {
+            name: "attention_fwd (flash)",
+            shape: "[8,2048,32,56] bf16, causal",
+            build: attention_inputs,
+            exec: |be, t| {
+                let (o, lse) = be.attention_fwd(&t[0], &t[1], &t[2], attention_scale())?;
+                Ok(vec![o, lse])
+            },
+            bytes: 0.0,
+            flops: ATTENTION_FWD_FLOPS,
+            tol: 1e-2,
+        },
+        Case {
+            name: "attention_bwd (flash)",
+            shape: "[8,2048,32,56] bf16, causal",
+            build: |be, big| {
+                let mut t = attention_inputs(be, big)?;
+                let (o, lse) = be.attention_fwd(&t[0], &t[1], &t[2], attention_scale())?;
+                let shape = t[0].shape().to_vec();
+                let d_o = rnd(be, &shape, DType::F32, 34)?;
+                // Zeros, so the check compares the gradients themselves.
+                let dq = be.zeros(&shape, DType::F32)?;
+                let dk = be.zeros(t[1].shape(), DType::F32)?;
+                let dv = be.zeros(t[2].shape(), DType::F32)?;
+                t.extend([o, lse, d_o, dq, dk, dv]);
+                Ok(t)
+            },
+            exec: |be, t| {
+                let s = attention_scale();
+                be.attention_bwd(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], s, &t[6], &t[7], &t[8])?;
+                Ok(vec![t[6].clone(), t[7].clone(), t[8].clone()])
+            },
+            bytes: 0.0,
+            flops: 2.5 * ATTENTION_FWD_FLOPS,
+            tol: 1e-2,
+        },
         Case {
             name: "rms_norm_fwd",
             shape: "x [32768,1792] f32",
@@ -661,7 +747,13 @@ fn median_secs(be: &dyn Backend, repeats: usize, mut f: impl FnMut() -> Result<(
 }
 
 /// The check-and-time table on CUDA device `ordinal`.
-pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>, profile: bool) -> Result<()> {
+pub fn run(
+    ordinal: usize,
+    repeats: usize,
+    arch: Option<&str>,
+    profile: bool,
+    peer: Option<&Peer>,
+) -> Result<()> {
     let t0 = Instant::now();
     if let Some(a) = arch {
         eprintln!("note: --arch {a} is ignored on a GPU (kernels are built for the device)");
@@ -758,8 +850,23 @@ pub fn run(ordinal: usize, repeats: usize, arch: Option<&str>, profile: bool) ->
             c.name, c.shape, verdict, err, ms, rate, frac
         );
         if verdict != "n/a" {
-            for e in [check.err(), timed.err()].into_iter().flatten() {
+            for e in [check.as_ref().err(), timed.as_ref().err()].into_iter().flatten() {
                 println!("    {e:#}");
+            }
+        }
+        if let (Some(p), Ok(s)) = (peer, &timed) {
+            let theirs = match c.name {
+                "attention_fwd (flash)" => Some(p.fwd_ms),
+                "attention_bwd (flash)" => Some(p.bwd_ms),
+                _ => None,
+            };
+            if let Some(ms) = theirs {
+                println!(
+                    "    vs {}: {ms:.3} ms ({:.0} TF/s); Steel is {:.2}x its speed",
+                    p.name,
+                    c.flops / (ms * 1e-3) / 1e12,
+                    ms * 1e-3 / s
+                );
             }
         }
     }

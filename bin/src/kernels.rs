@@ -57,6 +57,10 @@ pub struct KernelsArgs {
     /// --capture-range=cudaProfilerApi`).
     #[arg(long)]
     profile: bool,
+    /// A JSON line of bench/attention_torch.py (PyTorch's SDPA, FlashAttention backend, on the
+    /// same GPU and shape): the attention rows are compared with it.
+    #[arg(long, value_name = "FILE")]
+    peer: Option<PathBuf>,
 }
 
 pub fn run(args: KernelsArgs) -> Result<()> {
@@ -75,7 +79,14 @@ pub fn run(args: KernelsArgs) -> Result<()> {
              --compile-only to compile them here, or see scripts/gpu-check.sh"
         ),
         Device::Cuda(ordinal) => {
-            crate::gpu_bench::run(ordinal, args.repeats, args.arch.as_deref(), args.profile)
+            let peer = args.peer.as_deref().map(crate::gpu_bench::Peer::read).transpose()?;
+            crate::gpu_bench::run(
+                ordinal,
+                args.repeats,
+                args.arch.as_deref(),
+                args.profile,
+                peer.as_ref(),
+            )
         }
     }
 }

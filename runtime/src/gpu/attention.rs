@@ -181,49 +181,61 @@ fn as_bf16<G: Gpu>(be: &GpuBackend<G>, op: &'static str, t: &Tensor, what: &str)
     }
 }
 
-fn symbol(kind: &str, d: usize) -> &'static str {
-    // One kernel per padded head_dim (16 ..= 128); `dims` has checked the range.
-    const FWD: [&str; 8] = [
-        "attention_fwd_d16",
-        "attention_fwd_d32",
-        "attention_fwd_d48",
-        "attention_fwd_d64",
-        "attention_fwd_d80",
-        "attention_fwd_d96",
-        "attention_fwd_d112",
-        "attention_fwd_d128",
-    ];
-    const DKDV: [&str; 8] = [
-        "attention_bwd_dkdv_d16",
-        "attention_bwd_dkdv_d32",
-        "attention_bwd_dkdv_d48",
-        "attention_bwd_dkdv_d64",
-        "attention_bwd_dkdv_d80",
-        "attention_bwd_dkdv_d96",
-        "attention_bwd_dkdv_d112",
-        "attention_bwd_dkdv_d128",
-    ];
-    const DQ: [&str; 8] = [
-        "attention_bwd_dq_d16",
-        "attention_bwd_dq_d32",
-        "attention_bwd_dq_d48",
-        "attention_bwd_dq_d64",
-        "attention_bwd_dq_d80",
-        "attention_bwd_dq_d96",
-        "attention_bwd_dq_d112",
-        "attention_bwd_dq_d128",
-    ];
-    let i = padded_head_dim(d) / 16 - 1;
-    match kind {
-        "fwd" => FWD[i],
-        "dkdv" => DKDV[i],
-        _ => DQ[i],
-    }
+/// The kernels of one padded head_dim, in launch order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionKernels {
+    pub fwd: &'static str,
+    /// One kernel per KV tile: dK and dV together up to head_dim 96, apart (dV, then dK) above,
+    /// where both accumulators do not fit in registers beside the tiles.
+    pub kv: &'static [&'static str],
+    pub dq: &'static str,
 }
 
-/// The kernel names of a head_dim: `(forward, dK/dV, dQ)`.
-pub fn attention_symbols(d: usize) -> (&'static str, &'static str, &'static str) {
-    (symbol("fwd", d), symbol("dkdv", d), symbol("dq", d))
+/// The kernels for head_dim `d` (a multiple of 8 up to 128: one set per multiple of 16).
+pub fn attention_kernels(d: usize) -> AttentionKernels {
+    const K: [AttentionKernels; 8] = [
+        AttentionKernels {
+            fwd: "attention_fwd_d16",
+            kv: &["attention_bwd_dkdv_d16"],
+            dq: "attention_bwd_dq_d16",
+        },
+        AttentionKernels {
+            fwd: "attention_fwd_d32",
+            kv: &["attention_bwd_dkdv_d32"],
+            dq: "attention_bwd_dq_d32",
+        },
+        AttentionKernels {
+            fwd: "attention_fwd_d48",
+            kv: &["attention_bwd_dkdv_d48"],
+            dq: "attention_bwd_dq_d48",
+        },
+        AttentionKernels {
+            fwd: "attention_fwd_d64",
+            kv: &["attention_bwd_dkdv_d64"],
+            dq: "attention_bwd_dq_d64",
+        },
+        AttentionKernels {
+            fwd: "attention_fwd_d80",
+            kv: &["attention_bwd_dkdv_d80"],
+            dq: "attention_bwd_dq_d80",
+        },
+        AttentionKernels {
+            fwd: "attention_fwd_d96",
+            kv: &["attention_bwd_dkdv_d96"],
+            dq: "attention_bwd_dq_d96",
+        },
+        AttentionKernels {
+            fwd: "attention_fwd_d112",
+            kv: &["attention_bwd_dv_d112", "attention_bwd_dk_d112"],
+            dq: "attention_bwd_dq_d112",
+        },
+        AttentionKernels {
+            fwd: "attention_fwd_d128",
+            kv: &["attention_bwd_dv_d128", "attention_bwd_dk_d128"],
+            dq: "attention_bwd_dq_d128",
+        },
+    ];
+    K[(padded_head_dim(d) / 16).clamp(1, 8) - 1]
 }
 
 /// The grid of a kernel over query tiles (forward, dQ): `(q tiles, B·Hq)`.
@@ -299,7 +311,7 @@ pub(super) fn attention_fwd<G: Gpu>(
         block: Dim3::x(ATTENTION_BLOCK),
         shared_bytes: shared(OP, fwd_shared_bytes(d))?,
     };
-    launch(gpu.as_ref(), symbol("fwd", d), cfg, &p)?;
+    launch(gpu.as_ref(), attention_kernels(d).fwd, cfg, &p)?;
     Ok((o, lse))
 }
 
@@ -402,11 +414,14 @@ pub(super) fn attention_bwd<G: Gpu>(
         block,
         shared_bytes: shared(OP, dkdv_shared_bytes(d))?,
     };
-    launch(gpu.as_ref(), symbol("dkdv", d), dkdv_cfg, &p)?;
+    let kernels = attention_kernels(d);
+    for symbol in kernels.kv {
+        launch(gpu.as_ref(), symbol, dkdv_cfg, &p)?;
+    }
     let dq_cfg = LaunchConfig {
         grid: checked_grid(OP, tq.div_ceil(ATTENTION_TILE), b * hq)?,
         block,
         shared_bytes: shared(OP, dq_shared_bytes(d))?,
     };
-    launch(gpu.as_ref(), symbol("dq", d), dq_cfg, &p)
+    launch(gpu.as_ref(), kernels.dq, dq_cfg, &p)
 }

@@ -1,6 +1,6 @@
 use super::*;
 use steel_runtime::gpu::attention::{
-    attention_symbols, delta_grid, dkdv_shared_bytes, dq_shared_bytes, fwd_shared_bytes, kv_grid,
+    attention_kernels, delta_grid, dkdv_shared_bytes, dq_shared_bytes, fwd_shared_bytes, kv_grid,
     query_grid, ATTENTION_BLOCK, DELTA_BLOCK,
 };
 use steel_runtime::Error;
@@ -104,8 +104,10 @@ pub(super) fn check_attention<G: TestGpu>(
     let mut outs: Outputs =
         [&o, &lse, &gdq, &gdk, &gdv].iter().map(|t| bits(&down(g, t))).collect();
 
-    let mut expected = vec![attention_symbols(d).0, "cast_f32_bf16", "attention_bwd_delta"];
-    expected.extend([attention_symbols(d).1, attention_symbols(d).2]);
+    let ks = attention_kernels(d);
+    let mut expected = vec![ks.fwd, "cast_f32_bf16", "attention_bwd_delta"];
+    expected.extend(ks.kv);
+    expected.push(ks.dq);
     if f32_inputs {
         // The same problem from f32 tensors: o is f32, and rounding it gives the bf16 o exactly.
         let (o32, lse32) = g.attention_fwd(&up(&qf), &up(&kf), &up(&vf), scale).unwrap();
@@ -122,16 +124,18 @@ pub(super) fn check_attention<G: TestGpu>(
         }
         outs.push(bits(&down(g, &o32)));
         expected.extend(["cast_f32_bf16"; 3]);
-        expected.push(attention_symbols(d).0);
+        expected.push(ks.fwd);
         expected.extend(["cast_f32_bf16"; 5]);
         expected.push("attention_bwd_delta");
-        expected.extend([attention_symbols(d).1, attention_symbols(d).2]);
+        expected.extend(ks.kv);
+        expected.push(ks.dq);
     }
 
     let Some(log) = g.gpu().launch_log() else { return outs };
     assert_eq!(symbols(&log), expected);
     let block = Dim3::x(ATTENTION_BLOCK);
-    let (fwd, delta, dkdv, dq) = (&log[0], &log[2], &log[3], &log[4]);
+    let n_kv = ks.kv.len();
+    let (fwd, delta, dkdv, dq) = (&log[0], &log[2], &log[3], &log[3 + n_kv]);
     assert_eq!((fwd.grid, fwd.block), (query_grid(b, tq, hq), block));
     assert_eq!(fwd.shared_bytes as usize, fwd_shared_bytes(d));
     assert_eq!((delta.grid, delta.block), (Dim3::x(delta_grid(b * tq * hq)), Dim3::x(DELTA_BLOCK)));
