@@ -54,8 +54,15 @@ fn transformer_block_on_the_emulated_gpu_matches_the_cpu() {
         assert!(w.iter().any(|v| *v != 0.0), "{name} is not all zeros");
     }
     let symbols: Vec<&str> = gpu.launches().iter().map(|r| r.symbol).collect();
-    for k in ["attention_fwd_d64", "attention_bwd_dkdv_d64", "attention_bwd_dq_d64", "rope_fwd_f32"]
-    {
-        assert_eq!(symbols.iter().filter(|s| **s == k).count(), 1, "{k} runs once: {symbols:?}");
+    // Flash attention once each way (no CPU fallback), RoPE on q and on k.
+    let runs = [
+        ("attention_fwd_d64", 1),
+        ("attention_bwd_dkdv_d64", 1),
+        ("attention_bwd_dq_d64", 1),
+        ("rope_fwd_f32", 2),
+        ("rope_bwd_f32", 2),
+    ];
+    for (k, n) in runs {
+        assert_eq!(symbols.iter().filter(|s| **s == k).count(), n, "{k} runs {n}×: {symbols:?}");
     }
 }
