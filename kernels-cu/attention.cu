@@ -510,7 +510,7 @@ static __device__ void attention_bwd_dkdv_body(const AttentionBwdParams& p) {
                     s[n][i] = pr;
                     if (!DO_K) continue;
 #ifdef STEEL_MUTATE_ATTENTION_DELTA
-                    dp[n][i] = pr * dp[n][i];  // test-only breakage: δ left out
+                    dp[n][i] = pr * (dp[n][i] + dls[c]);  // test-only breakage: δ added
 #else
                     dp[n][i] = pr * (dp[n][i] - dls[c]);
 #endif

@@ -375,7 +375,7 @@ impl Tape {
             let loss = self.backend().scale(&out.loss_sum, 1.0 / norm)?;
             let v = self.record("lm_head_ce", &[x, w], vec![loss], move |ctx| {
                 if let Some(dl) = ctx.out_grad(0).cloned() {
-                    let g = dl.scalar()?;
+                    let g = ctx.backend().download(&dl)?.scalar()?;
                     for (i, d) in [(0, dx), (1, dw)] {
                         let d = if g == 1.0 { d } else { ctx.backend().scale(&d, g)? };
                         let target = ctx.grad(i)?;

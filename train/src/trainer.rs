@@ -505,7 +505,7 @@ fn validate(sh: &Shared<'_>, model: &SteelModel) -> Result<Option<(f64, u64)>> {
             targets: None,
         };
         let (loss, c) = model.loss(&mut tape, &batch)?;
-        sum += tape.value(loss)?.scalar()?;
+        sum += model.backend().download(tape.value(loss)?)?.scalar()?;
         count += c as u64;
     }
     Ok((count > 0).then(|| (sum / count as f64, count)))
@@ -522,20 +522,19 @@ fn save_checkpoint(
     elapsed: f64,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(&sh.opts.out);
-    let names: Vec<(String, Tensor)> =
-        r.model.params.iter().map(|(_, p)| (p.name.clone(), p.value.clone())).collect();
-    let moments: Vec<(String, Tensor)> = r
+    // Host copies of the parameters and moments (they live on the device on a GPU backend).
+    let be = r.model.backend();
+    let names: Vec<(String, Tensor)> = r
         .model
         .params
         .iter()
-        .zip(r.opt.moments())
-        .flat_map(|((_, p), (m, v))| {
-            [
-                (format!("exp_avg.{}", p.name), m.clone()),
-                (format!("exp_avg_sq.{}", p.name), v.clone()),
-            ]
-        })
-        .collect();
+        .map(|(_, p)| Ok((p.name.clone(), be.download(&p.value)?)))
+        .collect::<Result<_>>()?;
+    let mut moments: Vec<(String, Tensor)> = Vec::new();
+    for ((_, p), (m, v)) in r.model.params.iter().zip(r.opt.moments()) {
+        moments.push((format!("exp_avg.{}", p.name), be.download(m)?));
+        moments.push((format!("exp_avg_sq.{}", p.name), be.download(v)?));
+    }
     let recipe_toml = sh.recipe.to_toml()?;
     let config_json = sh.config.to_json()?;
     let trainer = json!({
@@ -676,7 +675,8 @@ fn run_rank(
                 let _r = trace::range("fwd");
                 r.model.loss(&mut tape, &batch)?.0
             };
-            loss_sum += tape.value(loss)?.scalar()?;
+            // The loss lives where the backend computes (a device scalar on a GPU).
+            loss_sum += r.model.backend().download(tape.value(loss)?)?.scalar()?;
             let _r = trace::range("bwd");
             tape.backward(loss)?;
         }

@@ -191,3 +191,21 @@ fn emu_matmul_with_an_empty_product() {
         }
     }
 }
+
+/// `matmul_into` of a `[1, m, n]` product into an `[m, n]` output (the soft-MoE's weight
+/// gradient at batch 1), accepted as the CPU accepts it: the product's numel, ending in n.
+#[test]
+fn emu_matmul_into_a_batch_of_one() {
+    let (c, g) = (cpu(), emu());
+    let (a, b) = (f32_rand(&[1, 5, 3], 1), f32_rand(&[3, 4], 2));
+    let prev = f32_rand(&[5, 4], 3);
+    let spec = steel_runtime::Matmul::NN;
+    let want = prev.deep_copy().unwrap();
+    c.matmul_into(&a, &b, spec, &want).unwrap();
+    let got = g.upload(&prev).unwrap();
+    g.matmul_into(&g.upload(&a).unwrap(), &g.upload(&b).unwrap(), spec, &got).unwrap();
+    assert_rel_norm("matmul_into [1,5,4] → [5,4]", &down(&g, &got), &vals(&want), F32_TOL);
+    let wrong = g.upload(&f32_rand(&[4, 5], 4)).unwrap();
+    let r = g.matmul_into(&g.upload(&a).unwrap(), &g.upload(&b).unwrap(), spec, &wrong);
+    assert!(r.is_err(), "an output of the right numel but the wrong last axis is refused");
+}
