@@ -607,14 +607,6 @@ fn rel_err(got: &[Tensor], want: &[Tensor]) -> Result<f64> {
     Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
 }
 
-/// Whether `e` is the GPU backend's "not yet implemented" (an op still missing, not a failure).
-fn not_implemented(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<steel_runtime::Error>(),
-        Some(steel_runtime::Error::Gpu { msg, .. }) if msg.contains("not yet implemented")
-    )
-}
-
 /// cuBLASLt through `Gpu::gemm` directly (bf16 in, fp32 out, `x·Wᵀ`): checked on a ragged
 /// problem against the CPU backend, timed at the model's width. Returns the table cells.
 fn direct_gemm(
@@ -782,7 +774,7 @@ pub fn run(
         "{:<30} {:<34} {:>8} {:>9} {:>10} {:>9} {:>11}",
         "op", "timed problem", "check", "rel err", "ms", "GB/s", "of roofline"
     );
-    let (mut passed, mut failed, mut missing) = (0usize, 0usize, 0usize);
+    let (mut passed, mut failed) = (0usize, 0usize);
     {
         let (verdict, err, ms, rate) = direct_gemm(&gpu, &cpu, repeats);
         match verdict {
@@ -809,7 +801,7 @@ pub fn run(
         })();
         // A check that passes on the small problem but errs on the timed, model-sized one is a
         // failure as well.
-        let timing_failed = timed.as_ref().is_err_and(|e| !not_implemented(e));
+        let timing_failed = timed.is_err();
         let (verdict, err) = match &check {
             Ok(e) if *e <= c.tol && !timing_failed => {
                 passed += 1;
@@ -822,10 +814,6 @@ pub fn run(
             Ok(e) => {
                 failed += 1;
                 ("FAIL", format!("{e:.1e}"))
-            }
-            Err(e) if not_implemented(e) => {
-                missing += 1;
-                ("n/a", "-".to_string())
             }
             Err(_) => {
                 failed += 1;
@@ -849,10 +837,8 @@ pub fn run(
             "{:<30} {:<34} {:>8} {:>9} {:>10} {:>9} {:>11}",
             c.name, c.shape, verdict, err, ms, rate, frac
         );
-        if verdict != "n/a" {
-            for e in [check.as_ref().err(), timed.as_ref().err()].into_iter().flatten() {
-                println!("    {e:#}");
-            }
+        for e in [check.as_ref().err(), timed.as_ref().err()].into_iter().flatten() {
+            println!("    {e:#}");
         }
         if let (Some(p), Ok(s)) = (peer, &timed) {
             let theirs = match c.name {
@@ -881,9 +867,6 @@ pub fn run(
     }
     let s = gpu.mem_stats();
     println!("allocator: {s}");
-    if missing > 0 {
-        println!("{missing} op(s) not yet implemented on the GPU backend (n/a)");
-    }
     println!("{passed} passed, {failed} failed");
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
     if failed > 0 {
@@ -901,7 +884,7 @@ pub fn run_emu() -> Result<()> {
     let be = GpuBackend::new(gpu.clone());
     let cpu = CpuBackend::new();
     println!("{:<30} {:<34} {:>8} {:>9}", "op (emulated)", "checked problem", "check", "rel err");
-    let (mut passed, mut failed, mut missing) = (0usize, 0usize, 0usize);
+    let (mut passed, mut failed) = (0usize, 0usize);
     for c in cases() {
         let check = check_case(&c, &cpu, &be);
         let (verdict, err) = match &check {
@@ -913,10 +896,6 @@ pub fn run_emu() -> Result<()> {
                 failed += 1;
                 ("FAIL", format!("{e:.1e}"))
             }
-            Err(e) if not_implemented(e) => {
-                missing += 1;
-                ("n/a", "-".to_string())
-            }
             Err(_) => {
                 failed += 1;
                 ("ERROR", "-".to_string())
@@ -924,15 +903,10 @@ pub fn run_emu() -> Result<()> {
         };
         println!("{:<30} {:<34} {:>8} {:>9}", c.name, "(small, ragged)", verdict, err);
         if let Err(e) = &check {
-            if verdict != "n/a" {
-                println!("    {e:#}");
-            }
+            println!("    {e:#}");
         }
     }
     let counts = gpu.counts();
-    if missing > 0 {
-        println!("{missing} op(s) not yet implemented on the GPU backend (n/a)");
-    }
     println!("{passed} passed, {failed} failed; emu: {counts}");
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
     if failed > 0 {
