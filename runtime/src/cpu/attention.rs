@@ -15,17 +15,19 @@ use super::{
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
-#[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    tq: usize,
-    tk: usize,
-    hq: usize,
-    hkv: usize,
-    d: usize,
+/// The shapes of an attention call (shared with the GPU launchers).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
 }
 
-fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
+/// Checks the shapes of `q`, `k`, `v` against each other (the `Backend` contract).
+pub(crate) fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     let (&[b, tq, hq, d], &[b2, tk, hkv, d2]) = (q.shape(), k.shape()) else {
         return Err(Error::shape(
             op,

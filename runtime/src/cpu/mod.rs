@@ -8,7 +8,7 @@
 //! splits the reduction dimension. Results are therefore bit-identical at any thread count.
 
 mod adamw;
-mod attention;
+pub(crate) mod attention;
 mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod gemm;

@@ -19,6 +19,7 @@
 use super::backend::{distinct, same_shape, GpuBackend};
 use super::launch::{dptr, grid_x, grid_y, launch};
 use super::{elementwise, DevicePtr, Dim3, Gpu, LaunchConfig, NvtxRange};
+use crate::cpu::attention::Dims;
 use crate::{DType, Error, Result, Tensor};
 use bytemuck::{Pod, Zeroable};
 
@@ -125,41 +126,10 @@ fn shared(op: &'static str, bytes: usize) -> Result<u32> {
     u32::try_from(bytes).map_err(|_| Error::invalid(op, format!("{bytes} bytes of shared memory")))
 }
 
-/// The shapes of an attention call, checked as the CPU checks them, plus the kernels' head_dim
-/// limit.
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    b: usize,
-    tq: usize,
-    tk: usize,
-    hq: usize,
-    hkv: usize,
-    d: usize,
-}
-
+/// The CPU's shape checks, plus the kernels' head_dim limit.
 fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
-    let (&[b, tq, hq, d], &[b2, tk, hkv, d2]) = (q.shape(), k.shape()) else {
-        return Err(Error::shape(
-            op,
-            format!(
-                "q and k must be [batch, seq, heads, head_dim], got {:?} and {:?}",
-                q.shape(),
-                k.shape()
-            ),
-        ));
-    };
-    same_shape(op, k, v)?;
-    if b != b2 || d != d2 || tq > tk || hkv == 0 || hq % hkv != 0 {
-        return Err(Error::shape(
-            op,
-            format!(
-                "q {:?} does not fit k/v {:?} (same batch and head_dim, Tq ≤ Tk, KV heads \
-                 dividing query heads)",
-                q.shape(),
-                k.shape()
-            ),
-        ));
-    }
+    let dm = crate::cpu::attention::dims(op, q, k, v)?;
+    let d = dm.d;
     if d == 0 || !d.is_multiple_of(8) || d > MAX_HEAD_DIM {
         return Err(Error::shape(
             op,
@@ -169,7 +139,7 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
             ),
         ));
     }
-    Ok(Dims { b, tq, tk, hq, hkv, d })
+    Ok(dm)
 }
 
 /// `t` as bf16: itself when BF16, a rounded copy when F32.
