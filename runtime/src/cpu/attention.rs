@@ -48,6 +48,24 @@ pub(crate) fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Resu
     Ok(Dims { b, tq, tk, hq, hkv, d })
 }
 
+/// The shapes of a backward call `[q, k, v, o, lse, d_o, dq, dk, dv]`: `dims` of q, k, v, then o,
+/// d_o and dq like q, dk and dv like k, lse `[B, Hq, Tq]` (both backends).
+pub(crate) fn bwd_dims(op: &'static str, t: [&Tensor; 9]) -> Result<Dims> {
+    let [q, k, v, o, lse, d_o, dq, dk, dv] = t;
+    let dm = dims(op, q, k, v)?;
+    for (a, like) in [(o, q), (d_o, q), (dq, q), (dk, k), (dv, v)] {
+        same_shape(op, like, a)?;
+    }
+    let Dims { b, hq, tq, .. } = dm;
+    if lse.shape() != [b, hq, tq] {
+        return Err(Error::shape(
+            op,
+            format!("lse must be [{b}, {hq}, {tq}], got {:?}", lse.shape()),
+        ));
+    }
+    Ok(dm)
+}
+
 /// `S = scale · Q_h K_gᵀ` into `s [Tq, Tk]`, then `P = exp(S − lse)` on visible keys (0 elsewhere).
 /// With `lse = None` the row statistics are computed and returned.
 ///
@@ -158,19 +176,8 @@ pub(crate) fn attention_bwd(
     const OP: &str = "attention_bwd";
     check_cpu(OP, &[q, k, v, o, lse, d_o, dq, dk, dv])?;
     distinct(OP, &[dq, dk, dv], &[q, k, v, o, lse, d_o])?;
-    let dm = dims(OP, q, k, v)?;
+    let dm = bwd_dims(OP, [q, k, v, o, lse, d_o, dq, dk, dv])?;
     let Dims { b, tq, tk, hq, hkv, d } = dm;
-    same_shape(OP, q, o)?;
-    same_shape(OP, q, d_o)?;
-    same_shape(OP, q, dq)?;
-    same_shape(OP, k, dk)?;
-    same_shape(OP, v, dv)?;
-    if lse.shape() != [b, hq, tq] {
-        return Err(Error::shape(
-            OP,
-            format!("lse must be [{b}, {hq}, {tq}], got {:?}", lse.shape()),
-        ));
-    }
     let dt = same_dtype(OP, &[q, k, v, o, lse, d_o, dq, dk, dv])?;
     let rep = hq / hkv;
     with_float!(OP, dt, T => {

@@ -30,6 +30,20 @@ fn split(t: &Tensor) -> Option<(usize, usize, usize)> {
     Some((batch, s[s.len() - 2], s[s.len() - 1]))
 }
 
+/// The output rule of `matmul_into` (both backends): `out` holds the product (any shape of its
+/// numel ending in n, so `[m, n]` for a `[1, m, n]` product), or, without the product's batch
+/// axes, the sum of the batch products — `Ok(true)` then.
+pub(crate) fn into_summed(op: &'static str, g: &Geometry, out: &Tensor) -> Result<bool> {
+    let summed = g.batch > 1 && out.numel() == g.m * g.n;
+    if (!summed && out.numel() != g.batch * g.m * g.n) || out.shape().last() != Some(&g.n) {
+        return Err(Error::shape(
+            op,
+            format!("out is {:?} but the product is {:?}", out.shape(), g.out_shape),
+        ));
+    }
+    Ok(summed)
+}
+
 pub(crate) fn geometry(op: &'static str, a: &Tensor, b: &Tensor, spec: Matmul) -> Result<Geometry> {
     let (ba, ra, ca) = split(a)
         .ok_or_else(|| Error::shape(op, format!("a must have ≥ 2 axes, got {:?}", a.shape())))?;
@@ -197,14 +211,7 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, spec: Matmul, out: &Tensor) ->
             format!("the output of a {cd} product must be {cd}"),
         ));
     }
-    // `out` without the product's batch axes: the batch products are summed into it.
-    let summed = g.batch > 1 && out.numel() == g.m * g.n;
-    if (!summed && out.numel() != g.batch * g.m * g.n) || out.shape().last() != Some(&g.n) {
-        return Err(Error::shape(
-            OP,
-            format!("out is {:?} but the product is {:?}", out.shape(), g.out_shape),
-        ));
-    }
+    let summed = into_summed(OP, &g, out)?;
     with_float!(OP, cd, T => {
         let av = widened::<T>(OP, a)?;
         let bv = widened::<T>(OP, b)?;

@@ -16,7 +16,7 @@
 //! fixed order, accumulated in registers) and one block per query tile for dQ, each adding its
 //! registers into the f32 gradient once.
 
-use super::backend::{distinct, same_shape, GpuBackend};
+use super::backend::{distinct, GpuBackend};
 use super::launch::{dptr, grid_x, grid_y, launch};
 use super::{elementwise, DevicePtr, Dim3, Gpu, LaunchConfig, NvtxRange};
 use crate::cpu::attention::Dims;
@@ -126,9 +126,9 @@ fn shared(op: &'static str, bytes: usize) -> Result<u32> {
     u32::try_from(bytes).map_err(|_| Error::invalid(op, format!("{bytes} bytes of shared memory")))
 }
 
-/// The CPU's shape checks, plus the kernels' head_dim limit.
-fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
-    let dm = crate::cpu::attention::dims(op, q, k, v)?;
+/// The CPU's shape checks passed; the kernels also need a head_dim that is a multiple of 8 up to
+/// 128.
+fn head_dim_limit(op: &'static str, dm: Dims) -> Result<Dims> {
     let d = dm.d;
     if d == 0 || !d.is_multiple_of(8) || d > MAX_HEAD_DIM {
         return Err(Error::shape(
@@ -140,6 +140,17 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
         ));
     }
     Ok(dm)
+}
+
+fn same_qkv_dtype(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Err(Error::dtype(
+            op,
+            k.dtype(),
+            format!("q, k and v must share a dtype (q is {})", q.dtype()),
+        ));
+    }
+    Ok(())
 }
 
 /// `t` as bf16: itself when BF16, a rounded copy when F32.
@@ -208,23 +219,22 @@ pub fn attention_kernels(d: usize) -> AttentionKernels {
     K[(padded_head_dim(d) / 16).clamp(1, 8) - 1]
 }
 
-/// The grid of a kernel over query tiles (forward, dQ): `(q tiles, B·Hq)`.
-pub fn query_grid(b: usize, tq: usize, hq: usize) -> Dim3 {
-    Dim3::xy(tq.div_ceil(ATTENTION_TILE) as u32, (b * hq) as u32)
+/// The grid of a kernel over query tiles (forward, dQ): `(q tiles, B·Hq)`, heaviest tiles
+/// scheduled first by the kernels.
+pub fn query_grid(b: usize, tq: usize, hq: usize) -> Result<Dim3> {
+    const OP: &str = "attention";
+    Ok(Dim3::xy(grid_x(OP, tq.div_ceil(ATTENTION_TILE))?, grid_y(OP, b * hq)?))
 }
 
-/// The grid of the dK/dV kernel: `(kv tiles, B·Hkv)`.
-pub fn kv_grid(b: usize, tk: usize, hkv: usize) -> Dim3 {
-    Dim3::xy(tk.div_ceil(ATTENTION_TILE) as u32, (b * hkv) as u32)
+/// The grid of the dK/dV kernels: `(kv tiles, B·Hkv)`.
+pub fn kv_grid(b: usize, tk: usize, hkv: usize) -> Result<Dim3> {
+    const OP: &str = "attention_bwd";
+    Ok(Dim3::xy(grid_x(OP, tk.div_ceil(ATTENTION_TILE))?, grid_y(OP, b * hkv)?))
 }
 
-/// The grid of the δ kernel over `rows = B·Tq·Hq` rows.
+/// The grid of the δ kernel over `rows = B·Tq·Hq` rows (a grid-stride loop past the cap).
 pub fn delta_grid(rows: usize) -> u32 {
     rows.div_ceil(DELTA_BLOCK as usize).clamp(1, DELTA_MAX_BLOCKS) as u32
-}
-
-fn checked_grid(op: &'static str, x: usize, y: usize) -> Result<Dim3> {
-    Ok(Dim3::xy(grid_x(op, x)?, grid_y(op, y)?))
 }
 
 // ---- the ops ------------------------------------------------------------------------------------
@@ -238,15 +248,9 @@ pub(super) fn attention_fwd<G: Gpu>(
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "attention_fwd";
     be.on_device(OP, &[q, k, v])?;
-    let dm = dims(OP, q, k, v)?;
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        return Err(Error::dtype(
-            OP,
-            k.dtype(),
-            format!("q, k and v must share a dtype (q is {})", q.dtype()),
-        ));
-    }
-    let Dims { b, tq, tk, hq, hkv, d } = dm;
+    let Dims { b, tq, tk, hq, hkv, d } =
+        head_dim_limit(OP, crate::cpu::attention::dims(OP, q, k, v)?)?;
+    same_qkv_dtype(OP, q, k, v)?;
     let (o_dtype, o_f32) = match q.dtype() {
         DType::BF16 => (DType::BF16, 0),
         DType::F32 => (DType::F32, 1),
@@ -277,7 +281,7 @@ pub(super) fn attention_fwd<G: Gpu>(
         o_f32,
     };
     let cfg = LaunchConfig {
-        grid: checked_grid(OP, tq.div_ceil(ATTENTION_TILE), b * hq)?,
+        grid: query_grid(b, tq, hq)?,
         block: Dim3::x(ATTENTION_BLOCK),
         shared_bytes: shared(OP, fwd_shared_bytes(d))?,
     };
@@ -302,26 +306,11 @@ pub(super) fn attention_bwd<G: Gpu>(
     const OP: &str = "attention_bwd";
     be.on_device(OP, &[q, k, v, o, lse, d_o, dq, dk, dv])?;
     distinct(OP, &[dq, dk, dv], &[q, k, v, o, lse, d_o])?;
-    let dm = dims(OP, q, k, v)?;
-    let Dims { b, tq, tk, hq, hkv, d } = dm;
-    same_shape(OP, q, o)?;
-    same_shape(OP, q, d_o)?;
-    same_shape(OP, q, dq)?;
-    same_shape(OP, k, dk)?;
-    same_shape(OP, v, dv)?;
-    if lse.shape() != [b, hq, tq] {
-        return Err(Error::shape(
-            OP,
-            format!("lse must be [{b}, {hq}, {tq}], got {:?}", lse.shape()),
-        ));
-    }
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        return Err(Error::dtype(
-            OP,
-            k.dtype(),
-            format!("q, k and v must share a dtype (q is {})", q.dtype()),
-        ));
-    }
+    let Dims { b, tq, tk, hq, hkv, d } = head_dim_limit(
+        OP,
+        crate::cpu::attention::bwd_dims(OP, [q, k, v, o, lse, d_o, dq, dk, dv])?,
+    )?;
+    same_qkv_dtype(OP, q, k, v)?;
     if lse.dtype() != DType::F32 {
         return Err(Error::dtype(OP, lse.dtype(), "lse must be F32"));
     }
@@ -354,7 +343,7 @@ pub(super) fn attention_bwd<G: Gpu>(
         d: d as u64,
     };
     let delta_cfg = LaunchConfig {
-        grid: Dim3::x(grid_x(OP, delta_grid(rows) as usize)?),
+        grid: Dim3::x(delta_grid(rows)),
         block: Dim3::x(DELTA_BLOCK),
         shared_bytes: 0,
     };
@@ -380,7 +369,7 @@ pub(super) fn attention_bwd<G: Gpu>(
     };
     let block = Dim3::x(ATTENTION_BLOCK);
     let dkdv_cfg = LaunchConfig {
-        grid: checked_grid(OP, tk.div_ceil(ATTENTION_TILE), b * hkv)?,
+        grid: kv_grid(b, tk, hkv)?,
         block,
         shared_bytes: shared(OP, dkdv_shared_bytes(d))?,
     };
@@ -389,7 +378,7 @@ pub(super) fn attention_bwd<G: Gpu>(
         launch(gpu.as_ref(), symbol, dkdv_cfg, &p)?;
     }
     let dq_cfg = LaunchConfig {
-        grid: checked_grid(OP, tq.div_ceil(ATTENTION_TILE), b * hq)?,
+        grid: query_grid(b, tq, hq)?,
         block,
         shared_bytes: shared(OP, dq_shared_bytes(d))?,
     };

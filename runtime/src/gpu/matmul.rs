@@ -112,21 +112,7 @@ pub(super) fn matmul_into<G: Gpu>(
     if !matches!(out.dtype(), DType::F32 | DType::BF16) {
         return Err(Error::dtype(OP, out.dtype(), "the GPU GEMM writes F32 or BF16"));
     }
-    // The CPU's rule: `out` holds the product (any shape of its numel ending in n, e.g. [m, n]
-    // for a [1, m, n] product), or, without the batch axes, the sum of the batch products.
-    let summed = g.batch > 1 && out.numel() == g.m * g.n;
-    if (!summed && out.numel() != g.batch * g.m * g.n) || out.shape().last() != Some(&g.n) {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "out is {:?}, the product {:?} (or [{}, {}] summed)",
-                out.shape(),
-                g.out_shape,
-                g.m,
-                g.n
-            ),
-        ));
-    }
+    let summed = crate::cpu::matmul::into_summed(OP, &g, out)?;
     if g.m * g.n == 0 {
         return Ok(());
     }

@@ -9,13 +9,13 @@ use steel_runtime::Error;
 
 /// One attention problem: `q [b, tq, hq, d]`, `k, v [b, tk, hkv, d]`.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Problem {
-    pub b: usize,
-    pub tq: usize,
-    pub tk: usize,
-    pub hq: usize,
-    pub hkv: usize,
-    pub d: usize,
+struct Problem {
+    b: usize,
+    tq: usize,
+    tk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
 }
 
 /// Tolerances, ‖gpu − cpu‖ / ‖cpu‖ against the CPU's f32 attention of the same bf16 inputs:
@@ -55,7 +55,7 @@ fn assert_grad(what: &str, got: &[f64], want: &[f64], floor: f64) {
 /// and lse). With `f32_inputs` the same problem also runs from f32 q/k/v/o: the kernels round
 /// them to the same bf16 values, so o is the bf16 result before its rounding and the gradients
 /// are bit-identical.
-pub(super) fn check_attention<G: TestGpu>(
+fn check_attention<G: TestGpu>(
     g: &GpuBackend<G>,
     pb: Problem,
     scale: f64,
@@ -136,12 +136,12 @@ pub(super) fn check_attention<G: TestGpu>(
     let block = Dim3::x(ATTENTION_BLOCK);
     let n_kv = ks.kv.len();
     let (fwd, delta, dkdv, dq) = (&log[0], &log[2], &log[3], &log[3 + n_kv]);
-    assert_eq!((fwd.grid, fwd.block), (query_grid(b, tq, hq), block));
+    assert_eq!((fwd.grid, fwd.block), (query_grid(b, tq, hq).unwrap(), block));
     assert_eq!(fwd.shared_bytes as usize, fwd_shared_bytes(d));
     assert_eq!((delta.grid, delta.block), (Dim3::x(delta_grid(b * tq * hq)), Dim3::x(DELTA_BLOCK)));
-    assert_eq!((dkdv.grid, dkdv.block), (kv_grid(b, tk, hkv), block));
+    assert_eq!((dkdv.grid, dkdv.block), (kv_grid(b, tk, hkv).unwrap(), block));
     assert_eq!(dkdv.shared_bytes as usize, dkdv_shared_bytes(d));
-    assert_eq!((dq.grid, dq.block), (query_grid(b, tq, hq), block));
+    assert_eq!((dq.grid, dq.block), (query_grid(b, tq, hq).unwrap(), block));
     assert_eq!(dq.shared_bytes as usize, dq_shared_bytes(d));
     assert_eq!((fwd.nvtx.as_str(), dq.nvtx.as_str()), ("attention_fwd", "attention_bwd"));
     outs
@@ -181,7 +181,7 @@ fn check_attention_errors<G: TestGpu>(g: &GpuBackend<G>) {
 
 /// The shapes: T = 1, 7, 63, 65, 200; Tq < Tk (decoding); GQA 32/8 and MQA; head_dim
 /// 56 (the model's), 64, 8, 128 and 24 (padded by 8).
-pub(super) const FIXED: [(Problem, f64); 9] = [
+const FIXED: [(Problem, f64); 9] = [
     (Problem { b: 1, tq: 1, tk: 1, hq: 2, hkv: 1, d: 8 }, 0.35),
     (Problem { b: 2, tq: 7, tk: 7, hq: 4, hkv: 4, d: 64 }, 0.125),
     (Problem { b: 2, tq: 63, tk: 63, hq: 3, hkv: 1, d: 56 }, 0.1336),
