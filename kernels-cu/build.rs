@@ -44,6 +44,8 @@ fn main() {
     for dir in ["emu", "include"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
+    // The crate's own directory too: a new .cu source (found by `files` below) must rebuild.
+    println!("cargo:rerun-if-changed={}", root.display());
     let asan = std::env::var("STEEL_EMU_ASAN").is_ok_and(|v| v == "1");
 
     let mut cu: Vec<PathBuf> = files(&root, "cu");

@@ -55,6 +55,11 @@ declare -A KERNEL=(
     [attention_causal]=numbers [attention_skip_tile]=numbers [attention_delta]=numbers
     [attention_no_wait]='has not yet written'
     [attention_pad_uninit]='uninitialised shared memory'
+    [soft_moe_logits]=numbers [soft_moe_dispatch]=numbers [soft_moe_tok2slot]=numbers
+    [soft_moe_mix]=numbers [soft_moe_route_bwd]=numbers [soft_moe_phi_bwd]=numbers
+    [soft_moe_tok2slot_oob]='out-of-bounds shared memory access'
+    [experts_fwd]=numbers [experts_gate_grad]=numbers [experts_wgrad]=numbers
+    [experts_oob]='out-of-bounds global memory access'
 )
 KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
     block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
@@ -65,7 +70,9 @@ KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_
     softmax_fwd softmax_bwd softmax_strided_fwd softmax_strided_bwd softmax_strided_uninit
     l2_normalize_fwd l2_normalize_bwd l2_normalize_strided_fwd l2_normalize_strided_bwd
     l2_normalize_strided_uninit
-    attention_causal attention_skip_tile attention_delta attention_no_wait attention_pad_uninit)
+    attention_causal attention_skip_tile attention_delta attention_no_wait attention_pad_uninit
+    soft_moe_logits soft_moe_dispatch soft_moe_tok2slot soft_moe_mix soft_moe_route_bwd
+    soft_moe_phi_bwd soft_moe_tok2slot_oob experts_fwd experts_gate_grad experts_wgrad experts_oob)
 
 # Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
 # not part of a longer identifier).
@@ -118,6 +125,11 @@ declare -A NUMERIC_TEST=(
     [l2_normalize_strided_bwd]=emu_l2_normalize_matches_cpu
     [attention_causal]=emu_attention_fixed_cases [attention_skip_tile]=emu_attention_fixed_cases
     [attention_delta]=emu_attention_fixed_cases
+    [soft_moe_logits]=emu_soft_moe_fixed_cases [soft_moe_dispatch]=emu_soft_moe_fixed_cases
+    [soft_moe_tok2slot]=emu_soft_moe_fixed_cases [soft_moe_mix]=emu_soft_moe_fixed_cases
+    [soft_moe_route_bwd]=emu_soft_moe_fixed_cases [soft_moe_phi_bwd]=emu_soft_moe_fixed_cases
+    [experts_fwd]=emu_experts_fixed_cases [experts_gate_grad]=emu_experts_fixed_cases
+    [experts_wgrad]=emu_experts_fixed_cases
 )
 
 log=$(mktemp)

@@ -4,6 +4,7 @@
 
 mod common;
 mod gpu_block;
+mod gpu_model;
 mod model;
 mod tape;
 mod train;

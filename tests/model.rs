@@ -35,9 +35,15 @@ fn tiny(ffn: FfnType, mlp: MlpType, tied: bool, kv: usize) -> SteelConfig {
     c
 }
 
-/// A model whose weights are all O(1): Linear N(0,1/fan_in)-ish uniform, experts large
-/// (8/√fan_in, specs/model.md point 7), norms near 1.
-fn random_model(cfg: SteelConfig, dtype: DType, seed: u64) -> SteelModel {
+/// Named tensors for `cfg` whose weights are all O(1): Linear N(0,1/fan_in)-ish uniform, MLP
+/// and expert weights `mlp_gain` times larger (8 for specs/model.md point 7's large experts),
+/// norms near 1.
+pub(crate) fn random_tensors(
+    cfg: &SteelConfig,
+    dtype: DType,
+    mlp_gain: f64,
+    seed: u64,
+) -> HashMap<String, Tensor> {
     let mut rng = SplitMix::new(seed);
     let mut tensors = HashMap::new();
     for (name, shape) in cfg.param_shapes() {
@@ -48,7 +54,7 @@ fn random_model(cfg: SteelConfig, dtype: DType, seed: u64) -> SteelModel {
         } else if name.ends_with("mlp.scale") {
             vec![1.3]
         } else if name.contains(".mlp.") && name.ends_with("proj.weight") {
-            rng.vec(n, 8.0 * 3f64.sqrt() / fan_in.sqrt())
+            rng.vec(n, mlp_gain * 3f64.sqrt() / fan_in.sqrt())
         } else if name.contains("embed") {
             rng.vec(n, 1.7)
         } else {
@@ -56,6 +62,12 @@ fn random_model(cfg: SteelConfig, dtype: DType, seed: u64) -> SteelModel {
         };
         tensors.insert(name, Tensor::from_f64(&values, &shape, dtype).unwrap());
     }
+    tensors
+}
+
+/// `random_tensors` as a model on the CPU.
+fn random_model(cfg: SteelConfig, dtype: DType, seed: u64) -> SteelModel {
+    let tensors = random_tensors(&cfg, dtype, 8.0, seed);
     SteelModel::from_tensors(cfg, cpu(), tensors).unwrap()
 }
 
@@ -172,7 +184,7 @@ fn soft_moe_block_matches_direct_formula_at_large_expert_weights() {
     assert!(e < 1e-12, "soft-MoE differs from the direct formula: {e:.3e}");
 }
 
-fn blocks(b: usize, t1: usize, vocab: usize, seed: u64) -> Tensor {
+pub(crate) fn blocks(b: usize, t1: usize, vocab: usize, seed: u64) -> Tensor {
     let mut rng = SplitMix::new(seed);
     Tensor::from_vec(
         (0..b * t1).map(|_| (rng.next_u64() % (vocab as u64 - 1) + 1) as i32).collect(),

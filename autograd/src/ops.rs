@@ -4,7 +4,7 @@
 use crate::params::grad_dtype;
 use crate::tape::{BackwardCtx, Tape, Var};
 use crate::{Error, Result};
-use steel_runtime::{Backend, CrossEntropy, Matmul, Tensor, Transpose};
+use steel_runtime::{Backend, CrossEntropy, ExpertWeights, Matmul, Tensor, Transpose};
 
 /// Options of the fused lm_head + cross-entropy loss.
 #[derive(Clone, Copy, Debug)]
@@ -308,6 +308,104 @@ impl Tape {
                 let dx = ctx.grad(0)?;
                 ctx.backend().softmax_bwd(&ys, &dy, axis, &dx)?;
             }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// The soft-MoE routing of `x [B, T, d]` with slot parameters `phi [d, S]` and the learned
+    /// `scale [1]` (see `Backend::soft_moe_route_fwd`). Returns `(xn, dispatch, combine)`:
+    /// the normalised tokens `[B, T, d]` and the two routing weight matrices `[B, T, S]`.
+    pub fn soft_moe_route(
+        &mut self,
+        x: Var,
+        phi: Var,
+        scale: Var,
+        eps: f64,
+    ) -> Result<(Var, Var, Var)> {
+        let (pt, st) = (self.value(phi)?.clone(), self.value(scale)?.clone());
+        let route = self.backend().soft_moe_route_fwd(self.value(x)?, &pt, &st, eps)?;
+        let saved = route.clone();
+        let outs = self.record(
+            "soft_moe_route",
+            &[x, phi, scale],
+            vec![route.xn, route.dispatch, route.combine],
+            move |ctx| {
+                let g_xn = ctx.out_grad_or_zeros(0, &saved.xn)?;
+                let g_d = ctx.out_grad_or_zeros(1, &saved.dispatch)?;
+                let g_c = ctx.out_grad_or_zeros(2, &saved.combine)?;
+                let (dx, dphi, dscale) = (ctx.grad(0)?, ctx.grad(1)?, ctx.grad(2)?);
+                ctx.backend().soft_moe_route_bwd(
+                    &saved, &pt, &st, &g_xn, &g_d, &g_c, eps, &dx, &dphi, &dscale,
+                )?;
+                Ok(())
+            },
+        )?;
+        Ok((outs[0], outs[1], outs[2]))
+    }
+
+    /// The soft-MoE slot inputs `Dᵀ X̂ [B, S, d]` of `dispatch [B, T, S]` and `xn [B, T, d]`.
+    pub fn soft_moe_dispatch(&mut self, dispatch: Var, xn: Var) -> Result<Var> {
+        let (wt, xt) = (self.value(dispatch)?.clone(), self.value(xn)?.clone());
+        let out = self.backend().soft_moe_dispatch_fwd(&wt, &xt)?;
+        self.record("soft_moe_dispatch", &[dispatch, xn], vec![out], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let (dw, dx) = (ctx.grad(0)?, ctx.grad(1)?);
+                ctx.backend().soft_moe_dispatch_bwd(&wt, &xt, &dy, &dw, &dx)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// The soft-MoE output `C Ỹ [B, T, d]` of `combine [B, T, S]` and the slot outputs
+    /// `ys [B, S, d]`.
+    pub fn soft_moe_combine(&mut self, combine: Var, ys: Var) -> Result<Var> {
+        let (wt, yt) = (self.value(combine)?.clone(), self.value(ys)?.clone());
+        let out = self.backend().soft_moe_combine_fwd(&wt, &yt)?;
+        self.record("soft_moe_combine", &[combine, ys], vec![out], move |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
+                let (dw, dys) = (ctx.grad(0)?, ctx.grad(1)?);
+                ctx.backend().soft_moe_combine_bwd(&wt, &yt, &dy, &dw, &dys)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// All E double-SwiGLU experts on `x [E, R, d]` (see `Backend::experts_fwd`): `weights` are
+    /// the per-expert `[gate_up, up, gate_down, down]` lists, E variables each.
+    pub fn experts(&mut self, x: Var, weights: [&[Var]; 4]) -> Result<Var> {
+        let e = weights[0].len();
+        if weights.iter().any(|w| w.len() != e) {
+            return Err(Error::Tape(format!(
+                "experts: the four weight lists must have one variable per expert, got {:?}",
+                weights.map(<[Var]>::len)
+            )));
+        }
+        let mut inputs = vec![x];
+        for w in weights {
+            inputs.extend_from_slice(w);
+        }
+        let xt = self.value(x)?.clone();
+        let wt: Vec<Tensor> =
+            inputs[1..].iter().map(|&v| self.value(v).cloned()).collect::<Result<_>>()?;
+        let split = move |ts: &[Tensor]| -> [Vec<Tensor>; 4] {
+            std::array::from_fn(|k| ts[k * e..(k + 1) * e].to_vec())
+        };
+        let [gu, up, gd, dn] = split(&wt);
+        let w = ExpertWeights { gate_up: &gu, up: &up, gate_down: &gd, down: &dn };
+        let out = self.backend().experts_fwd(&xt, w)?;
+        let y = out.y.clone();
+        self.record("experts", &inputs, vec![y], move |ctx| {
+            let Some(dy) = ctx.out_grad(0).cloned() else { return Ok(()) };
+            let dx = ctx.grad(0)?;
+            let grads: Vec<Tensor> = (1..=4 * e).map(|i| ctx.grad(i)).collect::<Result<_>>()?;
+            let [dgu, dup, dgd, ddn] = split(&grads);
+            let [gu, up, gd, dn] = split(&wt);
+            let w = ExpertWeights { gate_up: &gu, up: &up, gate_down: &gd, down: &dn };
+            let dw = ExpertWeights { gate_up: &dgu, up: &dup, gate_down: &dgd, down: &ddn };
+            ctx.backend().experts_bwd(&xt, w, &out, &dy, &dx, dw)?;
             Ok(())
         })
         .map(one)

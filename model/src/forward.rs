@@ -82,7 +82,9 @@ impl SteelModel {
         })
     }
 
-    /// The soft-MoE on `m [B, T, H]` (specs/model.md point 4).
+    /// The soft-MoE on `m [B, T, H]` (specs/model.md point 4): the fused routing, the
+    /// dispatch mix, the experts (the fused double-SwiGLU op for `senet` experts, one SwiGLU MLP
+    /// per expert for `raw`), the combine mix.
     fn soft_moe(
         &self,
         tape: &mut Tape,
@@ -94,29 +96,42 @@ impl SteelModel {
         let c = &self.config;
         let (h, e, s) = (c.hidden_size, c.n_experts, c.slots_per_expert);
         let b = tape.value(m)?.shape()[0];
-        // x̂: tokens normalised over the hidden axis; Φ̂: slot columns normalised, then scaled.
-        let xn = tape.l2_normalize(m, 2, 1e-12)?;
         let phi2 = tape.reshape(phi, &[h, e * s])?;
-        let phin = tape.l2_normalize(phi2, 0, 1e-12)?;
-        let phis = tape.scale_by(phin, scale)?;
-        let logits = tape.matmul(xn, phis, None, Matmul::NN)?; // [B, T, E·S]
-        let dispatch = tape.softmax(logits, 1)?; // over the T tokens of each row
-        let combine = tape.softmax(logits, 2)?; // over all slots of each token
-        let slot_in = tape.matmul(dispatch, xn, None, Matmul::TN)?; // [B, E·S, H]
-                                                                    // Group slots by expert: [B, E, S·H] → [E, B, S·H]; expert e takes rows [B·S, H].
+        let (xn, dispatch, combine) = tape.soft_moe_route(m, phi2, scale, 1e-12)?;
+        let slot_in = tape.soft_moe_dispatch(dispatch, xn)?; // [B, E·S, H]
+                                                             // Group slots by expert: [B, E, S·H] → [E, B, S·H]; expert e takes rows [B·S, H].
         let slot_in = tape.reshape(slot_in, &[b, e, s * h])?;
         let by_expert = tape.transpose01(slot_in)?;
-        let mut outs = Vec::with_capacity(e);
-        for (i, mlp) in experts.iter().enumerate() {
-            let xi = tape.slice0(by_expert, i, 1)?;
-            let xi = tape.reshape(xi, &[b * s, h])?;
-            let yi = self.mlp(tape, mlp, xi)?;
-            outs.push(tape.reshape(yi, &[1, b, s * h])?);
-        }
-        let ys = tape.concat0(&outs)?; // [E, B, S·H]
+        let ys = if let Some(weights) = self.senet_weights(tape, experts)? {
+            let x = tape.reshape(by_expert, &[e, b * s, h])?;
+            let y = tape.experts(x, [&weights[0], &weights[1], &weights[2], &weights[3]])?;
+            tape.reshape(y, &[e, b, s * h])?
+        } else {
+            let mut outs = Vec::with_capacity(e);
+            for (i, mlp) in experts.iter().enumerate() {
+                let xi = tape.slice0(by_expert, i, 1)?;
+                let xi = tape.reshape(xi, &[b * s, h])?;
+                let yi = self.mlp(tape, mlp, xi)?;
+                outs.push(tape.reshape(yi, &[1, b, s * h])?);
+            }
+            tape.concat0(&outs)? // [E, B, S·H]
+        };
         let ys = tape.transpose01(ys)?; // [B, E, S·H]
         let ys = tape.reshape(ys, &[b, e * s, h])?;
-        Ok(tape.matmul(combine, ys, None, Matmul::NN)?) // [B, T, H]
+        Ok(tape.soft_moe_combine(combine, ys)?) // [B, T, H]
+    }
+
+    /// The `[gate_up, up, gate_down, down]` variables of every expert when all are double
+    /// SwiGLU (`senet`), else `None`.
+    fn senet_weights(&self, tape: &mut Tape, experts: &[Mlp]) -> Result<Option<[Vec<Var>; 4]>> {
+        let mut out: [Vec<Var>; 4] = Default::default();
+        for mlp in experts {
+            let Mlp::Senet { gate_up, up, gate_down, down } = mlp else { return Ok(None) };
+            for (list, id) in out.iter_mut().zip([gate_up, up, gate_down, down]) {
+                list.push(tape.param(&self.params, *id)?);
+            }
+        }
+        Ok(Some(out))
     }
 
     /// The query, key and value projections of `n [B, T, H]`, as `[B, T, heads, head_dim]`.

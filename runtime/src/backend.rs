@@ -76,6 +76,53 @@ pub struct CrossEntropyOut {
     pub count: usize,
 }
 
+/// What `soft_moe_route_fwd` returns (DESIGN §1): the normalised tokens, the two routing weight
+/// matrices, and the norms its backward reads. `S` is the number of slots (`n_experts ·
+/// slots_per_expert`).
+#[derive(Clone, Debug)]
+pub struct SoftMoeRoute {
+    /// `[B, T, d]`: `X̂ = X / max(‖X‖, eps)` per token.
+    pub xn: Tensor,
+    /// `[B, T]`: `‖X‖` per token.
+    pub x_norm: Tensor,
+    /// `[S]`: `‖Φ_s‖` per slot column of `phi [d, S]`.
+    pub phi_norm: Tensor,
+    /// `[B, T, S]`: `D`, the softmax of the logits `L = X̂ Φ̂` over the T tokens of each row.
+    pub dispatch: Tensor,
+    /// `[B, T, S]`: `C`, the softmax of `L` over the S slots of each token.
+    pub combine: Tensor,
+}
+
+/// The weights (or, for `experts_bwd`, the F32 gradients) of E double-SwiGLU experts: each
+/// slice holds one tensor per expert, in expert order. `gate_up` and `up` are `[f, d]`,
+/// `gate_down` and `down` `[d, f]` (HF Linear layout, `f = d / mlp_div_ratio`).
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertWeights<'a> {
+    pub gate_up: &'a [Tensor],
+    pub up: &'a [Tensor],
+    pub gate_down: &'a [Tensor],
+    pub down: &'a [Tensor],
+}
+
+/// What `experts_fwd` returns: the output and the activations its backward reads, all in the
+/// value dtype. For expert e and row r: `a1 = x W_gate_upᵀ`, `b1 = x W_upᵀ`,
+/// `u = silu(a1) ⊙ b1`, `a2 = u W_gate_downᵀ`, `b2 = u W_downᵀ`, `y = silu(a2) ⊙ b2`.
+#[derive(Clone, Debug)]
+pub struct ExpertsOut {
+    /// `[E, R, d]`.
+    pub y: Tensor,
+    /// `[E, R, f]`.
+    pub a1: Tensor,
+    /// `[E, R, f]`.
+    pub b1: Tensor,
+    /// `[E, R, f]`: the inner activation (the second stage's input, as stored).
+    pub u: Tensor,
+    /// `[E, R, d]`.
+    pub a2: Tensor,
+    /// `[E, R, d]`.
+    pub b2: Tensor,
+}
+
 /// One parameter of a multi-tensor AdamW step. All buffers are updated in place.
 #[derive(Clone, Debug)]
 pub struct AdamWParam {
@@ -369,6 +416,80 @@ pub trait Backend: Send + Sync {
         self.lm_head_ce_bwd(x, w, targets, &out.lse, &one, scale, spec, dx, dw)?;
         Ok(out)
     }
+
+    // ---- soft mixture of experts (DESIGN §1) ------------------------------------------------
+
+    /// The soft-MoE routing of `x [B, T, d]` with slot parameters `phi [d, S]` and the learned
+    /// one-element `scale`: `X̂ = X / max(‖X‖, eps)` per token, `Φ̂ = scale · Φ / max(‖Φ‖, eps)`
+    /// per slot column, `L = X̂ Φ̂`, `D` = softmax of L over the T tokens (per row and slot, not
+    /// causal), `C` = softmax of L over the S slots (per token). Every value F32 (F64 on the
+    /// CPU): the routing stays fp32 under bf16 mixed precision.
+    fn soft_moe_route_fwd(
+        &self,
+        x: &Tensor,
+        phi: &Tensor,
+        scale: &Tensor,
+        eps: f64,
+    ) -> Result<SoftMoeRoute>;
+    /// Backward of the routing from its saved outputs and the gradients of `xn`, `dispatch` and
+    /// `combine` (zeros where none arrived): with `dL = D ⊙ (dD − Σ_t D ⊙ dD) + C ⊙ (dC −
+    /// Σ_s C ⊙ dC)`, `dX̂ = d_xn + dL Φ̂ᵀ`, then `dx += ∂X̂/∂X · dX̂`, `dphi += ∂Φ̂/∂Φ · X̂ᵀ dL`
+    /// (summed over every token of the batch) and `dscale += Σ (X̂ᵀ dL) ⊙ Φ / max(‖Φ‖, eps)`.
+    #[allow(clippy::too_many_arguments)]
+    fn soft_moe_route_bwd(
+        &self,
+        route: &SoftMoeRoute,
+        phi: &Tensor,
+        scale: &Tensor,
+        d_xn: &Tensor,
+        d_dispatch: &Tensor,
+        d_combine: &Tensor,
+        eps: f64,
+        dx: &Tensor,
+        dphi: &Tensor,
+        dscale: &Tensor,
+    ) -> Result<()>;
+    /// The slot inputs `X̃ = Dᵀ X̂` per row: `dispatch [B, T, S]`, `xn [B, T, d]` → `[B, S, d]`
+    /// (each slot a weighted sum over the row's T tokens, in a fixed order).
+    fn soft_moe_dispatch_fwd(&self, dispatch: &Tensor, xn: &Tensor) -> Result<Tensor>;
+    /// Backward of the dispatch mix: `d_dispatch += X̂ d_slotsᵀ`, `d_xn += D d_slots`.
+    fn soft_moe_dispatch_bwd(
+        &self,
+        dispatch: &Tensor,
+        xn: &Tensor,
+        d_slots: &Tensor,
+        d_dispatch: &Tensor,
+        d_xn: &Tensor,
+    ) -> Result<()>;
+    /// The output `Y = C Ỹ` per row: `combine [B, T, S]`, slot outputs `ys [B, S, d]` →
+    /// `[B, T, d]`.
+    fn soft_moe_combine_fwd(&self, combine: &Tensor, ys: &Tensor) -> Result<Tensor>;
+    /// Backward of the combine mix: `d_combine += dY Ỹᵀ`, `d_ys += Cᵀ dY` (a sum over the row's
+    /// tokens in a fixed order).
+    fn soft_moe_combine_bwd(
+        &self,
+        combine: &Tensor,
+        ys: &Tensor,
+        dy: &Tensor,
+        d_combine: &Tensor,
+        d_ys: &Tensor,
+    ) -> Result<()>;
+    /// All E double-SwiGLU ("senet") experts at once: expert e maps its R rows `x[e] [R, d]`
+    /// through `u = silu(x W_gate_upᵀ) ⊙ (x W_upᵀ)` (d → f) and `y = silu(u W_gate_downᵀ) ⊙
+    /// (u W_downᵀ)` (f → d). `x` and the weights share one dtype (F32 or BF16; F64 on the CPU);
+    /// every output has it, and `u` is stored (rounded) before the second stage reads it.
+    fn experts_fwd(&self, x: &Tensor, w: ExpertWeights<'_>) -> Result<ExpertsOut>;
+    /// Backward of `experts_fwd` from its saved activations: `dx += …` and every weight
+    /// gradient `+=` (F32; F64 for F64 values), `dy` F32.
+    fn experts_bwd(
+        &self,
+        x: &Tensor,
+        w: ExpertWeights<'_>,
+        saved: &ExpertsOut,
+        dy: &Tensor,
+        dx: &Tensor,
+        dw: ExpertWeights<'_>,
+    ) -> Result<()>;
 
     // ---- optimizer ----------------------------------------------------------------------------
 

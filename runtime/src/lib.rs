@@ -16,7 +16,10 @@ pub mod gpu;
 mod tensor;
 pub mod trace;
 
-pub use backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul, Transpose};
+pub use backend::{
+    AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, ExpertWeights, ExpertsOut, Matmul,
+    SoftMoeRoute, Transpose,
+};
 pub use device::{
     choose_device, open_backend, probe_cuda_driver, Compute, Device, DeviceChoice, DeviceRequest,
     DriverProbe, DEVICE_HELP,

@@ -582,3 +582,180 @@ fn backward_accumulates_elementwise() {
     let big = rand_tensor(&[5, 7, 6], 5);
     check_doubles("slice0_bwd", &[&big], &[true], &|g| be.slice0_bwd(&dy, &g[0], 1).unwrap());
 }
+
+// ---- the soft MoE and the experts (issue 15) ----------------------------------------------------
+
+/// The routing's three outputs against one weighted sum `Σ r₁ ⊙ xn + r₂ ⊙ D + r₃ ⊙ C`, through
+/// x, phi and scale. `small` scales token 0 and slot column 0 by 0.05, so with `eps = 0.5` their
+/// norms fall below eps and the constant-divisor branch is checked too.
+fn check_soft_moe_route(b: usize, t: usize, d: usize, s: usize, eps: f64, small: bool, seed: u64) {
+    let be = be();
+    let shrink = |t: Tensor, pick: &dyn Fn(usize) -> bool| {
+        let v: Vec<f64> =
+            vals(&t).iter().enumerate().map(|(i, &x)| if pick(i) { 0.05 * x } else { x }).collect();
+        Tensor::from_vec(v, t.shape()).unwrap()
+    };
+    let mut x = rand_tensor(&[b, t, d], seed);
+    let mut phi = rand_tensor(&[d, s], seed ^ 1);
+    if small {
+        x = shrink(x, &|i| i < d);
+        phi = shrink(phi, &|i| i % s == 0);
+    }
+    let inputs = [x, phi, Tensor::from_vec(vec![1.7f64], &[1]).unwrap()];
+    let (r1, r2, r3) = (
+        rand_tensor(&[b, t, d], seed ^ 2),
+        rand_tensor(&[b, t, s], seed ^ 3),
+        rand_tensor(&[b, t, s], seed ^ 4),
+    );
+    let route = be.soft_moe_route_fwd(&inputs[0], &inputs[1], &inputs[2], eps).unwrap();
+    let (dx, dphi, ds) = (zeros_like(&inputs[0]), zeros_like(&inputs[1]), zeros_like(&inputs[2]));
+    be.soft_moe_route_bwd(&route, &inputs[1], &inputs[2], &r1, &r2, &r3, eps, &dx, &dphi, &ds)
+        .unwrap();
+    let loss = |xs: &[Tensor]| {
+        let r = be.soft_moe_route_fwd(&xs[0], &xs[1], &xs[2], eps).unwrap();
+        weighted_sum(&r.xn, &r1) + weighted_sum(&r.dispatch, &r2) + weighted_sum(&r.combine, &r3)
+    };
+    check_grads(
+        &format!("soft_moe_route b{b} t{t} d{d} s{s} eps {eps} small {small}"),
+        &inputs,
+        &[(0, &dx), (1, &dphi), (2, &ds)],
+        &loss,
+    );
+}
+
+/// Both mixes with free (not softmax-normalised) weights.
+fn check_soft_moe_mixes(b: usize, t: usize, d: usize, s: usize, seed: u64) {
+    let be = be();
+    let inputs = [rand_tensor(&[b, t, s], seed), rand_tensor(&[b, t, d], seed ^ 1)];
+    let r = rand_tensor(&[b, s, d], seed ^ 2);
+    let (dw, dx) = (zeros_like(&inputs[0]), zeros_like(&inputs[1]));
+    be.soft_moe_dispatch_bwd(&inputs[0], &inputs[1], &r, &dw, &dx).unwrap();
+    let loss = |xs: &[Tensor]| weighted_sum(&be.soft_moe_dispatch_fwd(&xs[0], &xs[1]).unwrap(), &r);
+    check_grads(
+        &format!("soft_moe_dispatch b{b} t{t} d{d} s{s}"),
+        &inputs,
+        &[(0, &dw), (1, &dx)],
+        &loss,
+    );
+
+    let inputs = [rand_tensor(&[b, t, s], seed ^ 3), rand_tensor(&[b, s, d], seed ^ 4)];
+    let r = rand_tensor(&[b, t, d], seed ^ 5);
+    let (dw, dys) = (zeros_like(&inputs[0]), zeros_like(&inputs[1]));
+    be.soft_moe_combine_bwd(&inputs[0], &inputs[1], &r, &dw, &dys).unwrap();
+    let loss = |xs: &[Tensor]| weighted_sum(&be.soft_moe_combine_fwd(&xs[0], &xs[1]).unwrap(), &r);
+    check_grads(
+        &format!("soft_moe_combine b{b} t{t} d{d} s{s}"),
+        &inputs,
+        &[(0, &dw), (1, &dys)],
+        &loss,
+    );
+}
+
+/// The experts' inputs: x `[E, R, d]`, then gate_up, up (`[f, d]`), gate_down, down (`[d, f]`),
+/// E tensors each, drawn large (±[0.2, 2]) so both SwiGLUs leave their near-linear range.
+fn expert_inputs(e: usize, r: usize, d: usize, f: usize, seed: u64) -> Vec<Tensor> {
+    let big = |shape: &[usize], s: u64| {
+        let v: Vec<f64> = rand_vals(shape.iter().product(), s).iter().map(|x| 2.0 * x).collect();
+        Tensor::from_vec(v, shape).unwrap()
+    };
+    let mut v = vec![big(&[e, r, d], seed)];
+    for (k, shape) in [[f, d], [f, d], [d, f], [d, f]].iter().enumerate() {
+        for i in 0..e {
+            v.push(big(shape, seed ^ (100 * k as u64 + i as u64 + 1)));
+        }
+    }
+    v
+}
+
+fn expert_weights(ts: &[Tensor], e: usize) -> [Vec<Tensor>; 4] {
+    std::array::from_fn(|k| ts[1 + k * e..1 + (k + 1) * e].to_vec())
+}
+
+fn check_experts(e: usize, r: usize, d: usize, f: usize, seed: u64) {
+    use steel_runtime::ExpertWeights;
+    let be = be();
+    let inputs = expert_inputs(e, r, d, f, seed);
+    let ry = rand_tensor(&[e, r, d], seed ^ 7);
+    let as_w = |w: &[Vec<Tensor>; 4]| -> (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) {
+        (w[0].clone(), w[1].clone(), w[2].clone(), w[3].clone())
+    };
+    let (gu, up, gd, dn) = as_w(&expert_weights(&inputs, e));
+    let w = ExpertWeights { gate_up: &gu, up: &up, gate_down: &gd, down: &dn };
+    let saved = be.experts_fwd(&inputs[0], w).unwrap();
+    let grads: Vec<Tensor> = inputs.iter().map(zeros_like).collect();
+    let (dgu, dup, dgd, ddn) = as_w(&expert_weights(&grads, e));
+    let dw = ExpertWeights { gate_up: &dgu, up: &dup, gate_down: &dgd, down: &ddn };
+    be.experts_bwd(&inputs[0], w, &saved, &ry, &grads[0], dw).unwrap();
+    let loss = |xs: &[Tensor]| {
+        let (gu, up, gd, dn) = as_w(&expert_weights(xs, e));
+        let w = ExpertWeights { gate_up: &gu, up: &up, gate_down: &gd, down: &dn };
+        weighted_sum(&be.experts_fwd(&xs[0], w).unwrap().y, &ry)
+    };
+    let pairs: Vec<(usize, &Tensor)> = grads.iter().enumerate().collect();
+    check_grads(&format!("experts e{e} r{r} d{d} f{f}"), &inputs, &pairs, &loss);
+}
+
+proptest! {
+    #![proptest_config(proptest_config(16))]
+
+    #[test]
+    fn grad_soft_moe_route(b in 1..=2usize, t in 1..=6usize, d in 1..=6usize, s in 1..=5usize,
+                           small in any::<bool>(), seed in any::<u64>()) {
+        check_soft_moe_route(b, t, d, s, if small { 0.5 } else { 1e-12 }, small, seed);
+    }
+
+    #[test]
+    fn grad_soft_moe_mixes(b in 1..=2usize, t in 1..=6usize, d in 1..=6usize, s in 1..=5usize, seed in any::<u64>()) {
+        check_soft_moe_mixes(b, t, d, s, seed);
+    }
+
+    #[test]
+    fn grad_experts(e in 1..=3usize, r in 1..=3usize, d in 1..=5usize, f in 1..=4usize, seed in any::<u64>()) {
+        check_experts(e, r, d, f, seed);
+    }
+}
+
+/// The soft-MoE shapes every run sees: 7 tokens, 6 slots (the reference model's n·p), an odd
+/// width; the experts with more rows than one kernel row group (9 > 8).
+#[test]
+fn grad_soft_moe_fixed_shapes() {
+    check_soft_moe_route(2, 7, 5, 6, 1e-12, false, 31);
+    check_soft_moe_route(1, 7, 5, 6, 0.5, true, 32);
+    check_soft_moe_mixes(2, 7, 5, 6, 33);
+    check_experts(3, 9, 5, 2, 34);
+}
+
+#[test]
+fn backward_accumulates_soft_moe_and_experts() {
+    use steel_runtime::ExpertWeights;
+    let be = be();
+    let (b, t, d, s) = (2, 7, 5, 6);
+    let (x, phi, sc) = (rand_tensor(&[b, t, d], 1), rand_tensor(&[d, s], 2), rand_tensor(&[1], 3));
+    let route = be.soft_moe_route_fwd(&x, &phi, &sc, 1e-12).unwrap();
+    let (gxn, gd, gc) =
+        (rand_tensor(&[b, t, d], 4), rand_tensor(&[b, t, s], 5), rand_tensor(&[b, t, s], 6));
+    check_doubles("soft_moe_route_bwd", &[&x, &phi, &sc], &[true, true, true], &|g| {
+        be.soft_moe_route_bwd(&route, &phi, &sc, &gxn, &gd, &gc, 1e-12, &g[0], &g[1], &g[2])
+            .unwrap()
+    });
+    let (w, ys, dy) =
+        (rand_tensor(&[b, t, s], 7), rand_tensor(&[b, s, d], 8), rand_tensor(&[b, t, d], 9));
+    check_doubles("soft_moe_dispatch_bwd", &[&w, &x], &[true, true], &|g| {
+        be.soft_moe_dispatch_bwd(&w, &x, &ys, &g[0], &g[1]).unwrap()
+    });
+    check_doubles("soft_moe_combine_bwd", &[&w, &ys], &[true, true], &|g| {
+        be.soft_moe_combine_bwd(&w, &ys, &dy, &g[0], &g[1]).unwrap()
+    });
+    let (e, r, f) = (2, 3, 4);
+    let inputs = expert_inputs(e, r, d, f, 10);
+    let [gu, up, gdn, dn] = expert_weights(&inputs, e);
+    let wts = ExpertWeights { gate_up: &gu, up: &up, gate_down: &gdn, down: &dn };
+    let saved = be.experts_fwd(&inputs[0], wts).unwrap();
+    let dy = rand_tensor(&[e, r, d], 11);
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    check_doubles("experts_bwd", &refs, &vec![true; refs.len()], &|g| {
+        let [dgu, dup, dgd, ddn] = expert_weights(g, e);
+        let dw = ExpertWeights { gate_up: &dgu, up: &dup, gate_down: &dgd, down: &ddn };
+        be.experts_bwd(&inputs[0], wts, &saved, &dy, &g[0], dw).unwrap()
+    });
+}

@@ -11,6 +11,7 @@ mod adamw;
 pub(crate) mod attention;
 mod elementwise;
 pub(crate) mod embedding;
+pub(crate) mod experts;
 pub(crate) mod gemm;
 mod l2_normalize;
 mod layout;
@@ -18,9 +19,13 @@ pub(crate) mod lm_head_ce;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
+pub(crate) mod soft_moe;
 pub(crate) mod softmax;
 
-use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};
+use crate::backend::{
+    AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, ExpertWeights, ExpertsOut, Matmul,
+    SoftMoeRoute,
+};
 use crate::{CpuStorage, DType, Device, Element, Error, Result, Tensor};
 
 /// Traits the op bodies use on concrete float types.
@@ -557,6 +562,118 @@ impl Backend for CpuBackend {
     ) -> Result<CrossEntropyOut> {
         same_dtype("lm_head_ce_fwd_bwd", &[x, w])?;
         lm_head_ce::lm_head_ce_fwd_bwd(&widen(x)?, &widen(w)?, targets, scale, spec, dx, dw)
+    }
+
+    fn soft_moe_route_fwd(
+        &self,
+        x: &Tensor,
+        phi: &Tensor,
+        scale: &Tensor,
+        eps: f64,
+    ) -> Result<SoftMoeRoute> {
+        soft_moe::soft_moe_route_fwd(x, phi, scale, eps)
+    }
+
+    fn soft_moe_route_bwd(
+        &self,
+        route: &SoftMoeRoute,
+        phi: &Tensor,
+        scale: &Tensor,
+        d_xn: &Tensor,
+        d_dispatch: &Tensor,
+        d_combine: &Tensor,
+        eps: f64,
+        dx: &Tensor,
+        dphi: &Tensor,
+        dscale: &Tensor,
+    ) -> Result<()> {
+        soft_moe::soft_moe_route_bwd(
+            route, phi, scale, d_xn, d_dispatch, d_combine, eps, dx, dphi, dscale,
+        )
+    }
+
+    fn soft_moe_dispatch_fwd(&self, dispatch: &Tensor, xn: &Tensor) -> Result<Tensor> {
+        soft_moe::soft_moe_dispatch_fwd(dispatch, xn)
+    }
+
+    fn soft_moe_dispatch_bwd(
+        &self,
+        dispatch: &Tensor,
+        xn: &Tensor,
+        d_slots: &Tensor,
+        d_dispatch: &Tensor,
+        d_xn: &Tensor,
+    ) -> Result<()> {
+        soft_moe::soft_moe_dispatch_bwd(dispatch, xn, d_slots, d_dispatch, d_xn)
+    }
+
+    fn soft_moe_combine_fwd(&self, combine: &Tensor, ys: &Tensor) -> Result<Tensor> {
+        soft_moe::soft_moe_combine_fwd(combine, ys)
+    }
+
+    fn soft_moe_combine_bwd(
+        &self,
+        combine: &Tensor,
+        ys: &Tensor,
+        dy: &Tensor,
+        d_combine: &Tensor,
+        d_ys: &Tensor,
+    ) -> Result<()> {
+        soft_moe::soft_moe_combine_bwd(combine, ys, dy, d_combine, d_ys)
+    }
+
+    fn experts_fwd(&self, x: &Tensor, w: ExpertWeights<'_>) -> Result<ExpertsOut> {
+        if x.dtype() != DType::BF16 {
+            return experts::experts_fwd(x, w, false);
+        }
+        // BF16 values: widened (exactly), computed in f32 with `u` stored as bf16 between the
+        // stages, every output rounded once.
+        let wide = |ts: &[Tensor]| ts.iter().map(widen).collect::<Result<Vec<_>>>();
+        if let Some(t) = experts::all_weights(&w).iter().find(|t| t.dtype() != DType::BF16) {
+            return Err(Error::dtype(
+                "experts_fwd",
+                t.dtype(),
+                "the expert weights must be BF16, as x",
+            ));
+        }
+        let (gu, up, gd, dn) = (wide(w.gate_up)?, wide(w.up)?, wide(w.gate_down)?, wide(w.down)?);
+        let ww = ExpertWeights { gate_up: &gu, up: &up, gate_down: &gd, down: &dn };
+        let o = experts::experts_fwd(&widen(x)?, ww, true)?;
+        let n = |t: Tensor| narrow(t, DType::BF16);
+        Ok(ExpertsOut {
+            y: n(o.y)?,
+            a1: n(o.a1)?,
+            b1: n(o.b1)?,
+            u: n(o.u)?,
+            a2: n(o.a2)?,
+            b2: n(o.b2)?,
+        })
+    }
+
+    fn experts_bwd(
+        &self,
+        x: &Tensor,
+        w: ExpertWeights<'_>,
+        saved: &ExpertsOut,
+        dy: &Tensor,
+        dx: &Tensor,
+        dw: ExpertWeights<'_>,
+    ) -> Result<()> {
+        if x.dtype() != DType::BF16 {
+            return experts::experts_bwd(x, w, saved, dy, dx, dw);
+        }
+        let wide = |ts: &[Tensor]| ts.iter().map(widen).collect::<Result<Vec<_>>>();
+        let (gu, up, gd, dn) = (wide(w.gate_up)?, wide(w.up)?, wide(w.gate_down)?, wide(w.down)?);
+        let ww = ExpertWeights { gate_up: &gu, up: &up, gate_down: &gd, down: &dn };
+        let s = ExpertsOut {
+            y: widen(&saved.y)?,
+            a1: widen(&saved.a1)?,
+            b1: widen(&saved.b1)?,
+            u: widen(&saved.u)?,
+            a2: widen(&saved.a2)?,
+            b2: widen(&saved.b2)?,
+        };
+        experts::experts_bwd(&widen(x)?, ww, &s, dy, dx, dw)
     }
 
     fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()> {

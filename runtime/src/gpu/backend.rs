@@ -9,9 +9,12 @@
 use super::{
     adamw, attention, elementwise, embedding, l2_normalize, layout, lm_head_ce, matmul, rms_norm,
 };
-use super::{rope, softmax};
+use super::{experts, rope, soft_moe, softmax};
 use super::{Fill, Gpu, GpuBuffer};
-use crate::backend::{AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, Matmul};
+use crate::backend::{
+    AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, ExpertWeights, ExpertsOut, Matmul,
+    SoftMoeRoute,
+};
 use crate::{DType, Device, Error, Result, Tensor};
 use std::sync::Arc;
 
@@ -342,6 +345,80 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         dw: &Tensor,
     ) -> Result<()> {
         lm_head_ce::lm_head_ce_bwd(self, x, w, targets, lse, dloss, scale, spec, dx, dw)
+    }
+
+    fn soft_moe_route_fwd(
+        &self,
+        x: &Tensor,
+        phi: &Tensor,
+        scale: &Tensor,
+        eps: f64,
+    ) -> Result<SoftMoeRoute> {
+        soft_moe::soft_moe_route_fwd(self, x, phi, scale, eps)
+    }
+
+    fn soft_moe_route_bwd(
+        &self,
+        route: &SoftMoeRoute,
+        phi: &Tensor,
+        scale: &Tensor,
+        d_xn: &Tensor,
+        d_dispatch: &Tensor,
+        d_combine: &Tensor,
+        eps: f64,
+        dx: &Tensor,
+        dphi: &Tensor,
+        dscale: &Tensor,
+    ) -> Result<()> {
+        soft_moe::soft_moe_route_bwd(
+            self, route, phi, scale, d_xn, d_dispatch, d_combine, eps, dx, dphi, dscale,
+        )
+    }
+
+    fn soft_moe_dispatch_fwd(&self, dispatch: &Tensor, xn: &Tensor) -> Result<Tensor> {
+        soft_moe::soft_moe_dispatch_fwd(self, dispatch, xn)
+    }
+
+    fn soft_moe_dispatch_bwd(
+        &self,
+        dispatch: &Tensor,
+        xn: &Tensor,
+        d_slots: &Tensor,
+        d_dispatch: &Tensor,
+        d_xn: &Tensor,
+    ) -> Result<()> {
+        soft_moe::soft_moe_dispatch_bwd(self, dispatch, xn, d_slots, d_dispatch, d_xn)
+    }
+
+    fn soft_moe_combine_fwd(&self, combine: &Tensor, ys: &Tensor) -> Result<Tensor> {
+        soft_moe::soft_moe_combine_fwd(self, combine, ys)
+    }
+
+    fn soft_moe_combine_bwd(
+        &self,
+        combine: &Tensor,
+        ys: &Tensor,
+        dy: &Tensor,
+        d_combine: &Tensor,
+        d_ys: &Tensor,
+    ) -> Result<()> {
+        soft_moe::soft_moe_combine_bwd(self, combine, ys, dy, d_combine, d_ys)
+    }
+
+    fn experts_fwd(&self, x: &Tensor, w: ExpertWeights<'_>) -> Result<ExpertsOut> {
+        experts::experts_fwd(self, x, w)
+    }
+
+    fn experts_bwd(
+        &self,
+        x: &Tensor,
+        w: ExpertWeights<'_>,
+        saved: &ExpertsOut,
+        dy: &Tensor,
+        dx: &Tensor,
+        dw: ExpertWeights<'_>,
+    ) -> Result<()> {
+        experts::experts_bwd(self, x, w, saved, dy, dx, dw)
     }
 
     fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()> {

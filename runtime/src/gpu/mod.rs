@@ -25,6 +25,7 @@ mod comm;
 pub mod elementwise;
 pub mod embedding;
 mod emu;
+pub mod experts;
 pub mod l2_normalize;
 pub mod launch;
 pub mod layout;
@@ -33,6 +34,7 @@ pub mod matmul;
 pub mod mma_gemm;
 pub mod rms_norm;
 pub mod rope;
+pub mod soft_moe;
 pub mod softmax;
 
 pub use backend::GpuBackend;

@@ -1,5 +1,5 @@
 use super::*;
-use steel_runtime::{Matmul, Transpose};
+use steel_runtime::{ExpertWeights, Matmul, Transpose};
 
 // ---- every op of the Backend trait on GpuBackend<EmuGpu> -------------------------------------------
 
@@ -162,6 +162,85 @@ fn calls() -> Vec<(&'static str, Run)> {
             let dx = f(be, &[1, 5, 2, 8], 69);
             be.rope_bwd(&f(be, &[1, 5, 2, 8], 70), 10_000.0, 3, &dx)?;
             Ok(vec![dx])
+        }),
+        ("soft_moe_route_fwd", |be| {
+            let r = be.soft_moe_route_fwd(
+                &f(be, &[2, 5, 7], 120),
+                &f(be, &[7, 3], 121),
+                &f(be, &[1], 122),
+                1e-12,
+            )?;
+            Ok(vec![r.xn, r.x_norm, r.phi_norm, r.dispatch, r.combine])
+        }),
+        ("soft_moe_route_bwd", |be| {
+            let (phi, sc) = (f(be, &[7, 3], 124), f(be, &[1], 125));
+            let r = be.soft_moe_route_fwd(&f(be, &[2, 5, 7], 123), &phi, &sc, 1e-12)?;
+            let (dx, dphi, ds) = (f(be, &[2, 5, 7], 126), f(be, &[7, 3], 127), f(be, &[1], 128));
+            let (gx, gd, gc) =
+                (f(be, &[2, 5, 7], 129), f(be, &[2, 5, 3], 130), f(be, &[2, 5, 3], 131));
+            be.soft_moe_route_bwd(&r, &phi, &sc, &gx, &gd, &gc, 1e-12, &dx, &dphi, &ds)?;
+            Ok(vec![dx, dphi, ds])
+        }),
+        ("soft_moe_dispatch_fwd", |be| {
+            Ok(vec![be.soft_moe_dispatch_fwd(&f(be, &[2, 5, 3], 132), &f(be, &[2, 5, 7], 133))?])
+        }),
+        ("soft_moe_dispatch_bwd", |be| {
+            let (dw, dx) = (f(be, &[2, 5, 3], 134), f(be, &[2, 5, 7], 135));
+            be.soft_moe_dispatch_bwd(
+                &f(be, &[2, 5, 3], 136),
+                &f(be, &[2, 5, 7], 137),
+                &f(be, &[2, 3, 7], 138),
+                &dw,
+                &dx,
+            )?;
+            Ok(vec![dw, dx])
+        }),
+        ("soft_moe_combine_fwd", |be| {
+            Ok(vec![be.soft_moe_combine_fwd(&f(be, &[2, 5, 3], 139), &f(be, &[2, 3, 7], 140))?])
+        }),
+        ("soft_moe_combine_bwd", |be| {
+            let (dw, dys) = (f(be, &[2, 5, 3], 141), f(be, &[2, 3, 7], 142));
+            be.soft_moe_combine_bwd(
+                &f(be, &[2, 5, 3], 143),
+                &f(be, &[2, 3, 7], 144),
+                &f(be, &[2, 5, 7], 145),
+                &dw,
+                &dys,
+            )?;
+            Ok(vec![dw, dys])
+        }),
+        ("experts_fwd", |be| {
+            let w: Vec<Vec<Tensor>> = (0..4)
+                .map(|k| {
+                    (0..2)
+                        .map(|i| f(be, if k < 2 { &[3, 8] } else { &[8, 3] }, 150 + 2 * k + i))
+                        .collect()
+                })
+                .collect();
+            let ws = ExpertWeights { gate_up: &w[0], up: &w[1], gate_down: &w[2], down: &w[3] };
+            let o = be.experts_fwd(&f(be, &[2, 4, 8], 146), ws)?;
+            Ok(vec![o.y, o.a1, o.b1, o.u, o.a2, o.b2])
+        }),
+        ("experts_bwd", |be| {
+            let mk = |base: u64| -> Vec<Vec<Tensor>> {
+                (0..4)
+                    .map(|k| {
+                        (0..2)
+                            .map(|i| f(be, if k < 2 { &[3, 8] } else { &[8, 3] }, base + 2 * k + i))
+                            .collect()
+                    })
+                    .collect()
+            };
+            let (w, g) = (mk(160), mk(170));
+            let ws = ExpertWeights { gate_up: &w[0], up: &w[1], gate_down: &w[2], down: &w[3] };
+            let gs = ExpertWeights { gate_up: &g[0], up: &g[1], gate_down: &g[2], down: &g[3] };
+            let x = f(be, &[2, 4, 8], 147);
+            let saved = be.experts_fwd(&x, ws)?;
+            let dx = f(be, &[2, 4, 8], 148);
+            be.experts_bwd(&x, ws, &saved, &f(be, &[2, 4, 8], 149), &dx, gs)?;
+            let mut out = vec![dx];
+            out.extend(g.into_iter().flatten());
+            Ok(out)
         }),
         ("attention_fwd", |be| {
             let (o, lse) = be.attention_fwd(

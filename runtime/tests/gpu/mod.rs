@@ -117,6 +117,7 @@ mod coverage;
 mod elementwise;
 mod embedding;
 mod emulator;
+mod experts;
 mod l2_normalize;
 mod layout;
 mod lm_head_ce;
@@ -124,6 +125,7 @@ mod matmul;
 mod mma_gemm;
 mod rms_norm;
 mod rope;
+mod soft_moe;
 mod softmax;
 
 pub(crate) use emulator::launch_raw;

@@ -1,0 +1,236 @@
+//! Whole Steel models on the emulated GPU (`GpuBackend<EmuGpu>`) against the same models on the
+//! CPU: every variant (soft-MoE or dense FFN × double-SwiGLU or SwiGLU MLPs, GQA and MQA, tied and
+//! untied heads) through forward, backward and one AdamW step; and the soft-MoE block on its own
+//! at large expert weights (DESIGN §1's testing trap), forward and backward.
+//!
+//! Tolerance: ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-2 for the loss, every parameter gradient and every
+//! parameter after the step — the dtype policy's bf16 bound, because flash attention rounds q, k,
+//! v (and P, dO, dS) to bf16 for the tensor cores while every other op of the model is fp32 on
+//! both backends. The soft-MoE block alone has no attention and is held to 1e-5.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use steel_autograd::Tape;
+use steel_model::{FfnType, MlpType, SteelConfig, SteelModel, TrainingBatch};
+use steel_runtime::gpu::{EmuGpu, GpuBackend};
+use steel_runtime::{Backend, DType, Tensor};
+use steel_train::{AdamWConfig, Optimizer};
+
+use crate::common::{cpu, rel_err};
+use crate::model::{blocks, random_tensors};
+
+/// A two-layer model small enough for the emulator, with head_dim 16 (the smallest the flash
+/// attention kernels are compiled for), 3 experts × 2 slots, expert width 16.
+fn gpu_tiny(ffn: FfnType, mlp: MlpType, tied: bool, kv: usize) -> SteelConfig {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut c = SteelConfig::from_file(&root.join("configs/tiny/config.json")).unwrap();
+    c.hidden_size = 64;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = Some(kv);
+    c.intermediate_size = 64;
+    c.mlp_div_ratio = 4;
+    c.vocab_size = 37;
+    c.n_experts = 3;
+    c.slots_per_expert = 2;
+    c.ffn_type = ffn;
+    c.mlp_type = mlp;
+    c.tie_word_embeddings = tied;
+    c.validate().unwrap();
+    c
+}
+
+/// The learning rate of the AdamW step.
+const LR: f64 = 1e-2;
+
+/// What one training step produced on a backend: the loss, then each parameter's gradient and
+/// its value after AdamW, by name.
+struct Step {
+    loss: f64,
+    grads: Vec<(String, Vec<f64>)>,
+    after: Vec<(String, Vec<f64>)>,
+}
+
+fn train_step(be: Arc<dyn Backend>, cfg: &SteelConfig, tensors: &HashMap<String, Tensor>) -> Step {
+    // Copies: on the CPU the model would adopt these very buffers, and AdamW updates in place.
+    let own = tensors.iter().map(|(k, t)| (k.clone(), t.deep_copy().unwrap())).collect();
+    let model = SteelModel::from_tensors(cfg.clone(), be.clone(), own).unwrap();
+    let mut batch = TrainingBatch::new(blocks(2, 10, cfg.vocab_size, 4));
+    batch.ignore_index = 0;
+    let mut tape = Tape::new(be.clone());
+    let (loss, count) = model.loss(&mut tape, &batch).unwrap();
+    assert!(count > 0);
+    let loss_v = be.download(tape.value(loss).unwrap()).unwrap().scalar().unwrap();
+    tape.backward(loss).unwrap();
+    let host = |t: &Tensor| be.download(t).unwrap().to_f64_vec().unwrap();
+    let grads = model
+        .params
+        .iter()
+        .map(|(_, p)| (p.name.clone(), host(&p.grad().expect("every parameter has a gradient"))))
+        .collect();
+    // eps ≪ every |g|: the first step is exactly ±lr per element (plus weight decay), whatever
+    // the (slightly different) global-norm clipping factor; see the comparison below.
+    let config = AdamWConfig { eps: 1e-30, ..AdamWConfig::default() };
+    let mut opt = Optimizer::new(&model.params, config).unwrap();
+    opt.step(&model.params, LR).unwrap();
+    let after = model.params.iter().map(|(_, p)| (p.name.clone(), host(&p.value))).collect();
+    Step { loss: loss_v, grads, after }
+}
+
+/// Every variant: loss, gradients and the updated parameters agree; the GPU ran the fused
+/// soft-MoE and experts kernels (and flash attention) once per layer and direction.
+#[test]
+fn every_model_variant_trains_on_the_emulated_gpu_like_the_cpu() {
+    let variants = [
+        (FfnType::SoftMoeV3, MlpType::Senet, false, 2),
+        (FfnType::SoftMoeV3, MlpType::Raw, true, 1),
+        (FfnType::Raw, MlpType::Senet, true, 4),
+        (FfnType::Raw, MlpType::Raw, false, 2),
+    ];
+    for (ffn, mlp, tied, kv) in variants {
+        let cfg = gpu_tiny(ffn, mlp, tied, kv);
+        let what = format!("{ffn:?}/{mlp:?} tied {tied} kv {kv}");
+        let tensors = random_tensors(&cfg, DType::F32, 1.0, 9);
+        let emu = Arc::new(EmuGpu::new());
+        let want = train_step(cpu(), &cfg, &tensors);
+        let got = train_step(Arc::new(GpuBackend::new(emu.clone())), &cfg, &tensors);
+        let e = ((got.loss - want.loss) / want.loss).abs();
+        assert!(e <= 1e-2, "{what}: loss {} vs {} (rel {e:.2e})", got.loss, want.loss);
+        assert_eq!(got.grads.len(), want.grads.len());
+        for ((name, a), (_, b)) in got.grads.iter().zip(&want.grads) {
+            assert!(b.iter().any(|v| *v != 0.0), "{what}: the gradient of {name} is all zeros");
+            if name.ends_with("k_proj.bias") {
+                // Σ_t dk_t nearly cancels (a bias shared by every key of a query would not move
+                // the softmax at all; only RoPE's rotation keeps it alive), so its error is
+                // relative to the summands dk, not to the small sum: held to 1e-2 of
+                // max(‖cpu‖, ‖dk‖), with ‖dk‖ ≈ ‖d k_proj.weight‖ / √hidden (dW = dkᵀ n and
+                // the normalised inputs n have rms ≈ 1).
+                let weight = &want
+                    .grads
+                    .iter()
+                    .find(|(n, _)| *n == name.replace(".bias", ".weight"))
+                    .unwrap()
+                    .1;
+                let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+                let scale = norm(b).max(norm(weight) / (cfg.hidden_size as f64).sqrt());
+                assert!(
+                    norm(&diff) <= 1e-2 * scale,
+                    "{what}: {name}: ‖gpu − cpu‖ = {:.3e} > 1e-2 · {scale:.3e}",
+                    norm(&diff)
+                );
+                continue;
+            }
+            let err = rel_err(a, b);
+            assert!(err <= 1e-2, "{what}: the gradient of {name}: ‖gpu − cpu‖/‖cpu‖ = {err:.3e}");
+        }
+        // AdamW's first step moves each element by lr · g / (|g| + eps) (+ weight decay): with
+        // eps = 1e-30 a function of the gradient's sign only (clipping scales every g alike),
+        // the same on both backends up to rounding (1e-6 relative). Only where the two gradients differ in sign may the updates
+        // differ, by at most 2 · lr: that is allowed within the bf16 noise of the gradient
+        // (|g| ≤ 5e-2 of its tensor's rms: elementwise, 5× the 1e-2 norm bound), for at most
+        // 1% of the elements.
+        let (mut flips, mut total) = (0, 0);
+        for (((name, a), (_, b)), ((_, ga), (_, gb))) in
+            got.after.iter().zip(&want.after).zip(got.grads.iter().zip(&want.grads))
+        {
+            for i in 0..a.len() {
+                total += 1;
+                let gap = (a[i] - b[i]).abs();
+                if (ga[i] > 0.0) != (gb[i] > 0.0) {
+                    flips += 1;
+                    let rms = (gb.iter().map(|x| x * x).sum::<f64>() / gb.len() as f64).sqrt();
+                    assert!(gb[i].abs() <= 5e-2 * rms, "{what}: {name}[{i}]: the gradient's sign differs at {} ({:.2e} of the tensor's rms)", gb[i], gb[i].abs() / rms);
+                    assert!(
+                        gap <= 2.0 * LR * 1.01,
+                        "{what}: {name}[{i}] after AdamW: {} vs {}",
+                        a[i],
+                        b[i]
+                    );
+                } else {
+                    assert!(
+                        gap <= 1e-6 * b[i].abs().max(1.0),
+                        "{what}: {name}[{i}] after AdamW: {} vs {} (gradients {} / {})",
+                        a[i],
+                        b[i],
+                        ga[i],
+                        gb[i]
+                    );
+                }
+            }
+        }
+        assert!(flips * 100 <= total, "{what}: {flips} of {total} gradient signs differ");
+        let log = emu.launches();
+        let count = |prefix: &str| log.iter().filter(|r| r.symbol.starts_with(prefix)).count();
+        let layers = cfg.num_hidden_layers;
+        assert_eq!(count("attention_fwd_d16"), layers, "{what}");
+        assert_eq!(count("attention_bwd_dq_d16"), layers, "{what}");
+        let moe = ffn == FfnType::SoftMoeV3;
+        let senet_experts = moe && mlp == MlpType::Senet;
+        assert_eq!(count("soft_moe_logits_s8"), if moe { layers } else { 0 }, "{what}");
+        assert_eq!(count("soft_moe_route_bwd_s8"), if moe { layers } else { 0 }, "{what}");
+        assert_eq!(count("soft_moe_phi_bwd"), if moe { layers } else { 0 }, "{what}");
+        // Two stages forward; two weight-gradient passes backward.
+        assert_eq!(count("experts_fwd_f32"), if senet_experts { 2 * layers } else { 0 }, "{what}");
+        assert_eq!(
+            count("experts_wgrad_f32"),
+            if senet_experts { 2 * layers } else { 0 },
+            "{what}"
+        );
+        assert_eq!(count("adamw_step_f32"), 1, "{what}");
+        let counts = steel_runtime::gpu::Gpu::counts(emu.as_ref());
+        assert!(counts.kernels as usize == log.len() && counts.gemms > 0, "{what}: {counts}");
+    }
+}
+
+/// The soft-MoE block alone at large expert weights (its output is O(1), not the ~1e-9 of the
+/// training init), forward and every gradient (the block's input, phi, scale and each expert
+/// weight), GPU vs CPU, for double-SwiGLU and SwiGLU experts.
+#[test]
+fn soft_moe_block_on_the_emulated_gpu_matches_the_cpu_at_large_expert_weights() {
+    for mlp in [MlpType::Senet, MlpType::Raw] {
+        let cfg = gpu_tiny(FfnType::SoftMoeV3, mlp, false, 2);
+        let tensors = random_tensors(&cfg, DType::F32, 8.0, 21);
+        let m: Vec<f64> = steel_autograd::fixtures::SplitMix::new(5).vec(2 * 7 * 64, 1.0);
+        let input = Tensor::from_f64(&m, &[2, 7, 64], DType::F32).unwrap();
+        let run = |be: Arc<dyn Backend>| -> Vec<(String, Vec<f64>)> {
+            let model = SteelModel::from_tensors(cfg.clone(), be.clone(), tensors.clone()).unwrap();
+            let mut tape = Tape::new(be.clone());
+            let x = tape.leaf(be.upload(&input).unwrap(), true);
+            let y = model.layer_ffn(&mut tape, 1, x).unwrap();
+            // A random projection of the output, so the seed gradient is not a constant.
+            let r = Tensor::from_f64(
+                &steel_autograd::fixtures::SplitMix::new(6).vec(3 * 64, 1.0),
+                &[3, 64],
+                DType::F32,
+            )
+            .unwrap();
+            let w = tape.leaf(be.upload(&r).unwrap(), false);
+            let loss = tape.linear(y, w, None).unwrap();
+            let host = |t: &Tensor| be.download(t).unwrap().to_f64_vec().unwrap();
+            let mut out = vec![("y".to_string(), host(tape.value(y).unwrap()))];
+            tape.backward(loss).unwrap();
+            out.push(("dx".into(), host(&tape.grad(x).unwrap().unwrap())));
+            for (_, p) in
+                model.params.iter().filter(|(_, p)| p.name.starts_with("model.layers.1.mlp."))
+            {
+                out.push((
+                    format!("d {}", p.name),
+                    host(&p.grad().expect("the block's parameters get gradients")),
+                ));
+            }
+            out
+        };
+        let want = run(cpu());
+        let got = run(Arc::new(GpuBackend::new(Arc::new(EmuGpu::new()))));
+        let y = &want[0].1;
+        let rms = (y.iter().map(|v| v * v).sum::<f64>() / y.len() as f64).sqrt();
+        assert!(rms > 0.1, "{mlp:?}: large expert weights must give an O(1) branch, rms {rms}");
+        assert_eq!(got.len(), want.len());
+        assert!(want.len() > 3, "{mlp:?}: the block's parameters are checked");
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            let err = rel_err(g, w);
+            assert!(err <= 1e-5, "{mlp:?}: {name}: ‖gpu − cpu‖/‖cpu‖ = {err:.3e} > 1e-5");
+            assert!(w.iter().any(|v| *v != 0.0), "{mlp:?}: {name} is all zeros");
+        }
+    }
+}
