@@ -156,12 +156,13 @@ STEEL_UNROLL
     }
 }
 
+// The maxima likewise. It must be the first reduction on `red` in its kernel (no barrier in front:
+// nothing can still be reading `red`); a later reduction starts with block_sum_slots' barrier.
 template <int MS>
 static __device__ __forceinline__ void block_max_slots(float* v, u64 S, float* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 STEEL_UNROLL
     for (int s = 0; s < MS; ++s) v[s] = warp_max(v[s]);
-    __syncthreads();  // why: a previous reduction may still be reading red
     if (lane == 0)
 STEEL_UNROLL
         for (int s = 0; s < MS; ++s) red[s * MOE_WARPS + warp] = v[s];

@@ -17,7 +17,10 @@ use steel_runtime::cpu::CpuBackend;
 use steel_runtime::cuda::nvml::NvmlReader;
 use steel_runtime::cuda::CudaGpu;
 use steel_runtime::gpu::{GemmDesc, Gpu, GpuBackend, Op};
-use steel_runtime::{AdamW, AdamWParam, Backend, CrossEntropy, DType, Matmul, Tensor};
+use steel_runtime::{
+    AdamW, AdamWParam, Backend, CrossEntropy, DType, ExpertWeights, ExpertsOut, Matmul,
+    SoftMoeRoute, Tensor,
+};
 
 /// Inputs of one case, built on a backend.
 type Build = fn(&dyn Backend, bool) -> Result<Vec<Tensor>>;
@@ -127,6 +130,64 @@ impl Peer {
     }
 }
 
+/// The soft-MoE cases: `[B, T, d]` with `s` slots (timed: the reference model's training
+/// micro-batch of 8 × 2,048 tokens, hidden 1,792, 6 slots).
+fn moe_dims(big: bool) -> (usize, usize, usize, usize) {
+    if big {
+        (8, 2048, H, 6)
+    } else {
+        (2, CHECK_ROWS, CHECK_H, 6)
+    }
+}
+
+/// The routing's inputs: x `[B, T, d]`, phi `[d, S]`, scale `[1]`.
+fn moe_inputs(be: &dyn Backend, big: bool) -> Result<Vec<Tensor>> {
+    let (b, t, d, s) = moe_dims(big);
+    Ok(vec![
+        rnd(be, &[b, t, d], DType::F32, 50)?,
+        rnd(be, &[d, s], DType::F32, 51)?,
+        rnd(be, &[1], DType::F32, 52)?,
+    ])
+}
+
+/// The experts cases: E experts of R rows, d → f → d (timed: the model's 6 experts, micro-batch
+/// 8 × 1 slot each, 1,792 → 448 → 1,792, bf16 weights).
+fn expert_dims(big: bool) -> (usize, usize, usize, usize) {
+    if big {
+        (6, 8, H, H / 4)
+    } else {
+        (3, 9, 200, 50)
+    }
+}
+
+/// x `[E, R, d]` then the E gate_up, up, gate_down, down weights, bf16, values ±1/√fan_in.
+fn expert_inputs(be: &dyn Backend, big: bool) -> Result<Vec<Tensor>> {
+    let (e, r, d, f) = expert_dims(big);
+    let mut t = vec![rnd(be, &[e, r, d], DType::BF16, 60)?];
+    for k in 0..4u64 {
+        let (shape, fan_in) = if k < 2 { ([f, d], d) } else { ([d, f], f) };
+        for i in 0..e as u64 {
+            let w = random_tensor(
+                be,
+                &shape,
+                DType::BF16,
+                1.0 / (fan_in as f64).sqrt(),
+                61 + 16 * k + i,
+            )?;
+            t.push(w);
+        }
+    }
+    Ok(t)
+}
+
+/// The four weight lists of `t[1..]` (E tensors each).
+fn expert_lists(t: &[Tensor], e: usize) -> [Vec<Tensor>; 4] {
+    std::array::from_fn(|k| t[1 + k * e..1 + (k + 1) * e].to_vec())
+}
+
+/// Weight bytes of the experts (bf16), and their f32 gradients.
+const EXPERT_WEIGHTS: f64 = 6.0 * 4.0 * (H * H / 4) as f64;
+
 fn rnd(be: &dyn Backend, shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
     Ok(random_tensor(be, shape, dtype, 1.0, seed)?)
 }
@@ -169,6 +230,141 @@ fn cases() -> Vec<Case> {
             },
             bytes: 0.0,
             flops: 2.5 * ATTENTION_FWD_FLOPS,
+            tol: 1e-2,
+        },
+        Case {
+            name: "soft_moe_route_fwd",
+            shape: "x [8,2048,1792] f32, 6 slots",
+            build: moe_inputs,
+            exec: |be, t| {
+                let r = be.soft_moe_route_fwd(&t[0], &t[1], &t[2], 1e-12)?;
+                Ok(vec![r.xn, r.x_norm, r.phi_norm, r.dispatch, r.combine])
+            },
+            // read x, write xn (the logits and weights are 16384 × 6)
+            bytes: f4 * 2.0 * (8 * 2048 * H) as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "soft_moe_route_bwd",
+            shape: "x [8,2048,1792] f32, 6 slots",
+            build: |be, big| {
+                let mut t = moe_inputs(be, big)?;
+                let r = be.soft_moe_route_fwd(&t[0], &t[1], &t[2], 1e-12)?;
+                let (b, tt, d, s) = moe_dims(big);
+                let g = [
+                    rnd(be, &[b, tt, d], DType::F32, 53)?,
+                    rnd(be, &[b, tt, s], DType::F32, 54)?,
+                    rnd(be, &[b, tt, s], DType::F32, 55)?,
+                ];
+                let zeros = [
+                    be.zeros(&[b, tt, d], DType::F32)?,
+                    be.zeros(&[d, s], DType::F32)?,
+                    be.zeros(&[1], DType::F32)?,
+                ];
+                t.extend([r.xn, r.x_norm, r.phi_norm, r.dispatch, r.combine]);
+                t.extend(g);
+                t.extend(zeros);
+                Ok(t)
+            },
+            exec: |be, t| {
+                let r = SoftMoeRoute {
+                    xn: t[3].clone(),
+                    x_norm: t[4].clone(),
+                    phi_norm: t[5].clone(),
+                    dispatch: t[6].clone(),
+                    combine: t[7].clone(),
+                };
+                be.soft_moe_route_bwd(
+                    &r, &t[1], &t[2], &t[8], &t[9], &t[10], 1e-12, &t[11], &t[12], &t[13],
+                )?;
+                Ok(vec![t[11].clone(), t[12].clone(), t[13].clone()])
+            },
+            // read xn twice and d_xn, read and write dx
+            bytes: f4 * 4.0 * (8 * 2048 * H) as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "soft_moe_dispatch_fwd",
+            shape: "xn [8,2048,1792] f32 → [8,6,1792]",
+            build: |be, big| {
+                let (b, t, d, s) = moe_dims(big);
+                Ok(vec![rnd(be, &[b, t, s], DType::F32, 56)?, rnd(be, &[b, t, d], DType::F32, 57)?])
+            },
+            exec: |be, t| Ok(vec![be.soft_moe_dispatch_fwd(&t[0], &t[1])?]),
+            bytes: f4 * (8 * 2048 * H) as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "soft_moe_combine_fwd",
+            shape: "[8,6,1792] → y [8,2048,1792] f32",
+            build: |be, big| {
+                let (b, t, d, s) = moe_dims(big);
+                Ok(vec![rnd(be, &[b, t, s], DType::F32, 58)?, rnd(be, &[b, s, d], DType::F32, 59)?])
+            },
+            exec: |be, t| Ok(vec![be.soft_moe_combine_fwd(&t[0], &t[1])?]),
+            bytes: f4 * (8 * 2048 * H) as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
+            name: "experts_fwd",
+            shape: "6 × [8,1792→448→1792] bf16",
+            build: expert_inputs,
+            exec: |be, t| {
+                let e = t[0].shape()[0];
+                let w = expert_lists(t, e);
+                let ws = ExpertWeights { gate_up: &w[0], up: &w[1], gate_down: &w[2], down: &w[3] };
+                let o = be.experts_fwd(&t[0], ws)?;
+                Ok(vec![o.y, o.a1, o.b1, o.u, o.a2, o.b2])
+            },
+            // every weight read once (the activations are 48 rows)
+            bytes: 2.0 * EXPERT_WEIGHTS,
+            flops: 0.0,
+            tol: 1e-2,
+        },
+        Case {
+            name: "experts_bwd",
+            shape: "6 × [8,1792→448→1792] bf16",
+            build: |be, big| {
+                let mut t = expert_inputs(be, big)?;
+                let (e, r, d, _) = expert_dims(big);
+                let w = expert_lists(&t, e);
+                let ws = ExpertWeights { gate_up: &w[0], up: &w[1], gate_down: &w[2], down: &w[3] };
+                let o = be.experts_fwd(&t[0], ws)?;
+                let grads: Vec<Tensor> = std::iter::once(Ok(be.zeros(&[e, r, d], DType::F32)?))
+                    .chain(t[1..].iter().map(|w| be.zeros(w.shape(), DType::F32)))
+                    .collect::<Result<_, _>>()?;
+                t.extend([o.y, o.a1, o.b1, o.u, o.a2, o.b2, rnd(be, &[e, r, d], DType::F32, 70)?]);
+                t.extend(grads);
+                Ok(t)
+            },
+            exec: |be, t| {
+                let e = t[0].shape()[0];
+                let n = 1 + 4 * e;
+                let w = expert_lists(&t[..n], e);
+                let ws = ExpertWeights { gate_up: &w[0], up: &w[1], gate_down: &w[2], down: &w[3] };
+                let s = &t[n..n + 6];
+                let saved = ExpertsOut {
+                    y: s[0].clone(),
+                    a1: s[1].clone(),
+                    b1: s[2].clone(),
+                    u: s[3].clone(),
+                    a2: s[4].clone(),
+                    b2: s[5].clone(),
+                };
+                let g = &t[n + 7..];
+                let dw = expert_lists(g, e);
+                let ds =
+                    ExpertWeights { gate_up: &dw[0], up: &dw[1], gate_down: &dw[2], down: &dw[3] };
+                be.experts_bwd(&t[0], ws, &saved, &t[n + 6], &g[0], ds)?;
+                Ok(g.to_vec())
+            },
+            // every weight read once, every f32 weight gradient read and written once
+            bytes: (2.0 + 8.0) * EXPERT_WEIGHTS,
+            flops: 0.0,
             tol: 1e-2,
         },
         Case {

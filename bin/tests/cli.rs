@@ -409,3 +409,69 @@ fn every_tool_runs_on_the_emulated_gpu() {
     }
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// `steel-eval ppl --device emu` equals `--device cpu` on a model whose soft-MoE branch matters
+/// (expert weights 8/√fan_in, DESIGN §1's testing trap): within 1e-2 relative, the bf16 bound of
+/// flash attention (every other op is fp32 on both). The same model with its experts zeroed
+/// scores differently on the CPU, so the comparison does see the soft MoE.
+#[test]
+fn perplexity_on_the_emulated_gpu_equals_the_cpu() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use steel_autograd::fixtures::SplitMix;
+    use steel_model::{save_hf_dir, ExportOptions, SaveDType, SteelConfig, SteelModel};
+    use steel_runtime::{cpu::CpuBackend, Tensor};
+    let out = out_dir("ppl-emu");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny/config.json");
+    let cfg = SteelConfig::from_file(&config).unwrap();
+    let write = |dir: &Path, expert_gain: f64| {
+        let mut rng = SplitMix::new(17);
+        let mut tensors = HashMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let n: usize = shape.iter().product();
+            let fan_in = *shape.last().unwrap() as f64;
+            let v = if name.contains("layernorm") || name == "model.norm.weight" {
+                vec![1.0; n]
+            } else if name.ends_with("mlp.scale") {
+                vec![1.0]
+            } else if name.contains(".experts.") {
+                rng.vec(n, expert_gain * 3f64.sqrt() / fan_in.sqrt())
+            } else {
+                rng.vec(n, 3f64.sqrt() / fan_in.sqrt())
+            };
+            tensors.insert(
+                name,
+                Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), &shape).unwrap(),
+            );
+        }
+        let model =
+            SteelModel::from_tensors(cfg.clone(), Arc::new(CpuBackend::new()), tensors).unwrap();
+        let opts = ExportOptions { dtype: SaveDType::F32, ..ExportOptions::default() };
+        save_hf_dir(&model, dir, &opts).unwrap();
+    };
+    let (large, zeroed) = (out.join("large"), out.join("zeroed"));
+    write(&large, 8.0);
+    write(&zeroed, 0.0);
+    let ids = "5,6,7,8,9,10,11,12,200,13,14,300,15,16";
+    let loss = |dir: &Path, device: &str| -> f64 {
+        let o = Command::new(env!("CARGO_BIN_EXE_steel-eval"))
+            .args(["ppl", "--model", dir.to_str().unwrap(), "--ids", ids, "--device", device])
+            .output()
+            .unwrap();
+        ok(&o);
+        let line =
+            String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default().to_string();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        v["loss"].as_f64().unwrap()
+    };
+    let (cpu, emu) = (loss(&large, "cpu"), loss(&large, "emu"));
+    let rel = ((emu - cpu) / cpu).abs();
+    assert!(rel <= 1e-2, "ppl loss on emu {emu} vs cpu {cpu}: relative {rel:.2e} > 1e-2");
+    let without = loss(&zeroed, "cpu");
+    assert!(
+        ((without - cpu) / cpu).abs() > 1e-2,
+        "the experts do not move the loss: {without} vs {cpu}"
+    );
+    let _ = std::fs::remove_dir_all(out);
+}
