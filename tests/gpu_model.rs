@@ -17,24 +17,14 @@ use steel_runtime::{Backend, DType, Tensor};
 use steel_train::{AdamWConfig, Optimizer};
 
 use crate::common::{cpu, rel_err};
-use crate::model::{blocks, random_tensors};
+use crate::model::{blocks, random_tensors, tiny};
 
-/// A two-layer model small enough for the emulator, with head_dim 16 (the smallest the flash
+/// `tests/model.rs`'s tiny config widened to hidden 64: head_dim 16 (the smallest the flash
 /// attention kernels are compiled for), 3 experts × 2 slots, expert width 16.
 fn gpu_tiny(ffn: FfnType, mlp: MlpType, tied: bool, kv: usize) -> SteelConfig {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut c = SteelConfig::from_file(&root.join("configs/tiny/config.json")).unwrap();
+    let mut c = tiny(ffn, mlp, tied, kv);
     c.hidden_size = 64;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = Some(kv);
     c.intermediate_size = 64;
-    c.mlp_div_ratio = 4;
-    c.vocab_size = 37;
-    c.n_experts = 3;
-    c.slots_per_expert = 2;
-    c.ffn_type = ffn;
-    c.mlp_type = mlp;
-    c.tie_word_embeddings = tied;
     c.validate().unwrap();
     c
 }

@@ -18,7 +18,7 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn tiny(ffn: FfnType, mlp: MlpType, tied: bool, kv: usize) -> SteelConfig {
+pub(crate) fn tiny(ffn: FfnType, mlp: MlpType, tied: bool, kv: usize) -> SteelConfig {
     let mut c = SteelConfig::from_file(&repo().join("configs/tiny/config.json")).unwrap();
     c.hidden_size = 16;
     c.num_attention_heads = 4;

@@ -99,6 +99,45 @@ pub(crate) fn saved_dims(op: &'static str, s: &ExpertsOut, m: ExpertDims) -> Res
     Ok(())
 }
 
+/// The operands of `experts_bwd` for both backends' checks: `(inputs, outputs)` — x, dy, the
+/// saved activations and the weights; dx and the weight gradients.
+pub(crate) fn bwd_operands<'a>(
+    x: &'a Tensor,
+    w: &ExpertWeights<'a>,
+    saved: &'a ExpertsOut,
+    dy: &'a Tensor,
+    dx: &'a Tensor,
+    dw: &ExpertWeights<'a>,
+) -> (Vec<&'a Tensor>, Vec<&'a Tensor>) {
+    let mut ins = vec![x, dy, &saved.y, &saved.a1, &saved.b1, &saved.u, &saved.a2, &saved.b2];
+    ins.extend(all_weights(w));
+    let mut outs = vec![dx];
+    outs.extend(all_weights(dw));
+    (ins, outs)
+}
+
+/// The shapes of `experts_bwd` (both backends): x and the weights as `experts_dims`, the saved
+/// activations of that call, dy and dx like x, the gradients like the weights, and no output
+/// sharing storage with any operand.
+pub(crate) fn bwd_dims(
+    op: &'static str,
+    x: &Tensor,
+    w: ExpertWeights<'_>,
+    saved: &ExpertsOut,
+    dy: &Tensor,
+    dx: &Tensor,
+    dw: ExpertWeights<'_>,
+) -> Result<ExpertDims> {
+    let m = experts_dims(op, x, w)?;
+    experts_dims(op, dx, dw)?;
+    saved_dims(op, saved, m)?;
+    same_shape(op, x, dy)?;
+    same_shape(op, x, dx)?;
+    let (ins, outs) = bwd_operands(x, &w, saved, dy, dx, &dw);
+    distinct(op, &outs, &ins)?;
+    Ok(m)
+}
+
 /// Every tensor of the weight lists, in the order gate_up, up, gate_down, down.
 pub(crate) fn all_weights<'a>(w: &ExpertWeights<'a>) -> Vec<&'a Tensor> {
     w.gate_up.iter().chain(w.up).chain(w.gate_down).chain(w.down).collect()
@@ -196,27 +235,13 @@ pub(crate) fn experts_bwd(
     dw: ExpertWeights<'_>,
 ) -> Result<()> {
     const OP: &str = "experts_bwd";
-    let weights = all_weights(&w);
-    let grads = all_weights(&dw);
-    let acts = [&saved.a1, &saved.b1, &saved.u, &saved.a2, &saved.b2];
-    check_cpu(OP, &[x, dy, dx, &saved.y])?;
-    check_cpu(OP, &weights)?;
-    check_cpu(OP, &grads)?;
-    check_cpu(OP, &acts)?;
-    let m = experts_dims(OP, x, w)?;
-    experts_dims(OP, dx, dw)?;
-    saved_dims(OP, saved, m)?;
-    same_shape(OP, x, dy)?;
-    same_shape(OP, x, dx)?;
-    let mut outs = grads.clone();
-    outs.push(dx);
-    let mut ins = weights.clone();
-    ins.extend([x, dy]);
-    ins.extend(acts);
-    distinct(OP, &outs, &ins)?;
+    let (ins, outs) = bwd_operands(x, &w, saved, dy, dx, &dw);
+    check_cpu(OP, &ins)?;
+    check_cpu(OP, &outs)?;
+    let m = bwd_dims(OP, x, w, saved, dy, dx, dw)?;
     let ExpertDims { e, r, d, f } = m;
     let dt = x.dtype();
-    for t in weights.iter().chain(&grads).chain(&acts).chain([&dy, &dx]) {
+    for t in ins.iter().chain(&outs) {
         if t.dtype() != dt {
             return Err(Error::dtype(
                 OP,
@@ -231,12 +256,13 @@ pub(crate) fn experts_bwd(
     with_float!(OP, dt, T => {
         let (xg, gg) = (x.cpu_read()?, dy.cpu_read()?);
         let (xs, gs) = (slice::<T>(OP, &xg)?, slice::<T>(OP, &gg)?);
+        let acts = [&saved.a1, &saved.b1, &saved.u, &saved.a2, &saved.b2];
         let ag: Vec<_> = acts.iter().map(|t| t.cpu_read()).collect::<Result<_>>()?;
         let av: Vec<&[T]> = ag.iter().map(|g| slice::<T>(OP, g)).collect::<Result<_>>()?;
         let (a1, b1, u, a2, b2) = (av[0], av[1], av[2], av[3], av[4]);
-        let wg: Vec<_> = weights.iter().map(|t| t.cpu_read()).collect::<Result<_>>()?;
+        let wg: Vec<_> = all_weights(&w).iter().map(|t| t.cpu_read()).collect::<Result<_>>()?;
         let ws: Vec<&[T]> = wg.iter().map(|g| slice::<T>(OP, g)).collect::<Result<_>>()?;
-        let mut dgs: Vec<_> = grads.iter().map(|t| t.cpu_write()).collect::<Result<_>>()?;
+        let mut dgs: Vec<_> = outs[1..].iter().map(|t| t.cpu_write()).collect::<Result<_>>()?;
         let mut dws: Vec<&mut [T]> = dgs.iter_mut().map(|g| slice_mut::<T>(OP, g)).collect::<Result<_>>()?;
         let mut dxg = dx.cpu_write()?;
         let dxs = slice_mut::<T>(OP, &mut dxg)?;

@@ -70,9 +70,32 @@ pub(crate) fn route_dims(
     nonempty(op, MoeDims { b, t, d, s })
 }
 
+/// The value inputs of the routing's backward, in one order for both backends' checks.
+pub(crate) fn route_bwd_inputs<'a>(
+    r: &'a SoftMoeRoute,
+    phi: &'a Tensor,
+    scale: &'a Tensor,
+    d_xn: &'a Tensor,
+    d_dispatch: &'a Tensor,
+    d_combine: &'a Tensor,
+) -> [&'a Tensor; 10] {
+    [
+        &r.xn,
+        &r.x_norm,
+        &r.phi_norm,
+        &r.dispatch,
+        &r.combine,
+        phi,
+        scale,
+        d_xn,
+        d_dispatch,
+        d_combine,
+    ]
+}
+
 /// The shapes of the routing's backward: the saved route of `route_dims(x, phi, scale)`, and
 /// `d_xn`/`dx` like `xn`, `d_dispatch`/`d_combine` like the weights, `dphi` like `phi`,
-/// `dscale` like `scale`.
+/// `dscale` like `scale`; the three outputs share storage with nothing.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn route_bwd_dims(
     op: &'static str,
@@ -115,6 +138,11 @@ pub(crate) fn route_bwd_dims(
     if dscale.numel() != 1 {
         return Err(Error::shape(op, format!("dscale {:?} must hold one element", dscale.shape())));
     }
+    distinct(
+        op,
+        &[dx, dphi, dscale],
+        &route_bwd_inputs(r, phi, scale, d_xn, d_dispatch, d_combine),
+    )?;
     Ok(m)
 }
 
@@ -228,41 +256,14 @@ pub(crate) fn soft_moe_route_bwd(
     dscale: &Tensor,
 ) -> Result<()> {
     const OP: &str = "soft_moe_route_bwd";
-    let ins = [
-        &r.xn,
-        &r.x_norm,
-        &r.phi_norm,
-        &r.dispatch,
-        &r.combine,
-        phi,
-        scale,
-        d_xn,
-        d_dispatch,
-        d_combine,
-    ];
+    let ins = route_bwd_inputs(r, phi, scale, d_xn, d_dispatch, d_combine);
     check_cpu(OP, &ins)?;
     check_cpu(OP, &[dx, dphi, dscale])?;
-    distinct(OP, &[dx, dphi, dscale], &ins)?;
     let MoeDims { b, t, d, s } =
         route_bwd_dims(OP, r, phi, scale, d_xn, d_dispatch, d_combine, dx, dphi, dscale)?;
-    let dt = same_dtype(
-        OP,
-        &[
-            &r.xn,
-            &r.x_norm,
-            &r.phi_norm,
-            &r.dispatch,
-            &r.combine,
-            phi,
-            scale,
-            d_xn,
-            d_dispatch,
-            d_combine,
-            dx,
-            dphi,
-            dscale,
-        ],
-    )?;
+    let mut all = ins.to_vec();
+    all.extend([dx, dphi, dscale]);
+    let dt = same_dtype(OP, &all)?;
     with_float!(OP, dt, T => {
         let g: Vec<_> = ins.iter().map(|t| t.cpu_read()).collect::<Result<_>>()?;
         let v: Vec<&[T]> = g.iter().map(|g| slice::<T>(OP, g)).collect::<Result<_>>()?;

@@ -11,11 +11,11 @@
 //! saved activations) F32 or BF16, one dtype; dy, dx and the weight gradients F32. At most
 //! [`MAX_EXPERTS`] experts (the pointer tables travel in the parameter struct).
 
-use super::backend::{distinct, same_shape, GpuBackend};
+use super::backend::GpuBackend;
 use super::launch::{dptr, grid_x, grid_y, launch, workspace};
 use super::{DevicePtr, Dim3, Gpu, LaunchConfig, NvtxRange};
 use crate::backend::{ExpertWeights, ExpertsOut};
-use crate::cpu::experts::{all_weights, experts_dims, saved_dims, ExpertDims};
+use crate::cpu::experts::{all_weights, bwd_dims, bwd_operands, experts_dims, ExpertDims};
 use crate::{DType, Error, Result, Tensor};
 use bytemuck::{Pod, Zeroable};
 use std::sync::Arc;
@@ -231,24 +231,10 @@ pub(super) fn experts_bwd<G: Gpu>(
     dw: ExpertWeights<'_>,
 ) -> Result<()> {
     const OP: &str = "experts_bwd";
-    let weights = all_weights(&w);
-    let grads = all_weights(&dw);
-    let acts = [&saved.a1, &saved.b1, &saved.u, &saved.a2, &saved.b2];
-    be.on_device(OP, &[x, dy, dx])?;
-    be.on_device(OP, &weights)?;
-    be.on_device(OP, &grads)?;
-    be.on_device(OP, &acts)?;
-    let m = experts_dims(OP, x, w)?;
-    experts_dims(OP, dx, dw)?;
-    saved_dims(OP, saved, m)?;
-    same_shape(OP, x, dy)?;
-    same_shape(OP, x, dx)?;
-    let mut outs = grads.clone();
-    outs.push(dx);
-    let mut ins = weights.clone();
-    ins.extend([x, dy]);
-    ins.extend(acts);
-    distinct(OP, &outs, &ins)?;
+    let (ins, outs) = bwd_operands(x, &w, saved, dy, dx, &dw);
+    be.on_device(OP, &ins)?;
+    be.on_device(OP, &outs)?;
+    let m = bwd_dims(OP, x, w, saved, dy, dx, dw)?;
     let ExpertDims { e, r, d, f } = m;
     let dt = value_dtype(OP, x, &w, e)?;
     if r == 0 {

@@ -14,7 +14,7 @@ use super::backend::{distinct, GpuBackend};
 use super::launch::{dptr, grid_x, grid_y, launch, workspace};
 use super::{DevicePtr, Dim3, Gpu, LaunchConfig, NvtxRange};
 use crate::backend::SoftMoeRoute;
-use crate::cpu::soft_moe::{mix_dims, route_bwd_dims, route_dims, MoeDims};
+use crate::cpu::soft_moe::{mix_dims, route_bwd_dims, route_bwd_inputs, route_dims, MoeDims};
 use crate::{DType, Error, Result, Tensor};
 use bytemuck::{Pod, Zeroable};
 use std::sync::Arc;
@@ -344,21 +344,9 @@ pub(super) fn soft_moe_route_bwd<G: Gpu>(
     dscale: &Tensor,
 ) -> Result<()> {
     const OP: &str = "soft_moe_route_bwd";
-    let ins = [
-        &r.xn,
-        &r.x_norm,
-        &r.phi_norm,
-        &r.dispatch,
-        &r.combine,
-        phi,
-        scale,
-        d_xn,
-        d_dispatch,
-        d_combine,
-    ];
+    let ins = route_bwd_inputs(r, phi, scale, d_xn, d_dispatch, d_combine);
     be.on_device(OP, &ins)?;
     be.on_device(OP, &[dx, dphi, dscale])?;
-    distinct(OP, &[dx, dphi, dscale], &ins)?;
     let m = route_bwd_dims(OP, r, phi, scale, d_xn, d_dispatch, d_combine, dx, dphi, dscale)?;
     let MoeDims { b, t, d, s } = m;
     let gpu = be.gpu();
