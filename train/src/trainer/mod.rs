@@ -1,0 +1,461 @@
+//! The training loop (DESIGN §6): data-parallel ranks, token-weighted gradient accumulation,
+//! AdamW with clipping and non-finite-step skipping, validation, metrics and exact-resume
+//! checkpoints.
+//!
+//! Every rank (one thread each; rank 0 is the calling thread) holds a full model replica and
+//! reads its own blocks (rank r of N gets blocks r, r+N, …, so the global batch does not depend
+//! on N). A step:
+//! 1. draws all `grad_accum` micro-batches, counts their targets that are not `ignore_index`,
+//!    and all-reduces the count, so every micro-batch's loss is `Σ nll / (global count)`;
+//! 2. runs forward and backward per micro-batch (gradients accumulate);
+//! 3. all-reduces the gradients (sum, rank order: deterministic) and the loss;
+//! 4. skips the step if the loss or the gradient norm is not finite (reported, never applied),
+//!    else clips and applies AdamW at the step's learning rate.
+//!
+//! Rank 0 logs, validates and writes checkpoints. Replicas stay bit-identical because they
+//! apply identical updates. Stopping (SIGINT/SIGTERM through [`RunOptions::stop`]) is agreed on
+//! by all ranks at the end of a step, then a checkpoint is written.
+
+mod rank;
+mod state;
+mod step;
+
+use crate::checkpoint::{self, FileWriter};
+use crate::metrics::{self, MetricsLog};
+use crate::prepare::{prepare_data, PreparedData};
+use crate::recipe::{ConfigSource, Recipe};
+use crate::sft::SftOrder;
+use crate::{AdamWConfig, LrSchedule, Optimizer, Result, TrainError};
+use safetensors::tensor::TensorView;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use steel_autograd::{ParamStore, Tape};
+use steel_data::dataset::{Dataset, DatasetOptions};
+use steel_model::{SteelConfig, SteelModel, TrainingBatch};
+use steel_runtime::comm::{Communicator, InProcessComm, ReduceOp};
+use steel_runtime::cpu::CpuBackend;
+use steel_runtime::cuda::profile::ProfileWindow;
+use steel_runtime::cuda::CudaGpu;
+use steel_runtime::gpu::{EmuGpu, Gpu, GpuBackend};
+use steel_runtime::{trace, Backend, DType, DeviceRequest, Tensor};
+
+use rank::{build_rank, Rank, Source};
+use state::{load_checkpoint, save_checkpoint, Loaded};
+use step::run_rank;
+
+/// Which checkpoint to continue from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Resume {
+    /// Start fresh (an existing checkpoint directory in `--out` is an error, to lose nothing).
+    #[default]
+    No,
+    /// The newest valid checkpoint under `<out>/checkpoints` (fresh when there is none).
+    Auto,
+    /// This checkpoint directory.
+    Dir(PathBuf),
+}
+
+/// Called on every rank after backward and the gradient all-reduce, before the optimizer step
+/// (tests inject faults here): `(step, rank, params)`.
+pub type StepHook = dyn Fn(u64, usize, &ParamStore) -> Result<()> + Send + Sync;
+
+/// How to run a recipe.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub resume: Resume,
+    /// Shard directories appended to the data on resume (`--add-data`).
+    pub add_data: Vec<PathBuf>,
+    /// Set by a signal handler: finish the current step, checkpoint, return.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// `--profile-steps A:B`: the profiler is started before step A and stopped after step B.
+    pub profile_steps: Option<ProfileWindow>,
+    pub hook: Option<Arc<StepHook>>,
+}
+
+/// One logged step (also one line of `metrics.jsonl`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub mfu: Option<f64>,
+    /// Targets counted by the loss in this step.
+    pub targets: u64,
+    /// Tokens trained on so far (all ranks).
+    pub tokens: u64,
+    pub step_ms: f64,
+    pub elapsed_s: f64,
+    pub skipped: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_ppl: Option<f64>,
+}
+
+/// What the loop tells its caller (the CLI draws the progress bar from these).
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A line to show.
+    Notice(String),
+    /// Training is about to start at `start_step` (0: fresh).
+    Started {
+        start_step: u64,
+        max_steps: u64,
+        params: usize,
+        flops_per_token: f64,
+    },
+    /// A finished step (every step; `logged` when it was written to metrics.jsonl).
+    Step {
+        log: StepLog,
+        logged: bool,
+    },
+    /// A step whose loss or gradient norm was not finite: nothing was applied.
+    Skipped {
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+    },
+    Validation {
+        step: u64,
+        loss: f64,
+        targets: u64,
+    },
+    Checkpoint {
+        step: u64,
+        dir: PathBuf,
+    },
+    ProfilerStart {
+        step: u64,
+    },
+    ProfilerStop {
+        step: u64,
+    },
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub start_step: u64,
+    pub last_step: u64,
+    /// Loss of every step this run trained, in order.
+    pub losses: Vec<f64>,
+    pub last_checkpoint: Option<PathBuf>,
+    /// True when a stop request ended the run early.
+    pub stopped: bool,
+}
+
+fn inv(msg: impl Into<String>) -> TrainError {
+    TrainError::Invalid(msg.into())
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Invalid(format!("{}: {e}", path.display()))
+}
+
+/// The model config of a recipe.
+pub fn model_config(recipe: &Recipe) -> Result<SteelConfig> {
+    let config = match &recipe.model.config {
+        None => {
+            let dir = recipe
+                .model
+                .init_from
+                .as_ref()
+                .ok_or_else(|| inv("model.config or model.init_from must be given"))?;
+            SteelConfig::from_file(&dir.join("config.json"))?
+        }
+        Some(ConfigSource::Path(p)) => SteelConfig::from_file(p)?,
+        Some(ConfigSource::Inline(map)) => {
+            let text = serde_json::to_string(map).map_err(|e| inv(e.to_string()))?;
+            SteelConfig::from_json(&text).map_err(|e| inv(format!("model.config: {e}")))?
+        }
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// Everything shared by the ranks.
+struct Shared<'a> {
+    recipe: &'a Recipe,
+    opts: &'a RunOptions,
+    prepared: PreparedData,
+    config: SteelConfig,
+    schedule: LrSchedule,
+    start_step: u64,
+    start_tokens: u64,
+    start_elapsed: f64,
+    loaded: Option<Loaded>,
+    stop: Arc<AtomicBool>,
+    /// `cpu`, or the GPU backend (`cuda`, `emu`) of every rank.
+    device: DeviceRequest,
+    /// The ranks' GPUs, for the end-of-run launch counts.
+    gpus: std::sync::Mutex<Vec<Arc<dyn Gpu>>>,
+}
+
+/// What `--dry-run` prints.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DryRun {
+    pub params: usize,
+    pub flops_per_token: f64,
+    pub tokens_per_step: usize,
+    pub sequences_per_step: usize,
+    /// Weights, gradients and AdamW moments (fp32), per rank.
+    pub state_bytes_per_rank: u64,
+    /// Estimated activations kept for backward of one micro-batch.
+    pub activation_bytes_per_rank: u64,
+    pub ranks: usize,
+    pub max_steps: u64,
+    pub total_tokens: u128,
+}
+
+/// Sizes of a run without running it.
+pub fn dry_run(recipe: &Recipe) -> Result<DryRun> {
+    let config = model_config(recipe)?;
+    let params = config.num_params();
+    let t = recipe.data.seq_len as u64;
+    let b = recipe.train.micro_batch as u64;
+    let h = config.hidden_size as u64;
+    let kv = (config.kv_heads() * config.head_dim()) as u64;
+    let heads = config.num_attention_heads as u64;
+    let layers = config.num_hidden_layers as u64;
+    let slots = (config.n_experts * config.slots_per_expert) as u64;
+    let ew = config.expert_width() as u64;
+    // Per token per layer (f32): norms' outputs and residuals (4h), q/k/v (h + 2kv), attention
+    // output (h), the soft-MoE's dispatch/combine weights (2·slots), expert activations (~4·ew
+    // per slot, shared over tokens: counted per token as slots·4·ew/T), the FFN output (h).
+    let per_tok_layer = 4 * h + h + 2 * kv + h + 2 * slots + h + heads;
+    let per_layer_fixed = slots * 6 * ew + slots * 2 * h;
+    let act = 4 * (b * t * layers * per_tok_layer + b * layers * per_layer_fixed + b * t * 2 * h);
+    Ok(DryRun {
+        params,
+        flops_per_token: config.training_flops_per_token(recipe.data.seq_len),
+        tokens_per_step: recipe.tokens_per_step(),
+        sequences_per_step: recipe.global_batch(),
+        state_bytes_per_rank: params as u64 * 16,
+        activation_bytes_per_rank: act,
+        ranks: recipe.train.ranks,
+        max_steps: recipe.train.max_steps,
+        total_tokens: recipe.tokens_per_step() as u128 * recipe.train.max_steps as u128,
+    })
+}
+
+/// Runs `recipe` (see the module docs). `events` runs on the calling thread.
+pub fn train(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    events: &mut dyn FnMut(&Event),
+) -> Result<Summary> {
+    let request: DeviceRequest = recipe.train.device.parse()?;
+    let choice = steel_runtime::choose_device(request, false)?;
+    events(&Event::Notice(choice.notice.clone()));
+    // `auto` stays on the CPU until the GPU backend covers the model; `cuda` and `emu` run the
+    // GPU backend and fail with the name of an op it does not have yet.
+    let device = match (choice.device, choice.emulated) {
+        (steel_runtime::Device::Cpu, _) => DeviceRequest::Cpu,
+        (_, true) => DeviceRequest::Emu,
+        (_, false) => DeviceRequest::Cuda,
+    };
+    if recipe.train.precision == "bf16-mixed" {
+        events(&Event::Notice(match device {
+            DeviceRequest::Cpu => {
+                "precision: the CPU backend computes in f32 (bf16-mixed applies on a GPU)".into()
+            }
+            _ => "precision: f32 on the GPU backend for now (bf16-mixed comes with the GPU \
+                  trainer)"
+                .into(),
+        }));
+    }
+    let cpu_backends_at_start = CpuBackend::constructed();
+    std::fs::create_dir_all(&opts.out).map_err(|e| io(&opts.out, e))?;
+    let config = model_config(recipe)?;
+    if let Some(dir) = &recipe.model.init_from {
+        let theirs = SteelConfig::from_file(&dir.join("config.json"))?;
+        if theirs.param_shapes() != config.param_shapes() {
+            return Err(inv(format!(
+                "model.init_from {}: its config.json describes another model than model.config",
+                dir.display()
+            )));
+        }
+    }
+    let ckpt_root = checkpoints_dir(&opts.out);
+    let found = match &opts.resume {
+        Resume::No => {
+            if !checkpoint::list(&ckpt_root)?.is_empty() {
+                return Err(inv(format!(
+                    "{} already holds checkpoints: continue with --resume auto, or choose another --out",
+                    ckpt_root.display()
+                )));
+            }
+            None
+        }
+        Resume::Auto => {
+            let (found, warnings) = checkpoint::latest_valid(&ckpt_root)?;
+            for w in warnings {
+                events(&Event::Notice(format!("warning: {w}")));
+            }
+            if found.is_none() {
+                events(&Event::Notice(format!(
+                    "resume: no checkpoint under {}, starting fresh",
+                    ckpt_root.display()
+                )));
+            }
+            found.map(|(d, _)| d)
+        }
+        Resume::Dir(d) => Some(d.clone()),
+    };
+    let loaded = match &found {
+        Some(d) => {
+            let l = load_checkpoint(d, &config)?;
+            events(&Event::Notice(format!("resume: step {} from {}", l.step, d.display())));
+            Some(l)
+        }
+        None => None,
+    };
+    if loaded.is_none() && !opts.add_data.is_empty() {
+        return Err(inv("--add-data appends shards on resume; use --resume"));
+    }
+    let prepared = prepare_data(recipe, &opts.out, &mut |n| events(&Event::Notice(n)))?;
+    if let Some(v) = prepared.vocab {
+        if v > config.vocab_size {
+            return Err(inv(format!(
+                "the tokenizer has {v} tokens but the model's vocab_size is {}",
+                config.vocab_size
+            )));
+        }
+    }
+    // Fine-tuning counts epochs; a decay of 0 steps means "to the last step".
+    let mut adjusted = recipe.clone();
+    if let (Some(ep), Some(sft)) = (recipe.train.epochs, &prepared.sft) {
+        let per_step = recipe.global_batch() as f64;
+        adjusted.train.max_steps =
+            ((ep * sft.examples.len() as f64) / per_step).ceil().max(1.0) as u64;
+        events(&Event::Notice(format!(
+            "sft: {ep} epochs of {} examples at {} per step = {} steps",
+            sft.examples.len(),
+            recipe.global_batch(),
+            adjusted.train.max_steps
+        )));
+    }
+    if adjusted.optim.decay_steps == 0 {
+        adjusted.optim.decay_steps = adjusted.train.max_steps;
+    }
+    let recipe = &adjusted;
+    // A model trained with its own tokenizer names that tokenizer's special ids (generation
+    // stops at its <|im_end|>), unless its config already does.
+    let mut config = config;
+    if let Some((pad, im_end)) = prepared.special_ids {
+        config.bos_token_id.get_or_insert(steel_model::TokenIds::One(pad as i64));
+        config.eos_token_id.get_or_insert(steel_model::TokenIds::One(im_end as i64));
+    }
+    let o = &recipe.optim;
+    let schedule = LrSchedule::new(o.lr, o.min_lr, o.warmup_steps, o.decay_steps)?;
+    let stop = opts.stop.clone().unwrap_or_default();
+    let sh = Shared {
+        recipe,
+        opts,
+        prepared,
+        start_step: loaded.as_ref().map_or(0, |l| l.step),
+        start_tokens: loaded.as_ref().map_or(0, |l| l.tokens),
+        start_elapsed: loaded.as_ref().map_or(0.0, |l| l.elapsed_s),
+        config,
+        schedule,
+        loaded,
+        stop,
+        device,
+        gpus: std::sync::Mutex::new(Vec::new()),
+    };
+    if let Some(tok) = &sh.prepared.tokenizer {
+        events(&Event::Notice(format!("tokenizer: {}", tok.display())));
+    }
+    events(&Event::Started {
+        start_step: sh.start_step,
+        max_steps: recipe.train.max_steps,
+        params: sh.config.num_params(),
+        flops_per_token: sh.config.training_flops_per_token(recipe.data.seq_len),
+    });
+    let world = recipe.train.ranks;
+    let mut comms = InProcessComm::group(world)?.into_iter();
+    let comm0 = comms.next().ok_or_else(|| inv("no rank 0"))?;
+    let result = std::thread::scope(|scope| {
+        let sh = &sh;
+        let handles: Vec<_> = comms
+            .enumerate()
+            .map(|(i, comm)| {
+                scope.spawn(move || {
+                    let abort = AbortOnDrop(Some(comm.abort_handle()));
+                    let out = build_rank(sh, i + 1, comm).and_then(|r| run_rank(sh, r, None));
+                    if out.is_ok() {
+                        abort.disarm();
+                    }
+                    out
+                })
+            })
+            .collect();
+        let abort = AbortOnDrop(Some(comm0.abort_handle()));
+        let out = build_rank(sh, 0, comm0).and_then(|r| run_rank(sh, r, Some(events)));
+        if out.is_ok() {
+            abort.disarm();
+        } else {
+            drop(abort);
+        }
+        let mut first_err = out.as_ref().err().map(|e| e.to_string());
+        for (i, h) in handles.into_iter().enumerate() {
+            match h.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(format!("rank {}: {e}", i + 1));
+                }
+                Err(_) => {
+                    first_err.get_or_insert(format!("rank {} panicked", i + 1));
+                }
+            }
+        }
+        match (out, first_err) {
+            (Ok(s), None) => Ok(s),
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(e)) => Err(inv(e)),
+        }
+    });
+    // The proof that a GPU run ran on the GPU backend: its launches, and no CPU backend.
+    if device != DeviceRequest::Cpu {
+        let gpus = sh.gpus.lock().unwrap_or_else(|p| p.into_inner());
+        let (kernels, gemms) =
+            gpus.iter().map(|g| g.counts()).fold((0, 0), |(k, m), c| (k + c.kernels, m + c.gemms));
+        let cpu = match CpuBackend::constructed() - cpu_backends_at_start {
+            0 => "no CPU backend constructed".to_string(),
+            n => format!("{n} CPU backend(s) constructed"),
+        };
+        events(&Event::Notice(format!(
+            "{device}: {kernels} kernel launches and {gemms} GEMMs; {cpu}"
+        )));
+    }
+    result
+}
+
+/// Breaks the rank group when a rank leaves with an error, so the others stop waiting.
+struct AbortOnDrop(Option<steel_runtime::comm::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Where `steel-train` keeps checkpoints under `--out`.
+pub fn checkpoints_dir(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}

@@ -1,0 +1,211 @@
+//! The body of a rank: every step's forward, backward, gradient all-reduce, clipping and AdamW
+//! on any backend, plus validation, logging, checkpoints and the agreed stop.
+
+use super::*;
+
+pub(super) fn scalar(x: f64) -> Result<Tensor> {
+    Ok(Tensor::from_vec(vec![x], &[1])?)
+}
+
+/// Mean validation loss (token-weighted) over the first `eval_batches` micro-batches of a fresh,
+/// unshuffled pass over the held-out shards.
+pub(super) fn validate(sh: &Shared<'_>, model: &SteelModel) -> Result<Option<(f64, u64)>> {
+    if sh.prepared.val.is_empty() {
+        return Ok(None);
+    }
+    let t1 = sh.recipe.data.seq_len + 1;
+    let mut ds = Dataset::open(
+        &sh.prepared.val,
+        DatasetOptions { block_size: t1, seed: sh.recipe.data.seed, shuffle: false },
+        0,
+        1,
+    )
+    .map_err(|e| inv(e.to_string()))?;
+    let total_blocks: u64 = ds.blocks_per_epoch().iter().sum();
+    let b = sh.recipe.train.micro_batch;
+    let batches = (sh.recipe.train.eval_batches as u64).min(total_blocks.div_ceil(b as u64).max(1));
+    let (mut sum, mut count) = (0.0f64, 0u64);
+    for i in 0..batches {
+        let n = (b as u64).min(total_blocks - (i * b as u64).min(total_blocks)).max(1) as usize;
+        let blocks = ds.next_batch(n).map_err(|e| inv(e.to_string()))?;
+        let mut tape = Tape::no_grad(model.backend().clone());
+        let batch = TrainingBatch {
+            blocks: Tensor::from_vec(blocks, &[n, t1])?,
+            ignore_index: sh.prepared.ignore_index,
+            normalizer: Some(1.0),
+            chunk_tokens: sh.recipe.train.chunk_tokens,
+            targets: None,
+        };
+        let (loss, c) = model.loss(&mut tape, &batch)?;
+        sum += model.backend().download(tape.value(loss)?)?.scalar()?;
+        count += c as u64;
+    }
+    Ok((count > 0).then(|| (sum / count as f64, count)))
+}
+
+/// The body of one rank; rank 0 passes `events` and does the logging and checkpoints.
+pub(super) fn run_rank(
+    sh: &Shared<'_>,
+    mut r: Rank,
+    mut events: Option<&mut dyn FnMut(&Event)>,
+) -> Result<Summary> {
+    let rec = sh.recipe;
+    let world = rec.train.ranks;
+    let rank = r.comm.rank();
+    let flops_per_token = sh.config.training_flops_per_token(rec.data.seq_len);
+    let peak = metrics::peak_flops(rec.train.peak_tflops);
+    let mut log = match events {
+        Some(_) => Some(MetricsLog::open(&sh.opts.out.join("metrics.jsonl"), sh.start_step)?),
+        None => None,
+    };
+    let mut emit = |e: Event| {
+        if let Some(f) = events.as_mut() {
+            f(&e);
+        }
+    };
+    let mut summary = Summary {
+        start_step: sh.start_step,
+        last_step: sh.start_step,
+        losses: Vec::new(),
+        last_checkpoint: sh.loaded.as_ref().map(|l| l.dir.clone()),
+        stopped: false,
+    };
+    let mut tokens = sh.start_tokens;
+    let mut elapsed = sh.start_elapsed;
+    let mut window = (0u64, 0.0f64); // tokens and seconds since the last log line
+    let mut step = sh.start_step;
+    while step < rec.train.max_steps {
+        step += 1;
+        if rank == 0 && sh.opts.profile_steps.and_then(|w| w.before(step)).is_some() {
+            emit(Event::ProfilerStart { step });
+        }
+        let t0 = Instant::now();
+        let lr = sh.schedule.lr(step);
+        let micro = r.next_micros(sh)?;
+        let local: u64 = micro.iter().map(|m| m.counted).sum();
+        let local_tokens: u64 = micro.iter().map(|m| m.tokens).sum();
+        let count_t = scalar(local as f64)?;
+        if world > 1 {
+            r.comm.all_reduce(&count_t, ReduceOp::Sum)?;
+        }
+        let global = count_t.scalar()? as u64;
+        let mut loss_sum = 0.0f64;
+        for m in micro {
+            let mut tape = Tape::new(r.model.backend().clone());
+            let batch = TrainingBatch {
+                blocks: m.blocks,
+                ignore_index: if m.targets.is_some() {
+                    crate::sft::IGNORE
+                } else {
+                    sh.prepared.ignore_index
+                },
+                normalizer: Some(global.max(1) as f64),
+                chunk_tokens: rec.train.chunk_tokens,
+                targets: m.targets,
+            };
+            let loss = {
+                let _r = trace::range("fwd");
+                r.model.loss(&mut tape, &batch)?.0
+            };
+            // The loss lives where the backend computes (a device scalar on a GPU).
+            loss_sum += r.model.backend().download(tape.value(loss)?)?.scalar()?;
+            let _r = trace::range("bwd");
+            tape.backward(loss)?;
+        }
+        let loss_t = scalar(loss_sum)?;
+        if world > 1 {
+            let _r = trace::range("allreduce");
+            r.comm.all_reduce(&loss_t, ReduceOp::Sum)?;
+            for (id, _) in r.model.params.iter() {
+                r.comm.all_reduce(&r.model.params.grad_buffer(id)?, ReduceOp::Sum)?;
+            }
+        }
+        let loss = loss_t.scalar()?;
+        if let Some(hook) = &sh.opts.hook {
+            hook(step, rank, &r.model.params)?;
+        }
+        let report = {
+            let _r = trace::range("optim");
+            if loss.is_finite() {
+                r.opt.step(&r.model.params, lr)?
+            } else {
+                r.model.params.zero_grads()?;
+                crate::StepReport { grad_norm: f64::NAN, clip_scale: 0.0, skipped: true }
+            }
+        };
+        let step_s = t0.elapsed().as_secs_f64();
+        let step_tokens = local_tokens * world as u64;
+        tokens += step_tokens;
+        elapsed += step_s;
+        window.0 += step_tokens;
+        window.1 += step_s;
+        summary.losses.push(loss);
+        summary.last_step = step;
+        if rank == 0 && sh.opts.profile_steps.and_then(|w| w.after(step)).is_some() {
+            emit(Event::ProfilerStop { step });
+        }
+        if report.skipped {
+            emit(Event::Skipped { step, loss, grad_norm: report.grad_norm });
+        }
+        // Everybody agrees whether to stop (a signal may reach the ranks at different moments).
+        let stop_t = scalar(if sh.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 })?;
+        if world > 1 {
+            r.comm.all_reduce(&stop_t, ReduceOp::Sum)?;
+        }
+        let stopping = stop_t.scalar()? > 0.0;
+        if rank != 0 {
+            if stopping {
+                summary.stopped = true;
+                break;
+            }
+            continue;
+        }
+        let last = step == rec.train.max_steps || stopping;
+        let eval_due =
+            rec.train.eval_every > 0 && (step.is_multiple_of(rec.train.eval_every) || last);
+        let mut val = None;
+        if eval_due {
+            let _r = trace::range("eval");
+            if let Some((vl, count)) = validate(sh, &r.model)? {
+                emit(Event::Validation { step, loss: vl, targets: count });
+                val = Some(vl);
+            }
+        }
+        let logged =
+            step.is_multiple_of(rec.train.log_every) || last || val.is_some() || report.skipped;
+        let tps = if window.1 > 0.0 { window.0 as f64 / window.1 } else { 0.0 };
+        let entry = StepLog {
+            step,
+            loss,
+            lr,
+            grad_norm: report.grad_norm,
+            tokens_per_s: tps,
+            mfu: peak.map(|p| tps * flops_per_token / p),
+            targets: global,
+            tokens,
+            step_ms: step_s * 1e3,
+            elapsed_s: elapsed,
+            skipped: report.skipped,
+            val_loss: val,
+            val_ppl: val.map(f64::exp),
+        };
+        if logged {
+            if let Some(l) = log.as_mut() {
+                l.write(&entry)?;
+            }
+            window = (0, 0.0);
+        }
+        emit(Event::Step { log: entry, logged });
+        if step.is_multiple_of(rec.train.checkpoint_every) || last {
+            let _r = trace::range("checkpoint");
+            let dir = save_checkpoint(sh, &r, step, tokens, elapsed)?;
+            emit(Event::Checkpoint { step, dir: dir.clone() });
+            summary.last_checkpoint = Some(dir);
+        }
+        if stopping {
+            summary.stopped = true;
+            break;
+        }
+    }
+    Ok(summary)
+}
