@@ -402,6 +402,24 @@ fn every_tool_runs_on_the_emulated_gpu() {
         assert!(r.status.success(), "{tool} {args:?} failed on emu: {text}");
         assert!(!summary.contains(" 0 kernel launches"), "{tool} launched no kernel: {text}");
     }
+    // Every metrics row says where its step ran and what it launched there.
+    let rows = |dir: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let emu_rows = rows(&emu_out);
+    assert!(!emu_rows.is_empty());
+    for row in &emu_rows {
+        assert_eq!(row["device"], "emu", "{row}");
+        assert!(row["kernel_launches"].as_u64().is_some_and(|n| n > 0), "{row}");
+    }
+    for row in rows(&out) {
+        let device = row["device"].as_str().unwrap().to_string();
+        let launches = row["kernel_launches"].as_u64().unwrap();
+        // `--device auto`: the CPU here, a GPU where a driver is found.
+        assert!(device == "cpu" || device.starts_with("cuda:"), "{row}");
+        assert_eq!(launches == 0, device == "cpu", "{row}");
+    }
     for tool in ["steel-eval", "steel-generate", "steel-chat", "steel-train"] {
         let args: &[&str] = if tool == "steel-eval" { &["ppl", "--help"] } else { &["--help"] };
         let o = Command::new(exe(tool)).args(args).output().unwrap();

@@ -97,6 +97,13 @@ pub struct StepLog {
     pub val_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_ppl: Option<f64>,
+    /// Where the step ran: `cpu`, `emu`, `cuda:0 (NVIDIA H200, sm_90)`, … (rank 0's device).
+    #[serde(default)]
+    pub device: String,
+    /// Kernels and GEMMs rank 0's device launched for this step's forward, backward and
+    /// optimizer (validation and checkpoints not included); 0 on the CPU.
+    #[serde(default)]
+    pub kernel_launches: u64,
 }
 
 /// What the loop tells its caller (the CLI draws the progress bar from these).

@@ -27,6 +27,8 @@ pub(super) struct Rank {
     pub(super) opt: Optimizer,
     pub(super) data: Source,
     pub(super) comm: InProcessComm,
+    /// The rank's device (`None` on the CPU), for the metrics' device and launch counts.
+    pub(super) gpu: Option<Arc<dyn Gpu>>,
 }
 
 impl Rank {
@@ -74,22 +76,29 @@ impl Rank {
     }
 }
 
+/// A rank's backend and, on a GPU, its device.
+pub(super) type RankDevice = (Arc<dyn Backend>, Option<Arc<dyn Gpu>>);
+
 /// The backend of `rank`: the CPU's, or the GPU backend on device `rank` (for `emu`, an emulated
 /// device per rank). Nothing of a GPU run computes on a `CpuBackend`.
-pub(super) fn rank_backend(sh: &Shared<'_>, rank: usize) -> Result<Arc<dyn Backend>> {
-    let keep = |g: Arc<dyn Gpu>| sh.gpus.lock().unwrap_or_else(|p| p.into_inner()).push(g);
+pub(super) fn rank_backend(
+    sh: &Shared<'_>,
+    rank: usize,
+) -> Result<RankDevice> {
+    let keep = |g: Arc<dyn Gpu>| {
+        sh.gpus.lock().unwrap_or_else(|p| p.into_inner()).push(g.clone());
+        Some(g)
+    };
     Ok(match sh.device {
         DeviceRequest::Emu => {
             let g = Arc::new(EmuGpu::with_ordinal(rank));
-            keep(g.clone());
-            Arc::new(GpuBackend::new(g))
+            (Arc::new(GpuBackend::new(g.clone())), keep(g))
         }
         DeviceRequest::Cuda => {
             let g = Arc::new(CudaGpu::new(rank)?);
-            keep(g.clone());
-            Arc::new(GpuBackend::new(g))
+            (Arc::new(GpuBackend::new(g.clone())), keep(g))
         }
-        DeviceRequest::Cpu | DeviceRequest::Auto => Arc::new(CpuBackend::new()),
+        DeviceRequest::Cpu | DeviceRequest::Auto => (Arc::new(CpuBackend::new()), None),
     })
 }
 
@@ -106,7 +115,7 @@ pub(super) fn adamw_config(recipe: &Recipe) -> AdamWConfig {
 
 pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> Result<Rank> {
     let world = sh.recipe.train.ranks;
-    let be = rank_backend(sh, rank)?;
+    let (be, gpu) = rank_backend(sh, rank)?;
     let (model, opt) = match &sh.loaded {
         Some(l) => {
             let tensors = l.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -149,7 +158,7 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
             }
             None => SftOrder::new(sft.examples.len(), sh.recipe.data.seed, rank, world),
         };
-        return Ok(Rank { model, opt, data: Source::Sft(order), comm });
+        return Ok(Rank { model, opt, data: Source::Sft(order), comm, gpu });
     }
     let data_err = |e: steel_data::DataError| inv(e.to_string());
     let mut data = match &sh.loaded {
@@ -178,7 +187,7 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
     for dir in &sh.opts.add_data {
         data.append(0, dir).map_err(data_err)?;
     }
-    Ok(Rank { model, opt, data: Source::Packed(data), comm })
+    Ok(Rank { model, opt, data: Source::Packed(data), comm, gpu })
 }
 
 /// Counted targets of `[b, T+1]` blocks.

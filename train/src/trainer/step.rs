@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// Kernels and GEMMs the rank's device has launched so far (0 on the CPU).
+fn launches(r: &Rank) -> u64 {
+    r.gpu.as_ref().map_or(0, |g| {
+        let c = g.counts();
+        c.kernels + c.gemms
+    })
+}
+
 pub(super) fn scalar(x: f64) -> Result<Tensor> {
     Ok(Tensor::from_vec(vec![x], &[1])?)
 }
@@ -80,6 +88,7 @@ pub(super) fn run_rank(
             emit(Event::ProfilerStart { step });
         }
         let t0 = Instant::now();
+        let launches0 = launches(&r);
         let lr = sh.schedule.lr(step);
         let micro = r.next_micros(sh)?;
         let local: u64 = micro.iter().map(|m| m.counted).sum();
@@ -133,6 +142,7 @@ pub(super) fn run_rank(
                 crate::StepReport { grad_norm: f64::NAN, clip_scale: 0.0, skipped: true }
             }
         };
+        let kernel_launches = launches(&r) - launches0;
         let step_s = t0.elapsed().as_secs_f64();
         let step_tokens = local_tokens * world as u64;
         tokens += step_tokens;
@@ -188,6 +198,8 @@ pub(super) fn run_rank(
             skipped: report.skipped,
             val_loss: val,
             val_ppl: val.map(f64::exp),
+            device: r.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.name()),
+            kernel_launches,
         };
         if logged {
             if let Some(l) = log.as_mut() {
