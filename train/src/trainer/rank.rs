@@ -80,11 +80,9 @@ impl Rank {
 pub(super) type RankDevice = (Arc<dyn Backend>, Option<Arc<dyn Gpu>>);
 
 /// The backend of `rank`: the CPU's, or the GPU backend on device `rank` (for `emu`, an emulated
-/// device per rank). Nothing of a GPU run computes on a `CpuBackend`.
-pub(super) fn rank_backend(
-    sh: &Shared<'_>,
-    rank: usize,
-) -> Result<RankDevice> {
+/// device per rank), with that device for the metrics. Nothing of a GPU run computes on a
+/// `CpuBackend`.
+pub(super) fn rank_backend(sh: &Shared<'_>, rank: usize) -> Result<RankDevice> {
     let keep = |g: Arc<dyn Gpu>| {
         sh.gpus.lock().unwrap_or_else(|p| p.into_inner()).push(g.clone());
         Some(g)
