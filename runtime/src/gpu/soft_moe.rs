@@ -167,6 +167,11 @@ pub fn slot_symbol(op: &'static str, stems: [&'static str; 2], s: usize) -> Resu
     }
 }
 
+/// Refuses a slot count no kernel is compiled for (before anything is allocated).
+fn check_slots(op: &'static str, s: usize) -> Result<()> {
+    slot_symbol(op, ["", ""], s).map(drop)
+}
+
 /// One warp per token, `WARPS` tokens per block.
 pub fn token_warps(op: &'static str, tokens: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
@@ -283,7 +288,7 @@ pub(super) fn soft_moe_route_fwd<G: Gpu>(
     for (name, v) in [("x", x), ("phi", phi), ("scale", scale)] {
         f32_tensor(OP, name, v)?;
     }
-    slot_symbol(OP, ["", ""], s)?;
+    check_slots(OP, s)?;
     let gpu = be.gpu();
     let f = DType::F32;
     let n = b * t;
