@@ -6,6 +6,8 @@
 //   p ← p − step_size · m / (sqrt(v) / sqrt(1 − β₂ᵗ) + eps); copy ← bf16(p)
 // with step_size = lr / (1 − β₁ᵗ) computed on the host. Tensor i owns the blocks
 // block_start[i] .. block_start[i + 1]; a block finds its tensor by binary search.
+// The guarded step (`status` non-null, written by `adamw_guard_f64` below) reads its verdict
+// from the device: skipped → nothing is written; else g = grad · grad_scale · status[2].
 #include "steel_common.cuh"
 
 struct AdamWTensor {
@@ -31,8 +33,9 @@ struct AdamWParams {
     float grad_scale;
     float step_size;  // lr / (1 − β₁ᵗ)
     float bc2_sqrt;   // sqrt(1 − β₂ᵗ)
+    const float* status;  // (4) [loss, grad_norm, clip factor, skipped] of adamw_guard_f64, or null
 };
-STEEL_PARAMS_SIZE(AdamWParams, 48);
+STEEL_PARAMS_SIZE(AdamWParams, 56);
 
 extern "C" __global__ void __launch_bounds__(256) adamw_step_f32(const AdamWParams p) {
     // The last tensor whose block_start ≤ this block.
@@ -50,9 +53,16 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_f32(const AdamWPara
 #else
     const u64 end = min(begin + p.elems_per_block, t.n);
 #endif
+    float grad_scale = p.grad_scale;
+    if (p.status) {
+#ifndef STEEL_MUTATE_ADAMW_GUARD
+        if (p.status[3] != 0.0f) return;  // the step was skipped: nothing is applied
+#endif
+        grad_scale = p.grad_scale * p.status[2];
+    }
     const float one_b1 = 1.0f - p.beta1, one_b2 = 1.0f - p.beta2;
     for (u64 i = begin + threadIdx.x; i < end; i += blockDim.x) {
-        const float g = t.grad[i] * p.grad_scale;
+        const float g = t.grad[i] * grad_scale;
         float w = t.param[i] * t.decay;
         float m = t.m[i];
         m += one_b1 * (g - m);
@@ -156,5 +166,52 @@ extern "C" __global__ void __launch_bounds__(256) global_norm_reduce_f64(const G
         double total = 0.0;
         for (int w = 0; w < warps; ++w) total += warp_part[w];
         p.out[0] = total;
+    }
+}
+
+// ---- the guard of a training step: norm, verdict and clip factor, on the device -----------------
+//
+// One block: the global norm from `global_norm_partial_f64`'s partials (added exactly as
+// `global_norm_reduce_f64` does), then thread 0 writes
+//   status = [loss, norm, factor, skipped],  skipped = loss or norm not finite,
+//   factor = skipped ? 0 : (clip > 0 && norm > clip ? clip / norm : 1)   (in f64, stored as f32)
+// for `adamw_step_f32` to read, and for the host's one download of the step.
+// Reference: runtime/src/cpu/adamw.rs (adamw_step_guarded, step_verdict).
+
+// x − x is 0 exactly for a finite x and NaN for ±inf and NaN (IEEE; no fast-math here).
+static __device__ __forceinline__ bool finite_f64(double x) { return x - x == 0.0; }
+
+struct AdamWGuardParams {
+    const double* partial;  // (count) squared sums
+    const float* loss;      // (1) the step's loss
+    float* status;          // (4)
+    u64 count;
+    double clip;            // ≤ 0: no clipping
+};
+STEEL_PARAMS_SIZE(AdamWGuardParams, 40);
+
+extern "C" __global__ void __launch_bounds__(256) adamw_guard_f64(const AdamWGuardParams p) {
+    STEEL_SHARED(double, warp_part, 32);
+    double acc = 0.0;
+    for (u64 i = threadIdx.x; i < p.count; i += blockDim.x) acc += p.partial[i];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(STEEL_FULL_MASK, acc, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) warp_part[warp] = acc;
+    __syncthreads();  // why: every warp's sum is written before thread 0 adds them
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < warps; ++w) total += warp_part[w];
+        const double norm = sqrt(total);
+        const float loss = p.loss[0];
+#ifdef STEEL_MUTATE_ADAMW_VERDICT
+        const bool skipped = !finite_f64(norm);  // test-only: a NaN loss is applied
+#else
+        const bool skipped = !(finite_f64(loss) && finite_f64(norm));
+#endif
+        const double factor = skipped ? 0.0 : (p.clip > 0.0 && norm > p.clip ? p.clip / norm : 1.0);
+        p.status[0] = loss;
+        p.status[1] = (float)norm;
+        p.status[2] = (float)factor;
+        p.status[3] = skipped ? 1.0f : 0.0f;
     }
 }

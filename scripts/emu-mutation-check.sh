@@ -60,6 +60,7 @@ declare -A KERNEL=(
     [soft_moe_tok2slot_oob]='out-of-bounds shared memory access'
     [experts_fwd]=numbers [experts_gate_grad]=numbers [experts_wgrad]=numbers
     [experts_oob]='out-of-bounds global memory access'
+    [adamw_guard]=numbers [adamw_verdict]=numbers
 )
 KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_bwd mma_tile_gemm
     block_sum_uninit rms_norm_oob softmax_stats_uninit lm_head_ce_oob adamw_oob
@@ -72,7 +73,8 @@ KERNEL_ORDER=(add_rms_norm_fwd add_rms_norm_bwd adamw lm_head_ce_fwd lm_head_ce_
     l2_normalize_strided_uninit
     attention_causal attention_skip_tile attention_delta attention_no_wait attention_pad_uninit
     soft_moe_logits soft_moe_dispatch soft_moe_tok2slot soft_moe_mix soft_moe_route_bwd
-    soft_moe_phi_bwd soft_moe_tok2slot_oob experts_fwd experts_gate_grad experts_wgrad experts_oob)
+    soft_moe_phi_bwd soft_moe_tok2slot_oob experts_fwd experts_gate_grad experts_wgrad experts_oob
+    adamw_guard adamw_verdict)
 
 # Every barrier call, numbered per file as build.rs numbers them (code outside `//` comments,
 # not part of a longer identifier).
@@ -130,6 +132,8 @@ declare -A NUMERIC_TEST=(
     [soft_moe_route_bwd]=emu_soft_moe_fixed_cases [soft_moe_phi_bwd]=emu_soft_moe_fixed_cases
     [experts_fwd]=emu_experts_fixed_cases [experts_gate_grad]=emu_experts_fixed_cases
     [experts_wgrad]=emu_experts_fixed_cases
+    [adamw_guard]=emu_adamw_step_guarded_clips_skips_and_applies
+    [adamw_verdict]=emu_adamw_step_guarded_clips_skips_and_applies
 )
 
 log=$(mktemp)

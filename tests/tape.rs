@@ -83,8 +83,11 @@ fn embedding_loss_and_repeated_inputs_gradients_match() {
         random_tensor(be.as_ref(), &[5, 6], DType::F64, 1.0, 10).unwrap(),
         random_tensor(be.as_ref(), &[6], DType::F64, 0.5, 12).unwrap(),
     ];
-    let opts =
-        LossOptions { ce: CrossEntropy { ignore_index: -100, chunk_tokens: 4 }, normalizer: None };
+    let opts = LossOptions {
+        ce: CrossEntropy { ignore_index: -100, chunk_tokens: 4 },
+        normalizer: None,
+        count: None,
+    };
     check_gradients(
         be,
         &inputs,
@@ -116,6 +119,7 @@ fn fused_loss_with_a_normalizer_and_a_scaled_upstream_gradient_matches() {
     let opts = LossOptions {
         ce: CrossEntropy { ignore_index: -100, chunk_tokens: 3 },
         normalizer: Some(11.0),
+        count: None,
     };
     check_gradients(
         be,
@@ -183,8 +187,11 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         false,
     );
     let targets = Tensor::from_vec((0..14i32).map(|i| i * 5 % 9).collect(), &[14]).unwrap();
-    let opts =
-        LossOptions { ce: CrossEntropy { ignore_index: -100, chunk_tokens: 5 }, normalizer: None };
+    let opts = LossOptions {
+        ce: CrossEntropy { ignore_index: -100, chunk_tokens: 5 },
+        normalizer: None,
+        count: None,
+    };
     let (loss, _) = tape.lm_head_ce(y, head, &targets, opts).unwrap();
     tape.backward(loss).unwrap();
     for (_, p) in store.iter() {

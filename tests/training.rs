@@ -58,8 +58,11 @@ impl Toy {
         let y = self.blocks[1].forward(&mut tape, &self.store, x).unwrap();
         let y = tape.reshape(y, &[b * t, tiny_cfg().hidden]).unwrap();
         let w = tape.param(&self.store, self.head).unwrap();
-        let opts =
-            LossOptions { ce: CrossEntropy { ignore_index: 0, chunk_tokens: 8 }, normalizer };
+        let opts = LossOptions {
+            ce: CrossEntropy { ignore_index: 0, chunk_tokens: 8 },
+            normalizer,
+            count: None,
+        };
         let (loss, _) = tape.lm_head_ce(y, w, &targets, opts).unwrap();
         let value = tape.value(loss).unwrap().scalar().unwrap();
         tape.backward(loss).unwrap();

@@ -14,6 +14,9 @@ pub struct LossOptions {
     /// call (or 1 when there are none); the trainer passes the count of the whole global batch
     /// so that micro-batches and ranks add up to the token-weighted mean.
     pub normalizer: Option<f64>,
+    /// The number of counted targets of this call when the caller knows it (counted on the
+    /// host): a GPU backend then counts and reads back nothing (`lm_head_ce_fwd_counted`).
+    pub count: Option<usize>,
 }
 
 fn one(v: Vec<Var>) -> Var {
@@ -70,19 +73,38 @@ fn batch_of(t: &Tensor) -> usize {
 impl Tape {
     /// `alpha · op(a) · op(b) (+ bias)`, batched as `Backend::matmul`.
     pub fn matmul(&mut self, a: Var, b: Var, bias: Option<Var>, spec: Matmul) -> Result<Var> {
+        self.matmul_to(a, b, bias, spec, None)
+    }
+
+    /// `matmul` with the output dtype `out` (`None`: the operands'; bf16 operands may give an F32
+    /// output, the dtype table's "bf16 × bf16 → f32"). The backward casts the F32 output gradient
+    /// to the operands' dtype for the dgrad and wgrad GEMMs (bf16 × bf16 → F32 gradients).
+    pub fn matmul_to(
+        &mut self,
+        a: Var,
+        b: Var,
+        bias: Option<Var>,
+        spec: Matmul,
+        out: Option<steel_runtime::DType>,
+    ) -> Result<Var> {
         let (at, bt) = (self.value(a)?.clone(), self.value(b)?.clone());
         let biast = match bias {
             Some(v) => Some(self.value(v)?.clone()),
             None => None,
         };
         let spec = Matmul { beta: 0.0, ..spec };
-        let out = self.backend().matmul(&at, &bt, biast.as_ref(), spec, None)?;
+        let out = self.backend().matmul(&at, &bt, biast.as_ref(), spec, out)?;
         let mut inputs = vec![a, b];
         inputs.extend(bias);
         let has_bias = bias.is_some();
         self.record("matmul", &inputs, vec![out], move |ctx: &mut BackwardCtx<'_>| {
-            let Some(dc) = ctx.out_grad(0).cloned() else { return Ok(()) };
-            let dc = dc.reshape(&matmul_out_shape(&at, &bt, spec))?;
+            let Some(dc32) = ctx.out_grad(0).cloned() else { return Ok(()) };
+            let dc32 = dc32.reshape(&matmul_out_shape(&at, &bt, spec))?;
+            let dc = if dc32.dtype() == at.dtype() || !(ctx.needs(0) || ctx.needs(1)) {
+                dc32.clone()
+            } else {
+                ctx.backend().cast(&dc32, at.dtype())?
+            };
             if ctx.needs(0) {
                 let da = ctx.grad(0)?;
                 matmul_grad_a(ctx.backend(), spec, &bt, &dc, &da)?;
@@ -93,7 +115,7 @@ impl Tape {
             }
             if has_bias && ctx.needs(2) {
                 let dbias = ctx.grad(2)?;
-                ctx.backend().sum_rows_into(&dc, &dbias)?;
+                ctx.backend().sum_rows_into(&dc32, &dbias)?;
             }
             Ok(())
         })
@@ -102,11 +124,22 @@ impl Tape {
 
     /// A Linear layer: `x [.., in] · wᵀ (+ bias)` with `w [out, in]` (HF layout).
     pub fn linear(&mut self, x: Var, w: Var, bias: Option<Var>) -> Result<Var> {
+        self.linear_to(x, w, bias, None)
+    }
+
+    /// `linear` with the output dtype `out` (see `matmul_to`).
+    pub fn linear_to(
+        &mut self,
+        x: Var,
+        w: Var,
+        bias: Option<Var>,
+        out: Option<steel_runtime::DType>,
+    ) -> Result<Var> {
         let xs = self.value(x)?.shape().to_vec();
         let inner = *xs.last().ok_or_else(|| Error::Tape("linear: x has no axes".into()))?;
         let rows = xs[..xs.len() - 1].iter().product();
         let x2 = self.reshape(x, &[rows, inner])?;
-        let y = self.matmul(x2, w, bias, Matmul::NT)?;
+        let y = self.matmul_to(x2, w, bias, Matmul::NT, out)?;
         let out = self.value(y)?.shape()[1];
         let mut ys = xs[..xs.len() - 1].to_vec();
         ys.push(out);
@@ -119,6 +152,23 @@ impl Tape {
         self.record("reshape", &[x], vec![out], |ctx| {
             let dy = ctx.out_grad(0).cloned();
             if let Some(dy) = dy {
+                let dx = ctx.grad(0)?;
+                ctx.backend().add_assign(&dx, &dy)?;
+            }
+            Ok(())
+        })
+        .map(one)
+    }
+
+    /// `x` in `dtype` (F32 ↔ BF16, round to nearest even); the identity when it already is. The
+    /// gradient passes through unchanged (gradients are F32 whatever the value's dtype).
+    pub fn cast(&mut self, x: Var, dtype: steel_runtime::DType) -> Result<Var> {
+        if self.value(x)?.dtype() == dtype {
+            return Ok(x);
+        }
+        let out = self.backend().cast(self.value(x)?, dtype)?;
+        self.record("cast", &[x], vec![out], |ctx| {
+            if let Some(dy) = ctx.out_grad(0).cloned() {
                 let dx = ctx.grad(0)?;
                 ctx.backend().add_assign(&dx, &dy)?;
             }
@@ -236,12 +286,31 @@ impl Tape {
 
     /// Rows of `table [V, H]` for the integer `ids` (not differentiable).
     pub fn embedding(&mut self, ids: &Tensor, table: Var) -> Result<Var> {
-        let out = self.backend().embedding_fwd(ids, self.value(table)?)?;
+        self.embedding_impl(ids, table, false)
+    }
+
+    /// `embedding` for ids the caller has checked to lie in `0..V` on the host: forward and
+    /// backward read nothing back from a GPU (`Backend::embedding_fwd_prechecked`).
+    pub fn embedding_prechecked(&mut self, ids: &Tensor, table: Var) -> Result<Var> {
+        self.embedding_impl(ids, table, true)
+    }
+
+    fn embedding_impl(&mut self, ids: &Tensor, table: Var, prechecked: bool) -> Result<Var> {
+        let t = self.value(table)?;
+        let out = if prechecked {
+            self.backend().embedding_fwd_prechecked(ids, t)?
+        } else {
+            self.backend().embedding_fwd(ids, t)?
+        };
         let ids = ids.clone();
         self.record("embedding", &[table], vec![out], move |ctx| {
             if let Some(dy) = ctx.out_grad(0).cloned() {
                 let dt = ctx.grad(0)?;
-                ctx.backend().embedding_bwd(&ids, &dy, &dt)?;
+                if prechecked {
+                    ctx.backend().embedding_bwd_prechecked(&ids, &dy, &dt)?;
+                } else {
+                    ctx.backend().embedding_bwd(&ids, &dy, &dt)?;
+                }
             }
             Ok(())
         })
@@ -467,15 +536,23 @@ impl Tape {
                 targets,
                 1.0 / norm,
                 opts.ce,
+                opts.count,
                 &dx,
                 &dw,
             )?;
             let loss = self.backend().scale(&out.loss_sum, 1.0 / norm)?;
             let v = self.record("lm_head_ce", &[x, w], vec![loss], move |ctx| {
                 if let Some(dl) = ctx.out_grad(0).cloned() {
-                    let g = ctx.backend().download(&dl)?.scalar()?;
+                    // The upstream gradient (1 when the loss is the root): read on the CPU,
+                    // applied on the device elsewhere (nothing is read back from a GPU).
+                    let on_cpu = dl.device() == steel_runtime::Device::Cpu;
+                    let g = if on_cpu { Some(dl.scalar()?) } else { None };
                     for (i, d) in [(0, dx), (1, dw)] {
-                        let d = if g == 1.0 { d } else { ctx.backend().scale(&d, g)? };
+                        let d = match g {
+                            Some(1.0) => d,
+                            Some(g) => ctx.backend().scale(&d, g)?,
+                            None => ctx.backend().scale_by_fwd(&d, &dl)?,
+                        };
                         let target = ctx.grad(i)?;
                         ctx.backend().add_assign(&target, &d)?;
                     }
@@ -484,7 +561,10 @@ impl Tape {
             })?;
             return Ok((v[0], out.count));
         }
-        let out = self.backend().lm_head_ce_fwd(&xt, &wt, targets, opts.ce)?;
+        let out = match opts.count {
+            Some(c) => self.backend().lm_head_ce_fwd_counted(&xt, &wt, targets, opts.ce, c)?,
+            None => self.backend().lm_head_ce_fwd(&xt, &wt, targets, opts.ce)?,
+        };
         let norm = opts.normalizer.unwrap_or(out.count.max(1) as f64);
         if norm.is_nan() || norm <= 0.0 {
             return Err(Error::Tape(format!(

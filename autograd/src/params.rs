@@ -27,12 +27,26 @@ pub struct ParamId(pub usize);
 #[derive(Debug)]
 pub struct Param {
     pub name: String,
+    /// The master weights (fp32, or f64 in gradient checks).
     pub value: Tensor,
     pub options: ParamOptions,
     grad: Mutex<Option<Tensor>>,
+    /// The bf16 working copy that forward reads under bf16 mixed precision (the fused AdamW
+    /// rewrites it in the same pass as the master); `None`: forward reads the master.
+    working: Option<Tensor>,
 }
 
 impl Param {
+    /// The bf16 working copy, if this parameter has one.
+    pub fn working(&self) -> Option<&Tensor> {
+        self.working.as_ref()
+    }
+
+    /// What forward reads: the working copy, else the master.
+    pub fn compute_value(&self) -> &Tensor {
+        self.working.as_ref().unwrap_or(&self.value)
+    }
+
     /// The gradient accumulated so far, if any backward has reached this parameter.
     pub fn grad(&self) -> Option<Tensor> {
         self.grad.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -84,7 +98,7 @@ impl ParamStore {
         }
         let id = ParamId(self.params.len());
         self.by_name.insert(name.clone(), id);
-        self.params.push(Param { name, value, options, grad: Mutex::new(None) });
+        self.params.push(Param { name, value, options, grad: Mutex::new(None), working: None });
         Ok(id)
     }
 
@@ -124,6 +138,33 @@ impl ParamStore {
         let t = self.backend.zeros(p.value.shape(), grad_dtype(p.value.dtype()))?;
         *g = Some(t.clone());
         Ok(t)
+    }
+
+    /// Gives parameter `id` a working copy in `dtype` (bf16 mixed precision), cast from its
+    /// master now; the optimizer keeps it in step with the master from then on.
+    pub fn set_working_copy(&mut self, id: ParamId, dtype: DType) -> Result<()> {
+        let p = self
+            .params
+            .get_mut(id.0)
+            .ok_or_else(|| Error::Tape(format!("no parameter {}", id.0)))?;
+        p.working = Some(self.backend.cast(&p.value, dtype)?);
+        Ok(())
+    }
+
+    /// Re-casts every working copy from its master (after the masters were written directly,
+    /// e.g. loaded).
+    pub fn refresh_working_copies(&mut self) -> Result<()> {
+        for p in &mut self.params {
+            if let Some(w) = &p.working {
+                p.working = Some(self.backend.cast(&p.value, w.dtype())?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the working copies.
+    pub fn working_bytes(&self) -> usize {
+        self.params.iter().filter_map(|p| p.working.as_ref()).map(Tensor::size_in_bytes).sum()
     }
 
     /// Sets every allocated gradient to zero (after an optimizer step).

@@ -94,7 +94,7 @@ impl Tape {
         if let Some(&v) = self.params.get(&id) {
             return Ok(v);
         }
-        let value = store.get(id).value.clone();
+        let value = store.get(id).compute_value().clone();
         let var = if self.grad_enabled {
             let grad = store.grad_buffer(id)?;
             let v = self.push_node(value, true, Kind::Param);

@@ -55,8 +55,20 @@ fn ids_of(t: &Tensor) -> Result<Vec<i64>> {
 }
 
 impl SteelModel {
+    /// `x` as a GEMM operand: cast to the compute dtype (bf16 under bf16-mixed; a no-op in fp32).
+    fn gemm_input(&self, tape: &mut Tape, x: Var) -> Result<Var> {
+        if self.compute == DType::BF16 {
+            Ok(tape.cast(x, DType::BF16)?)
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// An MLP on `x`; its output is in the residual stream's dtype (f32).
     fn mlp(&self, tape: &mut Tape, mlp: &Mlp, x: Var) -> Result<Var> {
         let s = &self.params;
+        let x = self.gemm_input(tape, x)?;
+        let f32_out = Some(self.stream_dtype());
         Ok(match mlp {
             Mlp::Senet { gate_up, up, gate_down, down } => {
                 let (gu, u, gd, d) = (
@@ -68,8 +80,8 @@ impl SteelModel {
                 let a = tape.linear(x, gu, None)?;
                 let b = tape.linear(x, u, None)?;
                 let inner = tape.swiglu(a, b)?;
-                let a = tape.linear(inner, gd, None)?;
-                let b = tape.linear(inner, d, None)?;
+                let a = tape.linear_to(inner, gd, None, f32_out)?;
+                let b = tape.linear_to(inner, d, None, f32_out)?;
                 tape.swiglu(a, b)?
             }
             Mlp::Swiglu { gate, up, down } => {
@@ -77,7 +89,7 @@ impl SteelModel {
                 let a = tape.linear(x, g, None)?;
                 let b = tape.linear(x, u, None)?;
                 let inner = tape.swiglu(a, b)?;
-                tape.linear(inner, d, None)?
+                tape.linear_to(inner, d, None, f32_out)?
             }
         })
     }
@@ -104,7 +116,9 @@ impl SteelModel {
         let by_expert = tape.transpose01(slot_in)?;
         let ys = if let Some(weights) = self.senet_weights(tape, experts)? {
             let x = tape.reshape(by_expert, &[e, b * s, h])?;
+            let x = self.gemm_input(tape, x)?;
             let y = tape.experts(x, [&weights[0], &weights[1], &weights[2], &weights[3]])?;
+            let y = tape.cast(y, self.stream_dtype())?;
             tape.reshape(y, &[e, b, s * h])?
         } else {
             let mut outs = Vec::with_capacity(e);
@@ -144,6 +158,7 @@ impl SteelModel {
         let (qw, qb) = (tape.param(s, layer.q_w)?, tape.param(s, layer.q_b)?);
         let (kw, kb) = (tape.param(s, layer.k_w)?, tape.param(s, layer.k_b)?);
         let (vw, vb) = (tape.param(s, layer.v_w)?, tape.param(s, layer.v_b)?);
+        let n = self.gemm_input(tape, n)?;
         let q = tape.linear(n, qw, Some(qb))?;
         let k = tape.linear(n, kw, Some(kb))?;
         let v = tape.linear(n, vw, Some(vb))?;
@@ -170,7 +185,7 @@ impl SteelModel {
         let a = tape.attention(q, k, v, 1.0 / (hd as f64).sqrt())?;
         let a = tape.reshape(a, &[b, t, c.num_attention_heads * hd])?;
         let ow = tape.param(s, layer.o_w)?;
-        Ok(tape.linear(a, ow, None)?)
+        Ok(tape.linear_to(a, ow, None, Some(self.stream_dtype()))?)
     }
 
     /// The FFN block (soft-MoE or dense MLP) of layer `index` on its normalised input
@@ -248,11 +263,21 @@ impl SteelModel {
         }
         let eps = self.config.rms_norm_eps;
         let s = &self.params;
+        let v = self.config.vocab_size as i64;
+        if let Some((i, bad)) =
+            ids_of(ids)?.into_iter().enumerate().find(|(_, x)| !(0..v).contains(x))
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} at position {i} is outside the vocabulary 0..{v}"
+            )));
+        }
         let ids = self.backend().upload(ids)?;
         let embed = tape.param(s, self.embed)?;
         let x0 = {
             let _r = trace::range("embedding");
-            tape.embedding(&ids, embed)?
+            // Checked above on the host: nothing is read back from a GPU.
+            let x = tape.embedding_prechecked(&ids, embed)?;
+            tape.cast(x, self.stream_dtype())?
         };
         // (residual, branch) of the previous layer, added by the next fused norm.
         let mut pending: Option<(Var, Var)> = None;
@@ -325,9 +350,25 @@ impl SteelModel {
             }
             None => targets,
         };
+        // Counted and checked on the host, so the loss reads nothing back from a GPU.
+        let v = self.config.vocab_size as i64;
+        let mut count = 0usize;
+        for (i, &x) in targets.iter().enumerate() {
+            let x = x as i64;
+            if x == batch.ignore_index {
+                continue;
+            }
+            if !(0..v).contains(&x) {
+                return Err(ModelError::Input(format!(
+                    "target {x} at position {i} is outside the vocabulary 0..{v}"
+                )));
+            }
+            count += 1;
+        }
         let targets = self.backend().upload(&Tensor::from_vec(targets, &[b * t])?)?;
         let hidden = self.hidden_states(tape, &inputs)?;
         let hidden = tape.reshape(hidden, &[b * t, self.config.hidden_size])?;
+        let hidden = self.gemm_input(tape, hidden)?;
         let head = tape.param(&self.params, self.head_id())?;
         let _r = trace::range("lm_head_ce");
         let opts = LossOptions {
@@ -336,6 +377,7 @@ impl SteelModel {
                 chunk_tokens: batch.chunk_tokens.max(1),
             },
             normalizer: batch.normalizer,
+            count: Some(count),
         };
         Ok(tape.lm_head_ce(hidden, head, &targets, opts)?)
     }
@@ -388,11 +430,13 @@ impl SteelModel {
         let targets = self
             .backend()
             .upload(&Tensor::from_vec(ids[1..].iter().map(|&x| x as i32).collect(), &[t - 1])?)?;
+        let h = self.gemm_input(&mut tape, h)?;
         let head = tape.param(&self.params, self.head_id())?;
         let _r = trace::range("lm_head_ce");
         let opts = LossOptions {
             ce: CrossEntropy { ignore_index: -1, chunk_tokens: 1024 },
             normalizer: None,
+            count: Some(t - 1),
         };
         let (loss, count) = tape.lm_head_ce(h, head, &targets, opts)?;
         let value = self.backend().download(tape.value(loss)?)?.scalar()?;

@@ -17,7 +17,7 @@ pub use generate::{GenerationOptions, SeqCache};
 pub use io::{
     generation_config, load_hf_dir, save_hf_dir, ExportOptions, SaveDType, REMOTE_CODE_FILES,
 };
-pub use model::SteelModel;
+pub use model::{Precision, SteelModel};
 
 use std::path::{Path, PathBuf};
 

@@ -43,6 +43,19 @@ pub struct SteelModel {
     pub(crate) norm: ParamId,
     /// `None` when the head is tied to the embedding.
     pub(crate) head: Option<ParamId>,
+    /// The dtype of the GEMM and attention operands: the masters' (fp32), or BF16 under bf16
+    /// mixed precision ([`SteelModel::use_bf16_mixed`]).
+    pub(crate) compute: DType,
+}
+
+/// How a model computes (`train.precision`, the dtype table of docs/ARCHITECTURE.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything in the masters' dtype (f32).
+    Fp32,
+    /// bf16 working copies of the GEMM weights, bf16 operands for the GEMMs and attention; the
+    /// residual stream, norms, routing, loss, gradients and optimizer state stay f32.
+    Bf16Mixed,
 }
 
 impl SteelModel {
@@ -138,7 +151,66 @@ impl SteelModel {
             layers,
             params: store,
             config,
+            compute: DType::F32,
         })
+    }
+
+    /// The parameters that feed GEMMs (the projections, the experts, the head): the ones that
+    /// get bf16 working copies under bf16 mixed precision. Norm weights, the soft-MoE's `phi`
+    /// and `scale`, and an untied embedding stay fp32-only.
+    pub fn gemm_params(&self) -> Vec<ParamId> {
+        let mlp_ids = |m: &Mlp| match m {
+            Mlp::Senet { gate_up, up, gate_down, down } => vec![*gate_up, *up, *gate_down, *down],
+            Mlp::Swiglu { gate, up, down } => vec![*gate, *up, *down],
+        };
+        let mut out = Vec::new();
+        for l in &self.layers {
+            out.extend([l.q_w, l.q_b, l.k_w, l.k_b, l.v_w, l.v_b, l.o_w]);
+            match &l.ffn {
+                Ffn::SoftMoe { experts, .. } => experts.iter().for_each(|e| out.extend(mlp_ids(e))),
+                Ffn::Dense(m) => out.extend(mlp_ids(m)),
+            }
+        }
+        out.push(self.head_id());
+        out
+    }
+
+    /// Switches the model to `precision`: under `Bf16Mixed` every [`gemm_params`] parameter gets
+    /// a bf16 working copy (cast from its master) that forward reads, and forward casts the f32
+    /// activations in front of the GEMMs. Only fp32 masters can run bf16-mixed.
+    ///
+    /// [`gemm_params`]: SteelModel::gemm_params
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        match precision {
+            Precision::Fp32 => Ok(()),
+            Precision::Bf16Mixed => {
+                let master = self.params.get(self.embed).value.dtype();
+                if master != DType::F32 {
+                    return Err(ModelError::Input(format!(
+                        "bf16-mixed needs fp32 master weights, the model holds {master}"
+                    )));
+                }
+                for id in self.gemm_params() {
+                    self.params.set_working_copy(id, DType::BF16)?;
+                }
+                self.compute = DType::BF16;
+                Ok(())
+            }
+        }
+    }
+
+    /// The model's precision.
+    pub fn precision(&self) -> Precision {
+        if self.compute == DType::BF16 {
+            Precision::Bf16Mixed
+        } else {
+            Precision::Fp32
+        }
+    }
+
+    /// The dtype of the residual stream (the masters').
+    pub(crate) fn stream_dtype(&self) -> DType {
+        self.params.get(self.embed).value.dtype()
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {

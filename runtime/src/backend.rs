@@ -140,6 +140,20 @@ pub struct AdamWParam {
     pub copy: Option<Tensor>,
 }
 
+/// The verdict of a training step from its loss and global gradient norm: `(factor, skipped)`.
+/// Skipped when either is not finite (factor 0); else the clip factor `clip / norm` when
+/// `norm > clip`, or 1 (no `clip`, or `clip ≤ 0`: no clipping). `adamw_guard_f64` computes the
+/// same in f64 on a GPU.
+pub fn step_verdict(loss: f64, norm: f64, clip: Option<f64>) -> (f64, bool) {
+    if !(loss.is_finite() && norm.is_finite()) {
+        return (0.0, true);
+    }
+    match clip {
+        Some(c) if c > 0.0 && norm > c => (c / norm, false),
+        _ => (1.0, false),
+    }
+}
+
 /// Hyper-parameters of one AdamW step (PyTorch `torch.optim.AdamW` semantics).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {
@@ -248,6 +262,18 @@ pub trait Backend: Send + Sync {
     fn embedding_fwd(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor>;
     /// `dtable[ids[i]] += dy[i]`, accumulated per row in token order (deterministic).
     fn embedding_bwd(&self, ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Result<()>;
+    /// `embedding_fwd` for ids the caller has checked to lie in `0..V` (the model checks them on
+    /// the host as it builds the batch): a GPU backend then reads nothing back, so the call does
+    /// not synchronise. An invalid id still never reads outside the table (its row is left
+    /// unwritten). The default (the CPU) is `embedding_fwd`, which checks.
+    fn embedding_fwd_prechecked(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+        self.embedding_fwd(ids, table)
+    }
+    /// `embedding_bwd` for prechecked ids (see `embedding_fwd_prechecked`): nothing read back;
+    /// an invalid id's row is never written.
+    fn embedding_bwd_prechecked(&self, ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Result<()> {
+        self.embedding_bwd(ids, dy, dtable)
+    }
 
     // ---- normalisation ----------------------------------------------------------------------
 
@@ -400,6 +426,9 @@ pub trait Backend: Send + Sync {
     /// `dlogits = scale · (softmax − onehot)` (as `lm_head_ce_bwd` with `dloss = 1`). Each chunk's
     /// logits are formed once instead of twice. The default runs the two halves.
     #[allow(clippy::too_many_arguments)]
+    ///
+    /// With `count` (the caller's number of counted targets) the forward half is
+    /// `lm_head_ce_fwd_counted`: nothing is counted or read back on a GPU.
     fn lm_head_ce_fwd_bwd(
         &self,
         x: &Tensor,
@@ -407,10 +436,14 @@ pub trait Backend: Send + Sync {
         targets: &Tensor,
         scale: f64,
         spec: CrossEntropy,
+        count: Option<usize>,
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<CrossEntropyOut> {
-        let out = self.lm_head_ce_fwd(x, w, targets, spec)?;
+        let out = match count {
+            Some(c) => self.lm_head_ce_fwd_counted(x, w, targets, spec, c)?,
+            None => self.lm_head_ce_fwd(x, w, targets, spec)?,
+        };
         let one = self.zeros(&[1], dx.dtype())?;
         self.fill(&one, 1.0)?;
         self.lm_head_ce_bwd(x, w, targets, &out.lse, &one, scale, spec, dx, dw)?;
@@ -495,6 +528,19 @@ pub trait Backend: Send + Sync {
 
     /// One multi-tensor AdamW step over every parameter of `params`, in place.
     fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()>;
+    /// The guarded optimizer step of a training step (DESIGN §6), on the backend's device with
+    /// nothing read back: the global norm of every `grad` (in f64, a fixed order), the verdict
+    /// ([`step_verdict`]: skipped when `loss` `[1]` or the norm is not finite — then nothing is
+    /// written), and AdamW with `grad_scale · factor`, `factor = min(1, clip / norm)`. Returns
+    /// `[loss, grad_norm, factor, skipped (0 or 1)]` on the device (F32 on a GPU, F64 on the
+    /// CPU): the trainer's one download of the step.
+    fn adamw_step_guarded(
+        &self,
+        params: &[AdamWParam],
+        hp: AdamW,
+        loss: &Tensor,
+        clip: Option<f64>,
+    ) -> Result<Tensor>;
     /// `sqrt(Σ_t Σ_i t_i²)` over all tensors, accumulated in f64 in a fixed order.
     fn global_norm(&self, tensors: &[&Tensor]) -> Result<f64>;
 }

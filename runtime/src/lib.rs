@@ -17,8 +17,8 @@ mod tensor;
 pub mod trace;
 
 pub use backend::{
-    AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, ExpertWeights, ExpertsOut, Matmul,
-    SoftMoeRoute, Transpose,
+    step_verdict, AdamW, AdamWParam, Backend, CrossEntropy, CrossEntropyOut, ExpertWeights,
+    ExpertsOut, Matmul, SoftMoeRoute, Transpose,
 };
 pub use device::{
     choose_device, open_backend, probe_cuda_driver, Compute, Device, DeviceChoice, DeviceRequest,

@@ -149,7 +149,7 @@ fn lm_head_ce_fwd_bwd_equals_fwd_then_bwd() {
     let out = be.lm_head_ce_fwd(&x, &w, &targets, spec).unwrap();
     let dloss = Tensor::from_slice(&[1.0f32], &[1]).unwrap();
     be.lm_head_ce_bwd(&x, &w, &targets, &out.lse, &dloss, scale, spec, &dx1, &dw1).unwrap();
-    let fused = be.lm_head_ce_fwd_bwd(&x, &w, &targets, scale, spec, &dx2, &dw2).unwrap();
+    let fused = be.lm_head_ce_fwd_bwd(&x, &w, &targets, scale, spec, None, &dx2, &dw2).unwrap();
     assert_eq!(out.count, 68);
     assert_eq!(fused.count, 68);
     assert_eq!(out.loss_sum.to_vec::<f32>().unwrap(), fused.loss_sum.to_vec::<f32>().unwrap());

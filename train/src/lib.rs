@@ -3,6 +3,7 @@
 //! the learning-rate schedule in optimizer steps, crash-safe checkpoints and the metrics log.
 
 pub mod checkpoint;
+pub mod memory;
 pub mod metrics;
 mod optimizer;
 pub mod prepare;
@@ -11,7 +12,8 @@ mod schedule;
 pub mod sft;
 pub mod trainer;
 
-pub use optimizer::{AdamWConfig, Optimizer, StepReport};
+pub use memory::{memory_plan, MemoryPlan};
+pub use optimizer::{AdamWConfig, Optimizer, PendingStep, StepReport};
 pub use recipe::Recipe;
 pub use schedule::LrSchedule;
 pub use trainer::{dry_run, train, Event, Resume, RunOptions, StepLog, Summary};

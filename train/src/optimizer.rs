@@ -82,7 +82,12 @@ impl Optimizer {
                 )));
             }
             let dt = if p.value.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-            out.push((be.upload(&be.cast(&m, dt)?)?, be.upload(&be.cast(&v, dt)?)?));
+            // Saved moments are host tensors: onto the store's device, then its dtype.
+            let place = |t: Tensor| -> Result<Tensor> {
+                let t = if t.device() == be.device() { t } else { be.upload(&t)? };
+                Ok(if t.dtype() == dt { t } else { be.cast(&t, dt)? })
+            };
+            out.push((place(m)?, place(v)?));
         }
         Ok(Optimizer { config, moments: out, step })
     }
@@ -93,8 +98,24 @@ impl Optimizer {
     }
 
     /// One step at learning rate `lr` from the accumulated gradients, which are then zeroed
-    /// (also when the step is skipped).
+    /// (also when the step is skipped): [`Optimizer::step_on_device`] with a loss of 0, settled.
     pub fn step(&mut self, store: &ParamStore, lr: f64) -> Result<StepReport> {
+        let be = store.backend();
+        let loss = be.zeros(&[1], DType::F32)?;
+        let pending = self.step_on_device(store, lr, &loss)?;
+        Ok(self.settle(store, pending)?.1)
+    }
+
+    /// Queues the guarded step of a training step on the store's device
+    /// (`Backend::adamw_step_guarded`): the gradient norm, the verdict on it and `loss` (skip
+    /// when either is not finite), clipping and AdamW, then zeroes the gradients — nothing is
+    /// read back. [`Optimizer::settle`] reads the verdict: the step's one host synchronisation.
+    pub fn step_on_device(
+        &mut self,
+        store: &ParamStore,
+        lr: f64,
+        loss: &Tensor,
+    ) -> Result<PendingStep> {
         if self.moments.len() != store.len() {
             return Err(TrainError::Invalid(format!(
                 "the optimizer holds {} parameters, the store {}",
@@ -102,15 +123,6 @@ impl Optimizer {
                 store.len()
             )));
         }
-        let grad_norm = store.grad_norm()?;
-        if !grad_norm.is_finite() {
-            store.zero_grads()?;
-            return Ok(StepReport { grad_norm, clip_scale: 0.0, skipped: true });
-        }
-        let clip_scale = match self.config.clip {
-            Some(c) if grad_norm > c => c / grad_norm,
-            _ => 1.0,
-        };
         let params: Vec<AdamWParam> = store
             .iter()
             .zip(&self.moments)
@@ -125,7 +137,7 @@ impl Optimizer {
                     } else {
                         0.0
                     },
-                    copy: None,
+                    copy: p.working().cloned(),
                 })
             })
             .collect::<Result<_>>()?;
@@ -135,11 +147,37 @@ impl Optimizer {
             beta2: self.config.beta2,
             eps: self.config.eps,
             step: self.step + 1,
-            grad_scale: clip_scale as f32,
+            grad_scale: 1.0,
         };
-        store.backend().adamw_step(&params, hp)?;
-        self.step += 1;
+        let status = store.backend().adamw_step_guarded(&params, hp, loss, self.config.clip)?;
         store.zero_grads()?;
-        Ok(StepReport { grad_norm, clip_scale, skipped: false })
+        Ok(PendingStep { status })
     }
+
+    /// Reads a queued step's verdict (one download on a GPU): `(loss, report)`. AdamW's step
+    /// count (bias correction) advances only when the step was applied.
+    pub fn settle(
+        &mut self,
+        store: &ParamStore,
+        pending: PendingStep,
+    ) -> Result<(f64, StepReport)> {
+        let be = store.backend();
+        let host = if pending.status.device() == steel_runtime::Device::Cpu {
+            pending.status
+        } else {
+            be.download(&pending.status)?
+        };
+        let v = host.to_f64_vec()?;
+        let (loss, grad_norm, clip_scale, skipped) = (v[0], v[1], v[2], v[3] != 0.0);
+        if !skipped {
+            self.step += 1;
+        }
+        Ok((loss, StepReport { grad_norm, clip_scale, skipped }))
+    }
+}
+
+/// A step queued by [`Optimizer::step_on_device`]: its `[loss, grad_norm, factor, skipped]` on
+/// the device.
+pub struct PendingStep {
+    status: Tensor,
 }

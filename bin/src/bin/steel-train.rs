@@ -136,19 +136,28 @@ fn main() -> ExitCode {
                 d.tokens_per_step, d.sequences_per_step, recipe.data.seq_len
             );
             println!("ranks                {}", d.ranks);
+            let m = &d.memory;
+            let g = |b: u64| steel_cli::gib(b as f64);
             println!(
-                "state per rank       {} (fp32 weights, gradients, AdamW moments: 16 B/parameter)",
-                steel_cli::gib(d.state_bytes_per_rank as f64)
+                "memory per device    {} (plan for --device {}, {}; checked before step 1)",
+                g(m.total),
+                recipe.train.device,
+                d.precision
             );
+            println!("  weights            {} (fp32 masters)", g(m.weights));
+            println!("  working copies     {} (bf16 GEMM weights)", g(m.working_copies));
+            println!("  gradients          {} (fp32)", g(m.gradients));
+            println!("  AdamW moments      {} (fp32 m and v)", g(m.moments));
             println!(
-                "activations per rank {} (estimate, one micro-batch of {} × {})",
-                steel_cli::gib(d.activation_bytes_per_rank as f64),
+                "  activations        {} (one micro-batch of {} × {})",
+                g(m.activations),
                 recipe.train.micro_batch,
                 recipe.data.seq_len
             );
             println!(
-                "memory per device    {} (estimate)",
-                steel_cli::gib((d.state_bytes_per_rank + d.activation_bytes_per_rank) as f64)
+                "  workspaces         {} (the loss chunk of {} tokens, or backward's start)",
+                g(m.workspaces),
+                recipe.train.chunk_tokens
             );
             println!(
                 "steps                {} ({} tokens, {:.3e} FLOPs)",

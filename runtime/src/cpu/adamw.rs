@@ -99,6 +99,33 @@ pub(crate) fn adamw_step(params: &[AdamWParam], hp: AdamW) -> Result<()> {
     Ok(())
 }
 
+/// The guarded step (`Backend::adamw_step_guarded`): the reference of `adamw_guard_f64` and
+/// the guarded `adamw_step_f32`.
+pub(crate) fn adamw_step_guarded(
+    params: &[AdamWParam],
+    hp: AdamW,
+    loss: &Tensor,
+    clip: Option<f64>,
+) -> Result<Tensor> {
+    const OP: &str = "adamw_step_guarded";
+    check_cpu(OP, &[loss])?;
+    if loss.numel() != 1 {
+        return Err(Error::shape(
+            OP,
+            format!("the loss must be one value, got {:?}", loss.shape()),
+        ));
+    }
+    let l = loss.scalar()?;
+    let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+    let norm = global_norm(&grads)?;
+    let (factor, skipped) = crate::backend::step_verdict(l, norm, clip);
+    if !skipped {
+        adamw_step(params, AdamW { grad_scale: hp.grad_scale * factor as f32, ..hp })?;
+    }
+    // F64 on the CPU (the GPU's status is F32: F64 lives on the CPU only).
+    Tensor::from_f64(&[l, norm, factor, if skipped { 1.0 } else { 0.0 }], &[4], DType::F64)
+}
+
 pub(crate) fn global_norm(tensors: &[&Tensor]) -> Result<f64> {
     const OP: &str = "global_norm";
     check_cpu(OP, tensors)?;

@@ -557,11 +557,21 @@ impl Backend for CpuBackend {
         targets: &Tensor,
         scale: f64,
         spec: CrossEntropy,
+        count: Option<usize>,
         dx: &Tensor,
         dw: &Tensor,
     ) -> Result<CrossEntropyOut> {
-        same_dtype("lm_head_ce_fwd_bwd", &[x, w])?;
-        lm_head_ce::lm_head_ce_fwd_bwd(&widen(x)?, &widen(w)?, targets, scale, spec, dx, dw)
+        const OP: &str = "lm_head_ce_fwd_bwd";
+        same_dtype(OP, &[x, w])?;
+        let out =
+            lm_head_ce::lm_head_ce_fwd_bwd(&widen(x)?, &widen(w)?, targets, scale, spec, dx, dw)?;
+        match count {
+            Some(c) if c != out.count => Err(Error::invalid(
+                OP,
+                format!("the caller's count {c} is not the {} counted targets", out.count),
+            )),
+            _ => Ok(out),
+        }
     }
 
     fn soft_moe_route_fwd(
@@ -678,6 +688,16 @@ impl Backend for CpuBackend {
 
     fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()> {
         adamw::adamw_step(params, hp)
+    }
+
+    fn adamw_step_guarded(
+        &self,
+        params: &[AdamWParam],
+        hp: AdamW,
+        loss: &Tensor,
+        clip: Option<f64>,
+    ) -> Result<Tensor> {
+        adamw::adamw_step_guarded(params, hp, loss, clip)
     }
 
     fn global_norm(&self, tensors: &[&Tensor]) -> Result<f64> {

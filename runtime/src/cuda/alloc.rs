@@ -134,6 +134,12 @@ impl<M: DeviceMemory> CachingAllocator<M> {
         self.stats
     }
 
+    /// Starts a new peak of `allocated` (and of `reserved`) from now.
+    pub fn reset_peak(&mut self) {
+        self.stats.peak_allocated = self.stats.allocated;
+        self.stats.peak_reserved = self.stats.reserved;
+    }
+
     /// The backing memory.
     pub fn memory(&self) -> &M {
         &self.mem

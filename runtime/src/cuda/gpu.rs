@@ -106,13 +106,13 @@ impl CudaGpu {
 
     /// The allocator's statistics.
     pub fn mem_stats(&self) -> MemStats {
-        self.memory().alloc.stats()
+        self.mem_lock().alloc.stats()
     }
 
     /// Returns the allocator's cached blocks to the device.
     pub fn empty_cache(&self) -> Result<()> {
         self.synchronize()?;
-        Ok(self.memory().alloc.empty_cache()?)
+        Ok(self.mem_lock().alloc.empty_cache()?)
     }
 
     /// A general cuBLASLt GEMM: strided batches (a stride of 0 broadcasts an operand), a bias
@@ -148,7 +148,7 @@ impl CudaGpu {
         )?)
     }
 
-    fn memory(&self) -> MutexGuard<'_, Memory> {
+    fn mem_lock(&self) -> MutexGuard<'_, Memory> {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -170,7 +170,7 @@ impl Gpu for CudaGpu {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr> {
-        let mut m = self.memory();
+        let mut m = self.mem_lock();
         // A zero-byte request still gets a real (smallest) block: a unique address.
         let block = m.alloc.alloc(bytes.max(1))?;
         let ptr = block.ptr;
@@ -179,7 +179,7 @@ impl Gpu for CudaGpu {
     }
 
     unsafe fn free(&self, ptr: DevicePtr) {
-        let mut m = self.memory();
+        let mut m = self.mem_lock();
         if let Some(block) = m.live.remove(&ptr) {
             m.alloc.free(block);
         }
@@ -190,6 +190,7 @@ impl Gpu for CudaGpu {
     }
 
     unsafe fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        self.counters.host_sync();
         Ok(self.stream.dtoh(dst, src)?)
     }
 
@@ -280,11 +281,27 @@ impl Gpu for CudaGpu {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.counters.host_sync();
         Ok(self.stream.synchronize()?)
     }
 
     fn counts(&self) -> crate::gpu::LaunchCounts {
         self.counters.get()
+    }
+
+    fn memory(&self) -> crate::gpu::MemoryInfo {
+        let stats = self.mem_stats();
+        let device = self.ctx.mem_info().ok();
+        crate::gpu::MemoryInfo {
+            allocated: stats.allocated as u64,
+            peak_allocated: stats.peak_allocated as u64,
+            free: device.map(|(f, _)| f as u64),
+            total: device.map(|(_, t)| t as u64),
+        }
+    }
+
+    fn reset_peak(&self) {
+        self.mem_lock().alloc.reset_peak();
     }
 
     fn nvtx_push(&self, name: &str) {
@@ -300,7 +317,7 @@ impl Drop for CudaGpu {
     fn drop(&mut self) {
         // Queued work may still use cached blocks; wait before the allocator returns them.
         let _ = self.stream.synchronize();
-        let mut m = self.memory();
+        let mut m = self.mem_lock();
         let blocks: Vec<Block> = m.live.drain().map(|(_, b)| b).collect();
         for b in blocks {
             m.alloc.free(b);

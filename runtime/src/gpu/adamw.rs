@@ -3,7 +3,7 @@
 
 use super::backend::{distinct, GpuBackend};
 use super::launch::{dptr, grid_x, launch, opt_dptr, workspace};
-use super::{DevicePtr, Dim3, Gpu, LaunchConfig, NvtxRange};
+use super::{DevicePtr, Dim3, Gpu, GpuBuffer, LaunchConfig, NvtxRange};
 use crate::backend::{AdamW, AdamWParam};
 use crate::{DType, Error, Result, Tensor};
 use bytemuck::{Pod, Zeroable};
@@ -40,8 +40,21 @@ struct AdamWParams {
     grad_scale: f32,
     step_size: f32,
     bc2_sqrt: f32,
+    status: DevicePtr, // (4) f32 of adamw_guard_f64, or 0
 }
-const _: () = assert!(std::mem::size_of::<AdamWParams>() == 48);
+const _: () = assert!(std::mem::size_of::<AdamWParams>() == 56);
+
+/// `AdamWGuardParams` of `adamw.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AdamWGuardParams {
+    partial: DevicePtr, // (count) f64
+    loss: DevicePtr,    // (1) f32
+    status: DevicePtr,  // (4) f32
+    count: u64,
+    clip: f64,
+}
+const _: () = assert!(std::mem::size_of::<AdamWGuardParams>() == 40);
 
 /// AdamW: threads per block and elements per block.
 pub const ADAMW_BLOCK: u32 = 256;
@@ -50,8 +63,14 @@ pub const ADAMW_ELEMS_PER_BLOCK: usize = 256 * 8;
 // ---- AdamW --------------------------------------------------------------------------------------
 
 /// One multi-tensor AdamW step over every parameter in ONE launch (PyTorch semantics, see
-/// `adamw.cu`); the per-tensor table is uploaded to a workspace.
-pub fn launch_adamw_step<G: Gpu>(gpu: &Arc<G>, params: &[AdamWParam], hp: AdamW) -> Result<()> {
+/// `adamw.cu`); the per-tensor table is uploaded to a workspace. With `status` (the `[4]` f32
+/// verdict of `adamw_guard_f64`), the kernel reads the skip flag and the clip factor from it.
+pub fn launch_adamw_step<G: Gpu>(
+    gpu: &Arc<G>,
+    params: &[AdamWParam],
+    hp: AdamW,
+    status: DevicePtr,
+) -> Result<()> {
     const OP: &str = "adamw_step";
     if hp.step == 0 {
         return Err(Error::invalid(OP, "step is 1-based (bias correction divides by 1 − β^step)"));
@@ -106,6 +125,7 @@ pub fn launch_adamw_step<G: Gpu>(gpu: &Arc<G>, params: &[AdamWParam], hp: AdamW)
         grad_scale: hp.grad_scale,
         step_size: hp.lr / bc1,
         bc2_sqrt,
+        status,
     };
     let _range = NvtxRange::new(gpu.as_ref(), OP);
     let cfg = LaunchConfig {
@@ -132,7 +152,51 @@ pub(super) fn adamw_step<G: Gpu>(
         outs.extend(p.copy.as_ref());
         distinct(OP, &outs, &[&p.grad])?;
     }
-    launch_adamw_step(be.gpu(), params, hp)
+    launch_adamw_step(be.gpu(), params, hp, 0)
+}
+
+/// The guarded step (`Backend::adamw_step_guarded`): the squared partial sums of every gradient
+/// (`global_norm_partial_f64`), the verdict (`adamw_guard_f64`, one block) and AdamW reading it
+/// (`adamw_step_f32`) — three launches, nothing downloaded.
+pub(super) fn adamw_step_guarded<G: Gpu>(
+    be: &GpuBackend<G>,
+    params: &[AdamWParam],
+    hp: AdamW,
+    loss: &Tensor,
+    clip: Option<f64>,
+) -> Result<Tensor> {
+    const OP: &str = "adamw_step_guarded";
+    be.on_device(OP, &[loss])?;
+    if loss.dtype() != DType::F32 || loss.numel() != 1 {
+        return Err(Error::shape(
+            OP,
+            format!("the loss must be one F32 value, got {:?} {}", loss.shape(), loss.dtype()),
+        ));
+    }
+    for p in params {
+        let mut all = vec![&p.param, &p.grad, &p.m, &p.v];
+        all.extend(p.copy.as_ref());
+        be.on_device(OP, &all)?;
+        let mut outs = vec![&p.param, &p.m, &p.v];
+        outs.extend(p.copy.as_ref());
+        distinct(OP, &outs, &[&p.grad, loss])?;
+    }
+    let gpu = be.gpu();
+    let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+    let (partial, blocks) = norm_partials(be, OP, &grads)?;
+    let status = be.empty(&[4], DType::F32)?;
+    let _range = NvtxRange::new(gpu.as_ref(), OP);
+    let g = AdamWGuardParams {
+        partial: partial.as_ref().map_or(0, GpuBuffer::ptr),
+        loss: dptr(gpu, OP, loss, DType::F32, 1)?,
+        status: dptr(gpu, OP, &status, DType::F32, 4)?,
+        count: blocks as u64,
+        clip: clip.filter(|c| *c > 0.0).unwrap_or(0.0),
+    };
+    let one = LaunchConfig { grid: Dim3::x(1), block: Dim3::x(NORM_BLOCK), shared_bytes: 0 };
+    launch(gpu.as_ref(), "adamw_guard_f64", one, &g)?;
+    launch_adamw_step(gpu, params, hp, g.status)?;
+    Ok(status)
 }
 
 // ---- global_norm (adamw.cu) ------------------------------------------------------------------------
@@ -179,7 +243,28 @@ pub const NORM_ELEMS_PER_BLOCK: usize = 256 * 16;
 /// the two agree to f64 rounding, not bit for bit).
 pub(super) fn global_norm<G: Gpu>(be: &GpuBackend<G>, tensors: &[&Tensor]) -> Result<f64> {
     const OP: &str = "global_norm";
-    be.on_device(OP, tensors)?;
+    let gpu = be.gpu();
+    let (partial, blocks) = norm_partials(be, OP, tensors)?;
+    let Some(partial) = partial else { return Ok(0.0) };
+    let _range = NvtxRange::new(gpu.as_ref(), OP);
+    let out = workspace(gpu, 8)?;
+    let r = GlobalNormReduceParams { partial: partial.ptr(), out: out.ptr(), count: blocks as u64 };
+    let one = LaunchConfig { grid: Dim3::x(1), block: Dim3::x(NORM_BLOCK), shared_bytes: 0 };
+    launch(gpu.as_ref(), "global_norm_reduce_f64", one, &r)?;
+    let mut bytes = [0u8; 8];
+    // SAFETY: out holds one f64.
+    unsafe { gpu.download(out.ptr(), &mut bytes)? };
+    Ok(f64::from_le_bytes(bytes).sqrt())
+}
+
+/// `global_norm_partial_f64` over `tensors`: the workspace of per-block squared sums (`None`
+/// when every tensor is empty) and its block count.
+fn norm_partials<G: Gpu>(
+    be: &GpuBackend<G>,
+    op: &'static str,
+    tensors: &[&Tensor],
+) -> Result<(Option<GpuBuffer>, usize)> {
+    be.on_device(op, tensors)?;
     let gpu = be.gpu();
     let mut table = Vec::with_capacity(tensors.len());
     let mut blocks = 0usize;
@@ -189,7 +274,7 @@ pub(super) fn global_norm<G: Gpu>(be: &GpuBackend<G>, tensors: &[&Tensor]) -> Re
             DType::BF16 => 1,
             other => {
                 return Err(Error::dtype(
-                    OP,
+                    op,
                     other,
                     "the GPU takes the norm of F32 or BF16 tensors",
                 ))
@@ -198,7 +283,7 @@ pub(super) fn global_norm<G: Gpu>(be: &GpuBackend<G>, tensors: &[&Tensor]) -> Re
         let n = t.numel();
         if n > 0 {
             table.push(NormTensor {
-                x: dptr(gpu, OP, t, t.dtype(), n)?,
+                x: dptr(gpu, op, t, t.dtype(), n)?,
                 n: n as u64,
                 block_start: blocks as u64,
                 is_bf16,
@@ -208,14 +293,13 @@ pub(super) fn global_norm<G: Gpu>(be: &GpuBackend<G>, tensors: &[&Tensor]) -> Re
         }
     }
     if table.is_empty() {
-        return Ok(0.0);
+        return Ok((None, 0));
     }
-    let _range = NvtxRange::new(gpu.as_ref(), OP);
+    let _range = NvtxRange::new(gpu.as_ref(), op);
     let ws = workspace(gpu, std::mem::size_of_val(table.as_slice()))?;
     // SAFETY: the workspace holds exactly the table's bytes.
     unsafe { gpu.upload(ws.ptr(), bytemuck::cast_slice(&table))? };
     let partial = workspace(gpu, blocks * 8)?;
-    let out = workspace(gpu, 8)?;
     let p = GlobalNormParams {
         tensors: ws.ptr(),
         partial: partial.ptr(),
@@ -223,16 +307,10 @@ pub(super) fn global_norm<G: Gpu>(be: &GpuBackend<G>, tensors: &[&Tensor]) -> Re
         elems_per_block: NORM_ELEMS_PER_BLOCK as u64,
     };
     let cfg = LaunchConfig {
-        grid: Dim3::x(grid_x(OP, blocks)?),
+        grid: Dim3::x(grid_x(op, blocks)?),
         block: Dim3::x(NORM_BLOCK),
         shared_bytes: 0,
     };
     launch(gpu.as_ref(), "global_norm_partial_f64", cfg, &p)?;
-    let r = GlobalNormReduceParams { partial: partial.ptr(), out: out.ptr(), count: blocks as u64 };
-    let one = LaunchConfig { grid: Dim3::x(1), block: Dim3::x(NORM_BLOCK), shared_bytes: 0 };
-    launch(gpu.as_ref(), "global_norm_reduce_f64", one, &r)?;
-    let mut bytes = [0u8; 8];
-    // SAFETY: out holds one f64.
-    unsafe { gpu.download(out.ptr(), &mut bytes)? };
-    Ok(f64::from_le_bytes(bytes).sqrt())
+    Ok((Some(partial), blocks))
 }

@@ -215,10 +215,16 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         matmul::sum_rows_into(self, x, out)
     }
     fn embedding_fwd(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor> {
-        embedding::embedding_fwd(self, ids, table)
+        embedding::embedding_fwd(self, ids, table, false)
+    }
+    fn embedding_fwd_prechecked(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+        embedding::embedding_fwd(self, ids, table, true)
     }
     fn embedding_bwd(&self, ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Result<()> {
-        embedding::embedding_bwd(self, ids, dy, dtable)
+        embedding::embedding_bwd(self, ids, dy, dtable, false)
+    }
+    fn embedding_bwd_prechecked(&self, ids: &Tensor, dy: &Tensor, dtable: &Tensor) -> Result<()> {
+        embedding::embedding_bwd(self, ids, dy, dtable, true)
     }
 
     fn rms_norm_fwd(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
@@ -423,6 +429,16 @@ impl<G: Gpu> Backend for GpuBackend<G> {
 
     fn adamw_step(&self, params: &[AdamWParam], hp: AdamW) -> Result<()> {
         adamw::adamw_step(self, params, hp)
+    }
+
+    fn adamw_step_guarded(
+        &self,
+        params: &[AdamWParam],
+        hp: AdamW,
+        loss: &Tensor,
+        clip: Option<f64>,
+    ) -> Result<Tensor> {
+        adamw::adamw_step_guarded(self, params, hp, loss, clip)
     }
 
     fn global_norm(&self, tensors: &[&Tensor]) -> Result<f64> {

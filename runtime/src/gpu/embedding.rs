@@ -193,11 +193,15 @@ fn token_count(op: &'static str, ids: &Tensor) -> Result<usize> {
 /// `out[i] = table[ids[i]]` for `out [n, h]` of the table's dtype (F32 or BF16). Invalid ids are
 /// reported as `Error::invalid` with the first bad position (the call synchronises to read the
 /// flag).
+///
+/// With `prechecked` (the caller validated the ids on the host) the flag is not read back, so
+/// the call does not synchronise; an invalid id still never leaves the table.
 pub fn launch_embedding_fwd<G: Gpu>(
     gpu: &Arc<G>,
     ids: &Tensor,
     table: &Tensor,
     out: &Tensor,
+    prechecked: bool,
 ) -> Result<()> {
     const OP: &str = "embedding_fwd";
     let (vocab, h) = crate::cpu::embedding::table_dims(OP, table)?;
@@ -237,17 +241,22 @@ pub fn launch_embedding_fwd<G: Gpu>(
         };
         launch(gpu.as_ref(), symbol, cfg, &p)?;
     }
+    if prechecked {
+        return Ok(());
+    }
     check_flag(gpu, OP, &err, ids_p, kind, vocab)
 }
 
 /// `dtable[ids[i]] += dy[i]` (dy `[n, h]`, dtable `[vocab, h]`, both F32), every row summed in
 /// increasing token order (bit-identical to the CPU reference). Invalid ids are reported as
-/// `Error::invalid` before dtable is touched (the call synchronises once, after the sort).
+/// `Error::invalid` before dtable is touched (the call synchronises once, after the sort), unless
+/// `prechecked` (as for the forward: nothing read back; an invalid id's row is never written).
 pub fn launch_embedding_bwd<G: Gpu>(
     gpu: &Arc<G>,
     ids: &Tensor,
     dy: &Tensor,
     dtable: &Tensor,
+    prechecked: bool,
 ) -> Result<()> {
     const OP: &str = "embedding_bwd";
     let (vocab, h) = crate::cpu::embedding::table_dims(OP, dtable)?;
@@ -311,7 +320,9 @@ pub fn launch_embedding_bwd<G: Gpu>(
             src = dst;
         }
     }
-    check_flag(gpu, OP, &err, ids_p, kind, vocab)?;
+    if !prechecked {
+        check_flag(gpu, OP, &err, ids_p, kind, vocab)?;
+    }
     if h == 0 {
         return Ok(());
     }
@@ -342,6 +353,7 @@ pub(super) fn embedding_fwd<G: Gpu>(
     be: &GpuBackend<G>,
     ids: &Tensor,
     table: &Tensor,
+    prechecked: bool,
 ) -> Result<Tensor> {
     const OP: &str = "embedding_fwd";
     be.on_device(OP, &[ids, table])?;
@@ -353,7 +365,7 @@ pub(super) fn embedding_fwd<G: Gpu>(
     let mut shape = ids.shape().to_vec();
     shape.push(h);
     let out = be.empty(&shape, table.dtype())?;
-    launch_embedding_fwd(be.gpu(), ids, table, &out)?;
+    launch_embedding_fwd(be.gpu(), ids, table, &out, prechecked)?;
     Ok(out)
 }
 
@@ -362,6 +374,7 @@ pub(super) fn embedding_bwd<G: Gpu>(
     ids: &Tensor,
     dy: &Tensor,
     dtable: &Tensor,
+    prechecked: bool,
 ) -> Result<()> {
     const OP: &str = "embedding_bwd";
     be.on_device(OP, &[ids, dy, dtable])?;
@@ -371,5 +384,5 @@ pub(super) fn embedding_bwd<G: Gpu>(
             return Err(Error::dtype(OP, t.dtype(), "dy and dtable must be F32"));
         }
     }
-    launch_embedding_bwd(be.gpu(), ids, dy, dtable)
+    launch_embedding_bwd(be.gpu(), ids, dy, dtable, prechecked)
 }

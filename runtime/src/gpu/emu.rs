@@ -18,6 +18,10 @@
 //! - A launch log (symbol, grid, block, shared bytes, the NVTX path at launch) and an NVTX log
 //!   (every range's full path, in order) let tests prove the kernels ran, with which
 //!   configuration, and under which names. Logging is per `EmuGpu`.
+//! - Memory is counted as a device would report it ([`Gpu::memory`]): live bytes and their peak,
+//!   and, when the device is given a capacity (`STEEL_EMU_MEMORY=2GiB`, or
+//!   [`EmuGpu::with_memory`]), its free and total bytes; an allocation beyond the capacity fails
+//!   as out of memory. Without a capacity the free memory is unknown (host memory is the limit).
 //! - The collective of an `EmuGpu` is the in-process one (`crate::comm::InProcessComm`); it
 //!   needs no hook here because emulated device memory is host memory.
 
@@ -53,6 +57,41 @@ struct State {
     /// An error found outside a launch (damaged canaries at free), reported by the next launch
     /// or synchronize, as a device reports an asynchronous fault.
     sticky: Option<String>,
+    /// Σ allocs and its peak since creation or `reset_peak`.
+    allocated: usize,
+    peak: usize,
+}
+
+/// `STEEL_EMU_MEMORY` as bytes: a number with an optional `KiB`/`MiB`/`GiB` (or `KB`/`MB`/`GB`,
+/// powers of 1000) suffix; unset or empty: no capacity.
+pub fn emu_memory_from_env() -> std::result::Result<Option<usize>, String> {
+    match std::env::var("STEEL_EMU_MEMORY") {
+        Err(_) => Ok(None),
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => parse_bytes(&v).map(Some).ok_or_else(|| {
+            format!("STEEL_EMU_MEMORY={v:?}: expected bytes such as 512MiB or 2GiB")
+        }),
+    }
+}
+
+/// `512MiB`, `2GiB`, `1.5GB`, `1048576`: bytes.
+pub fn parse_bytes(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        _ => return None,
+    };
+    let bytes = n * mult;
+    (1.0..1e19).contains(&bytes).then_some(bytes as usize)
 }
 
 /// Distinguishes the allocations of each `EmuGpu` (their canaries are checked after its launches).
@@ -65,6 +104,8 @@ pub struct EmuGpu {
     schedule: std::result::Result<Schedule, String>,
     check: std::result::Result<Check, String>,
     state: Mutex<State>,
+    /// The device's capacity in bytes (`None`: unlimited), or the error of `STEEL_EMU_MEMORY`.
+    capacity: std::result::Result<Option<usize>, String>,
     /// Held for the whole of every operation: this device's one stream.
     stream: Mutex<()>,
     counters: super::Counters,
@@ -89,9 +130,16 @@ impl EmuGpu {
             schedule: Schedule::from_env(),
             check: Check::from_env(),
             state: Mutex::new(State::default()),
+            capacity: emu_memory_from_env(),
             stream: Mutex::new(()),
             counters: super::Counters::default(),
         }
+    }
+
+    /// A device of `bytes` of memory (instead of `STEEL_EMU_MEMORY`'s).
+    pub fn with_memory(mut self, bytes: usize) -> EmuGpu {
+        self.capacity = Ok(Some(bytes));
+        self
     }
 
     /// Runs every launch under `schedule` (instead of `STEEL_EMU_SCHEDULE`'s).
@@ -258,15 +306,39 @@ impl Gpu for EmuGpu {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevicePtr> {
+        const OP: &str = "EmuGpu::alloc";
+        let capacity = self.capacity.clone().map_err(|e| Error::invalid(OP, e))?;
+        if let Some(cap) = capacity {
+            let used = self.state().allocated;
+            if used.saturating_add(bytes) > cap {
+                return Err(Error::gpu(
+                    OP,
+                    format!(
+                        "out of memory: {bytes} bytes requested, {used} of the emulated device's                          {cap} bytes in use (STEEL_EMU_MEMORY)"
+                    ),
+                ));
+            }
+        }
         let ptr = steel_kernels::emu_alloc(bytes, self.owner)
-            .map_err(|e| Error::gpu("EmuGpu::alloc", format!("{bytes} bytes: {e}")))?;
-        self.state().allocs.insert(ptr, bytes);
+            .map_err(|e| Error::gpu(OP, format!("{bytes} bytes: {e}")))?;
+        let mut s = self.state();
+        s.allocs.insert(ptr, bytes);
+        s.allocated += bytes;
+        s.peak = s.peak.max(s.allocated);
         Ok(ptr)
     }
 
     unsafe fn free(&self, ptr: DevicePtr) {
         let _stream = self.stream();
-        if self.state().allocs.remove(&ptr).is_some() {
+        let removed = {
+            let mut s = self.state();
+            let r = s.allocs.remove(&ptr);
+            if let Some(b) = r {
+                s.allocated -= b;
+            }
+            r
+        };
+        if removed.is_some() {
             // SAFETY: allocated by `alloc`; the stream lock is held, so no launch uses it now.
             if let Err(e) = unsafe { steel_kernels::emu_free(ptr) } {
                 self.state().sticky.get_or_insert(e);
@@ -284,6 +356,7 @@ impl Gpu for EmuGpu {
 
     unsafe fn download(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
         let _stream = self.stream();
+        self.counters.host_sync();
         self.check_range("EmuGpu::download", src, dst.len())?;
         // SAFETY: as in upload.
         unsafe {
@@ -476,11 +549,28 @@ impl Gpu for EmuGpu {
 
     fn synchronize(&self) -> Result<()> {
         let _stream = self.stream();
+        self.counters.host_sync();
         self.take_sticky("EmuGpu::synchronize")
     }
 
     fn counts(&self) -> super::LaunchCounts {
         self.counters.get()
+    }
+
+    fn memory(&self) -> super::MemoryInfo {
+        let s = self.state();
+        let cap = self.capacity.clone().ok().flatten();
+        super::MemoryInfo {
+            allocated: s.allocated as u64,
+            peak_allocated: s.peak as u64,
+            free: cap.map(|c| c.saturating_sub(s.allocated) as u64),
+            total: cap.map(|c| c as u64),
+        }
+    }
+
+    fn reset_peak(&self) {
+        let mut s = self.state();
+        s.peak = s.allocated;
     }
 
     fn nvtx_push(&self, name: &str) {

@@ -128,6 +128,23 @@ pub struct GemmDesc {
 pub struct LaunchCounts {
     pub kernels: u64,
     pub gemms: u64,
+    /// Times the host waited for the device: downloads and `synchronize` (the trainer's step
+    /// has one).
+    pub host_syncs: u64,
+}
+
+/// What a device's memory holds: the allocator's live bytes and their peak, and the device's
+/// free and total bytes where known (the emulator knows them when given a capacity).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryInfo {
+    /// Bytes of live allocations (their size classes on a GPU).
+    pub allocated: u64,
+    /// The highest `allocated` since the device was created or [`Gpu::reset_peak`].
+    pub peak_allocated: u64,
+    /// Free bytes of the device (all processes), if known.
+    pub free: Option<u64>,
+    /// Total bytes of the device, if known.
+    pub total: Option<u64>,
 }
 
 impl std::fmt::Display for LaunchCounts {
@@ -141,6 +158,7 @@ impl std::fmt::Display for LaunchCounts {
 pub(crate) struct Counters {
     kernels: std::sync::atomic::AtomicU64,
     gemms: std::sync::atomic::AtomicU64,
+    host_syncs: std::sync::atomic::AtomicU64,
 }
 
 impl Counters {
@@ -150,9 +168,16 @@ impl Counters {
     pub(crate) fn gemm(&self) {
         self.gemms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    pub(crate) fn host_sync(&self) {
+        self.host_syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     pub(crate) fn get(&self) -> LaunchCounts {
         use std::sync::atomic::Ordering::Relaxed;
-        LaunchCounts { kernels: self.kernels.load(Relaxed), gemms: self.gemms.load(Relaxed) }
+        LaunchCounts {
+            kernels: self.kernels.load(Relaxed),
+            gemms: self.gemms.load(Relaxed),
+            host_syncs: self.host_syncs.load(Relaxed),
+        }
     }
 }
 
@@ -230,8 +255,12 @@ pub trait Gpu: Send + Sync + 'static {
     ) -> Result<()>;
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<()>;
-    /// The kernels launched and GEMMs queued so far.
+    /// The kernels launched, GEMMs queued and host waits so far.
     fn counts(&self) -> LaunchCounts;
+    /// The device's memory now (see [`MemoryInfo`]).
+    fn memory(&self) -> MemoryInfo;
+    /// Starts a new peak: `peak_allocated` becomes the bytes allocated now.
+    fn reset_peak(&self);
 
     /// Opens an NVTX range (nested; closed by `nvtx_pop`). Never fails: telemetry is optional.
     fn nvtx_push(&self, name: &str);

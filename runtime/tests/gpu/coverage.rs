@@ -103,6 +103,16 @@ fn calls() -> Vec<(&'static str, Run)> {
             be.embedding_bwd(&ids, &f(be, &[4, 4], 41), &dt)?;
             Ok(vec![dt])
         }),
+        ("embedding_fwd_prechecked", |be| {
+            let ids = up(be, ids_tensor(&[4, 1, 4, 5], &[2, 2]));
+            Ok(vec![be.embedding_fwd_prechecked(&ids, &f(be, &[6, 4], 139))?])
+        }),
+        ("embedding_bwd_prechecked", |be| {
+            let ids = up(be, ids_tensor(&[2, 0, 2, 5], &[4]));
+            let dt = f(be, &[6, 4], 140);
+            be.embedding_bwd_prechecked(&ids, &f(be, &[4, 4], 141), &dt)?;
+            Ok(vec![dt])
+        }),
         ("rms_norm_fwd", |be| {
             let (y, r) = be.rms_norm_fwd(&f(be, &[3, 8], 42), &f(be, &[8], 43), 1e-6)?;
             Ok(vec![y, r])
@@ -292,6 +302,7 @@ fn calls() -> Vec<(&'static str, Run)> {
                 &t,
                 0.25,
                 spec,
+                Some(3),
                 &dx,
                 &dw,
             )?;
@@ -310,6 +321,25 @@ fn calls() -> Vec<(&'static str, Run)> {
                 AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, step: 2, grad_scale: 1.0 };
             be.adamw_step(std::slice::from_ref(&p), hp)?;
             Ok(vec![p.param, p.m, p.v, p.copy.unwrap_or_else(|| unreachable!())])
+        }),
+        ("adamw_step_guarded", |be| {
+            let p = AdamWParam {
+                param: f(be, &[9], 192),
+                grad: f(be, &[9], 193),
+                m: f(be, &[9], 194),
+                v: up(be, Tensor::from_f64(&[0.5; 9], &[9], DType::F32)?),
+                weight_decay: 0.1,
+                copy: Some(be.zeros(&[9], DType::BF16)?),
+            };
+            let hp =
+                AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, step: 2, grad_scale: 1.0 };
+            let loss = f(be, &[1], 195);
+            // A clip below the norm, so the factor is not 1.
+            let status = be.adamw_step_guarded(std::slice::from_ref(&p), hp, &loss, Some(0.5))?;
+            // F32 on a GPU, F64 on the CPU: compared as f32.
+            let s = be.download(&status)?.to_f64_vec()?;
+            let status = up(be, Tensor::from_f64(&s, &[4], DType::F32)?);
+            Ok(vec![p.param, p.m, p.v, p.copy.unwrap_or_else(|| unreachable!()), status])
         }),
         ("global_norm", |be| {
             let n = be.global_norm(&[&f(be, &[9], 95), &f(be, &[4, 4], 96)])?;

@@ -21,6 +21,7 @@ mod state;
 mod step;
 
 use crate::checkpoint::{self, FileWriter};
+use crate::memory::{self, memory_plan, MemoryPlan};
 use crate::metrics::{self, MetricsLog};
 use crate::prepare::{prepare_data, PreparedData};
 use crate::recipe::{ConfigSource, Recipe};
@@ -35,7 +36,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use steel_autograd::{ParamStore, Tape};
 use steel_data::dataset::{Dataset, DatasetOptions};
-use steel_model::{SteelConfig, SteelModel, TrainingBatch};
+use steel_model::{Precision, SteelConfig, SteelModel, TrainingBatch};
 use steel_runtime::comm::{Communicator, InProcessComm, ReduceOp};
 use steel_runtime::cpu::CpuBackend;
 use steel_runtime::cuda::profile::ProfileWindow;
@@ -104,9 +105,28 @@ pub struct StepLog {
     /// optimizer (validation and checkpoints not included); 0 on the CPU.
     #[serde(default)]
     pub kernel_launches: u64,
+    /// Times the host waited for rank 0's device in the step (downloads and synchronisations):
+    /// 1 on a GPU (the verdict read with the loss and gradient norm); 0 on the CPU.
+    #[serde(default)]
+    pub host_syncs: u64,
+    /// The allocator's peak of rank 0's device during the step, bytes (GPU devices).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mem_peak_bytes: Option<u64>,
+    /// What [`memory_plan`] planned for the device, bytes (GPU devices).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mem_plan_bytes: Option<u64>,
+    /// NVML readings of rank 0's GPU at the log line (CUDA devices with NVML).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gpu_mem_used_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gpu_util_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gpu_power_w: Option<f64>,
 }
 
 /// What the loop tells its caller (the CLI draws the progress bar from these).
+// One `Step` per training step: its size is nothing next to the step.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A line to show.
@@ -203,6 +223,10 @@ struct Shared<'a> {
     device: DeviceRequest,
     /// The ranks' GPUs, for the end-of-run launch counts.
     gpus: std::sync::Mutex<Vec<Arc<dyn Gpu>>>,
+    /// How the model computes on this device.
+    precision: Precision,
+    /// The memory plan of one device (GPU runs).
+    plan: Option<MemoryPlan>,
 }
 
 /// What `--dry-run` prints.
@@ -212,43 +236,40 @@ pub struct DryRun {
     pub flops_per_token: f64,
     pub tokens_per_step: usize,
     pub sequences_per_step: usize,
-    /// Weights, gradients and AdamW moments (fp32), per rank.
-    pub state_bytes_per_rank: u64,
-    /// Estimated activations kept for backward of one micro-batch.
-    pub activation_bytes_per_rank: u64,
     pub ranks: usize,
     pub max_steps: u64,
     pub total_tokens: u128,
+    /// The per-device memory plan for the recipe's device and precision (the CPU: fp32).
+    pub memory: MemoryPlan,
+    /// The precision the plan assumes.
+    pub precision: String,
 }
 
 /// Sizes of a run without running it.
 pub fn dry_run(recipe: &Recipe) -> Result<DryRun> {
     let config = model_config(recipe)?;
+    // Planned for the device the recipe names, never probed: the CPU computes in f32; a GPU
+    // (`cuda`, `emu`, `auto`) in the recipe's precision.
+    let on_cpu = recipe.train.device.parse::<DeviceRequest>()? == DeviceRequest::Cpu;
+    let precision = if !on_cpu && recipe.train.precision == "bf16-mixed" {
+        Precision::Bf16Mixed
+    } else {
+        Precision::Fp32
+    };
     let params = config.num_params();
-    let t = recipe.data.seq_len as u64;
-    let b = recipe.train.micro_batch as u64;
-    let h = config.hidden_size as u64;
-    let kv = (config.kv_heads() * config.head_dim()) as u64;
-    let heads = config.num_attention_heads as u64;
-    let layers = config.num_hidden_layers as u64;
-    let slots = (config.n_experts * config.slots_per_expert) as u64;
-    let ew = config.expert_width() as u64;
-    // Per token per layer (f32): norms' outputs and residuals (4h), q/k/v (h + 2kv), attention
-    // output (h), the soft-MoE's dispatch/combine weights (2·slots), expert activations (~4·ew
-    // per slot, shared over tokens: counted per token as slots·4·ew/T), the FFN output (h).
-    let per_tok_layer = 4 * h + h + 2 * kv + h + 2 * slots + h + heads;
-    let per_layer_fixed = slots * 6 * ew + slots * 2 * h;
-    let act = 4 * (b * t * layers * per_tok_layer + b * layers * per_layer_fixed + b * t * 2 * h);
     Ok(DryRun {
         params,
         flops_per_token: config.training_flops_per_token(recipe.data.seq_len),
         tokens_per_step: recipe.tokens_per_step(),
         sequences_per_step: recipe.global_batch(),
-        state_bytes_per_rank: params as u64 * 16,
-        activation_bytes_per_rank: act,
         ranks: recipe.train.ranks,
         max_steps: recipe.train.max_steps,
         total_tokens: recipe.tokens_per_step() as u128 * recipe.train.max_steps as u128,
+        memory: memory_plan(&config, recipe, precision),
+        precision: match precision {
+            Precision::Bf16Mixed => "bf16-mixed".into(),
+            Precision::Fp32 => "fp32".into(),
+        },
     })
 }
 
@@ -259,25 +280,45 @@ pub fn train(
     events: &mut dyn FnMut(&Event),
 ) -> Result<Summary> {
     let request: DeviceRequest = recipe.train.device.parse()?;
-    let choice = steel_runtime::choose_device(request, false)?;
+    // `auto` takes the GPU when a driver and a device are there; `cuda` without a driver is
+    // an error ("no CUDA driver found; use --device cpu"); `emu` runs the GPU path emulated.
+    let choice = steel_runtime::choose_device(request, true)?;
     events(&Event::Notice(choice.notice.clone()));
-    // `auto` stays on the CPU until the GPU backend covers the model; `cuda` and `emu` run the
-    // GPU backend and fail with the name of an op it does not have yet.
     let device = match (choice.device, choice.emulated) {
         (steel_runtime::Device::Cpu, _) => DeviceRequest::Cpu,
         (_, true) => DeviceRequest::Emu,
         (_, false) => DeviceRequest::Cuda,
     };
-    if recipe.train.precision == "bf16-mixed" {
-        events(&Event::Notice(match device {
-            DeviceRequest::Cpu => {
-                "precision: the CPU backend computes in f32 (bf16-mixed applies on a GPU)".into()
-            }
-            _ => "precision: f32 on the GPU backend for now (bf16-mixed comes with the GPU \
-                  trainer)"
-                .into(),
-        }));
+    if device != DeviceRequest::Cpu && recipe.train.ranks > 1 {
+        return Err(inv(format!(
+            "train.ranks = {} on --device {device}: data parallelism across GPUs (--gpus, over \
+             NCCL) is not built yet; train on one GPU (--ranks 1) or on the CPU (--device cpu)",
+            recipe.train.ranks
+        )));
     }
+    let precision = match (recipe.train.precision.as_str(), device) {
+        ("bf16-mixed", DeviceRequest::Cpu) => {
+            events(&Event::Notice(
+                "precision: the CPU backend computes in f32 (bf16-mixed applies on a GPU)".into(),
+            ));
+            Precision::Fp32
+        }
+        ("bf16-mixed", _) => {
+            events(&Event::Notice(
+                "precision: bf16-mixed (bf16 working copies and GEMM/attention operands; fp32 \
+                 master weights, residual stream, norms, routing, loss, gradients and AdamW)"
+                    .into(),
+            ));
+            Precision::Bf16Mixed
+        }
+        (_, DeviceRequest::Cpu) => Precision::Fp32,
+        _ => {
+            events(&Event::Notice(
+                "precision: fp32 (true fp32 on the GPU: fp32 GEMMs without TF32)".into(),
+            ));
+            Precision::Fp32
+        }
+    };
     let cpu_backends_at_start = CpuBackend::constructed();
     std::fs::create_dir_all(&opts.out).map_err(|e| io(&opts.out, e))?;
     let config = model_config(recipe)?;
@@ -362,6 +403,10 @@ pub fn train(
     }
     let o = &recipe.optim;
     let schedule = LrSchedule::new(o.lr, o.min_lr, o.warmup_steps, o.decay_steps)?;
+    let plan = (device != DeviceRequest::Cpu).then(|| memory_plan(&config, recipe, precision));
+    if let Some(p) = &plan {
+        events(&Event::Notice(format!("memory plan per device: {p}")));
+    }
     let stop = opts.stop.clone().unwrap_or_default();
     let sh = Shared {
         recipe,
@@ -376,6 +421,8 @@ pub fn train(
         stop,
         device,
         gpus: std::sync::Mutex::new(Vec::new()),
+        precision,
+        plan,
     };
     if let Some(tok) = &sh.prepared.tokenizer {
         events(&Event::Notice(format!("tokenizer: {}", tok.display())));

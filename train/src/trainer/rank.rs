@@ -29,6 +29,8 @@ pub(super) struct Rank {
     pub(super) comm: InProcessComm,
     /// The rank's device (`None` on the CPU), for the metrics' device and launch counts.
     pub(super) gpu: Option<Arc<dyn Gpu>>,
+    /// NVML on a CUDA device (memory, utilisation, power in the log), when the driver has it.
+    pub(super) nvml: Option<steel_runtime::cuda::nvml::NvmlReader>,
 }
 
 impl Rank {
@@ -114,7 +116,14 @@ pub(super) fn adamw_config(recipe: &Recipe) -> AdamWConfig {
 pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> Result<Rank> {
     let world = sh.recipe.train.ranks;
     let (be, gpu) = rank_backend(sh, rank)?;
-    let (model, opt) = match &sh.loaded {
+    if let (Some(g), Some(plan)) = (&gpu, &sh.plan) {
+        fits(g.as_ref(), plan, sh.recipe)?;
+    }
+    let nvml = match sh.device {
+        DeviceRequest::Cuda => steel_runtime::cuda::nvml::NvmlReader::new(rank as u32).ok(),
+        _ => None,
+    };
+    let (mut model, opt) = match &sh.loaded {
         Some(l) => {
             let tensors = l.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let model = SteelModel::from_tensors(sh.config.clone(), be, tensors)?;
@@ -142,6 +151,8 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
             (model, opt)
         }
     };
+    // bf16 working copies (cast from the fp32 masters, also on resume) under bf16-mixed.
+    model.set_precision(sh.precision)?;
     if let Some(sft) = &sh.prepared.sft {
         let order = match &sh.loaded {
             Some(l) => {
@@ -156,7 +167,7 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
             }
             None => SftOrder::new(sft.examples.len(), sh.recipe.data.seed, rank, world),
         };
-        return Ok(Rank { model, opt, data: Source::Sft(order), comm, gpu });
+        return Ok(Rank { model, opt, data: Source::Sft(order), comm, gpu, nvml });
     }
     let data_err = |e: steel_data::DataError| inv(e.to_string());
     let mut data = match &sh.loaded {
@@ -185,10 +196,31 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
     for dir in &sh.opts.add_data {
         data.append(0, dir).map_err(data_err)?;
     }
-    Ok(Rank { model, opt, data: Source::Packed(data), comm, gpu })
+    Ok(Rank { model, opt, data: Source::Packed(data), comm, gpu, nvml })
 }
 
 /// Counted targets of `[b, T+1]` blocks.
 pub(super) fn counted(blocks: &[u32], t1: usize, ignore: i64) -> u64 {
     blocks.chunks(t1).map(|r| r[1..].iter().filter(|&&x| x as i64 != ignore).count() as u64).sum()
+}
+
+/// Refuses a run whose memory plan exceeds the device's free memory, before anything is
+/// allocated for it, naming the plan and what to change.
+fn fits(gpu: &dyn Gpu, plan: &MemoryPlan, recipe: &Recipe) -> Result<()> {
+    let Some(free) = gpu.memory().free else { return Ok(()) };
+    if plan.total <= free {
+        return Ok(());
+    }
+    Err(inv(format!(
+        "the run does not fit {}: it needs {} per device but {} are free. Plan: {plan}. \
+         Reduce train.micro_batch (now {}; raise train.grad_accum to keep the global batch), \
+         data.seq_len (now {}) or train.chunk_tokens (now {}); train.recompute and ZeRO-1 \
+         (train.zero = 1) are not built yet",
+        gpu.name(),
+        memory::gib(plan.total),
+        memory::gib(free),
+        recipe.train.micro_batch,
+        recipe.data.seq_len,
+        recipe.train.chunk_tokens
+    )))
 }

@@ -3,11 +3,11 @@
 
 use super::*;
 
-/// Kernels and GEMMs the rank's device has launched so far (0 on the CPU).
-fn launches(r: &Rank) -> u64 {
-    r.gpu.as_ref().map_or(0, |g| {
+/// Kernels and GEMMs the rank's device has launched so far, and its host waits (0 on the CPU).
+fn launches(r: &Rank) -> (u64, u64) {
+    r.gpu.as_ref().map_or((0, 0), |g| {
         let c = g.counts();
-        c.kernels + c.gemms
+        (c.kernels + c.gemms, c.host_syncs)
     })
 }
 
@@ -32,7 +32,8 @@ pub(super) fn validate(sh: &Shared<'_>, model: &SteelModel) -> Result<Option<(f6
     let total_blocks: u64 = ds.blocks_per_epoch().iter().sum();
     let b = sh.recipe.train.micro_batch;
     let batches = (sh.recipe.train.eval_batches as u64).min(total_blocks.div_ceil(b as u64).max(1));
-    let (mut sum, mut count) = (0.0f64, 0u64);
+    // The batches' loss sums add up on the device: one download at the end.
+    let (mut sum, mut count) = (None::<Tensor>, 0u64);
     for i in 0..batches {
         let n = (b as u64).min(total_blocks - (i * b as u64).min(total_blocks)).max(1) as usize;
         let blocks = ds.next_batch(n).map_err(|e| inv(e.to_string()))?;
@@ -45,9 +46,18 @@ pub(super) fn validate(sh: &Shared<'_>, model: &SteelModel) -> Result<Option<(f6
             targets: None,
         };
         let (loss, c) = model.loss(&mut tape, &batch)?;
-        sum += model.backend().download(tape.value(loss)?)?.scalar()?;
+        let value = tape.value(loss)?.clone();
+        sum = Some(match sum {
+            None => value,
+            Some(acc) => model.backend().add(&acc, &value)?,
+        });
         count += c as u64;
     }
+    let sum = match sum {
+        Some(t) if t.device() == steel_runtime::Device::Cpu => t.scalar()?,
+        Some(t) => model.backend().download(&t)?.scalar()?,
+        None => 0.0,
+    };
     Ok((count > 0).then(|| (sum / count as f64, count)))
 }
 
@@ -89,6 +99,9 @@ pub(super) fn run_rank(
         }
         let t0 = Instant::now();
         let launches0 = launches(&r);
+        if let Some(g) = &r.gpu {
+            g.reset_peak();
+        }
         let lr = sh.schedule.lr(step);
         let micro = r.next_micros(sh)?;
         let local: u64 = micro.iter().map(|m| m.counted).sum();
@@ -98,7 +111,8 @@ pub(super) fn run_rank(
             r.comm.all_reduce(&count_t, ReduceOp::Sum)?;
         }
         let global = count_t.scalar()? as u64;
-        let mut loss_sum = 0.0f64;
+        // The step's losses add up on the device; nothing is read back until the verdict.
+        let mut loss_dev: Option<Tensor> = None;
         for m in micro {
             let mut tape = Tape::new(r.model.backend().clone());
             let batch = TrainingBatch {
@@ -116,12 +130,18 @@ pub(super) fn run_rank(
                 let _r = trace::range("fwd");
                 r.model.loss(&mut tape, &batch)?.0
             };
-            // The loss lives where the backend computes (a device scalar on a GPU).
-            loss_sum += r.model.backend().download(tape.value(loss)?)?.scalar()?;
+            let value = tape.value(loss)?.clone();
+            loss_dev = Some(match loss_dev {
+                None => value,
+                Some(acc) => r.model.backend().add(&acc, &value)?,
+            });
             let _r = trace::range("bwd");
             tape.backward(loss)?;
         }
-        let loss_t = scalar(loss_sum)?;
+        let loss_t = match loss_dev {
+            Some(t) => t,
+            None => r.model.backend().zeros(&[1], DType::F32)?,
+        };
         if world > 1 {
             let _r = trace::range("allreduce");
             r.comm.all_reduce(&loss_t, ReduceOp::Sum)?;
@@ -129,20 +149,31 @@ pub(super) fn run_rank(
                 r.comm.all_reduce(&r.model.params.grad_buffer(id)?, ReduceOp::Sum)?;
             }
         }
-        let loss = loss_t.scalar()?;
         if let Some(hook) = &sh.opts.hook {
             hook(step, rank, &r.model.params)?;
         }
-        let report = {
+        // The norm, the verdict (skip a non-finite loss or norm), clipping and AdamW, queued
+        // on the device; `settle` reads loss, norm and verdict together: the one host wait.
+        let (loss, report) = {
             let _r = trace::range("optim");
-            if loss.is_finite() {
-                r.opt.step(&r.model.params, lr)?
-            } else {
-                r.model.params.zero_grads()?;
-                crate::StepReport { grad_norm: f64::NAN, clip_scale: 0.0, skipped: true }
-            }
+            let pending = r.opt.step_on_device(&r.model.params, lr, &loss_t)?;
+            r.opt.settle(&r.model.params, pending)?
         };
-        let kernel_launches = launches(&r) - launches0;
+        let launches1 = launches(&r);
+        let (kernel_launches, host_syncs) = (launches1.0 - launches0.0, launches1.1 - launches0.1);
+        let mem_peak = r.gpu.as_ref().map(|g| g.memory().peak_allocated);
+        if let (Some(peak), Some(plan), true) =
+            (mem_peak, sh.plan.as_ref(), step == sh.start_step + 1)
+        {
+            if rank == 0 {
+                emit(Event::Notice(format!(
+                    "memory: measured peak {} in step {step}, planned {} ({:.0}% of the plan)",
+                    memory::gib(peak),
+                    memory::gib(plan.total),
+                    100.0 * peak as f64 / plan.total.max(1) as f64
+                )));
+            }
+        }
         let step_s = t0.elapsed().as_secs_f64();
         let step_tokens = local_tokens * world as u64;
         tokens += step_tokens;
@@ -200,7 +231,21 @@ pub(super) fn run_rank(
             val_ppl: val.map(f64::exp),
             device: r.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.name()),
             kernel_launches,
+            host_syncs,
+            mem_peak_bytes: mem_peak,
+            mem_plan_bytes: mem_peak.and(sh.plan.as_ref().map(|p| p.total)),
+            gpu_mem_used_bytes: None,
+            gpu_util_pct: None,
+            gpu_power_w: None,
         };
+        let mut entry = entry;
+        if logged {
+            if let Some(reading) = r.nvml.as_ref().and_then(|n| n.read().ok()) {
+                entry.gpu_mem_used_bytes = Some(reading.memory_used);
+                entry.gpu_util_pct = reading.utilization_gpu;
+                entry.gpu_power_w = reading.power_w;
+            }
+        }
         if logged {
             if let Some(l) = log.as_mut() {
                 l.write(&entry)?;
