@@ -40,6 +40,10 @@ build() {
   mkdir -p "$DIR"
   cp target/release/steel-bench "$DIR/steel-bench"
   strip "$DIR/steel-bench"
+  echo "==> building the trainer (a short --device cuda demo run)"
+  CARGO_TERM_PROGRESS_WHEN=never cargo build --release --locked --bin steel-train
+  cp target/release/steel-train "$DIR/steel-train"
+  strip "$DIR/steel-train"
 
   echo "==> building the runtime's test binary (the kernels' property tests)"
   local tests
@@ -209,6 +213,19 @@ run() {
   done
   [ "${#peer[@]}" -gt 0 ] || echo "(no PyTorch here: the attention rows have no peer)"
   "$DIR/steel-bench" kernels --device cuda --repeats "$REPEATS" "${peer[@]}" || status=1
+  echo "==> training on the GPU: the 1.12B step (bf16-mixed, 8 × 2048) and the demo recipe"
+  timeout 150 "$DIR/steel-bench" train --device cuda --model-config configs/steel-1.1b/config.json \
+    --seq 2048 --batch 8 --steps 3 --warmup 1 || { echo "steel-bench train failed"; status=1; }
+  if [ -x "$DIR/steel-train" ]; then
+    rm -rf "$DIR/demo-run"
+    if timeout 90 "$DIR/steel-train" --device cuda --max-steps 20 --log-every 5 \
+        --set 'train.precision="bf16-mixed"' --out "$DIR/demo-run" > "$DIR/demo.log" 2>&1; then
+      grep -E "^(device|precision|memory|step )" "$DIR/demo.log" | sed 's/^/  /'
+      tail -n 1 "$DIR/demo-run/metrics.jsonl" | sed 's/^/  last row: /'
+    else
+      status=1; echo "steel-train --device cuda failed:"; tail -n 20 "$DIR/demo.log" | sed 's/^/    /'
+    fi
+  fi
   echo "gpu-check finished in $((SECONDS - t0)) s (status $status)"
   exit "$status"
 }

@@ -283,3 +283,55 @@ fn every_model_variant_trains_in_bf16_mixed_on_the_emulated_gpu() {
         }
     }
 }
+
+/// The fused loss's backward when the loss is not the root (here `3 · loss`, and the sum of two
+/// losses): the upstream gradient is applied on the device (`scale_by_fwd`, nothing read back);
+/// when it is the root, by nothing at all. Both agree with the CPU (fp32: 1e-5).
+#[test]
+fn the_fused_loss_scales_by_a_device_upstream_gradient() {
+    use steel_autograd::LossOptions;
+    use steel_runtime::CrossEntropy;
+    let run = |be: Arc<dyn Backend>, root: usize| -> Vec<Vec<f64>> {
+        let host = |t: &Tensor| be.download(t).unwrap().to_f64_vec().unwrap();
+        let mut tape = Tape::new(be.clone());
+        let rand = |shape: &[usize], seed| {
+            steel_autograd::fixtures::random_tensor(be.as_ref(), shape, DType::F32, 1.0, seed)
+                .unwrap()
+        };
+        let x = tape.leaf(rand(&[6, 8], 1), true);
+        let w = tape.leaf(rand(&[11, 8], 2), true);
+        let t = be.upload(&Tensor::from_vec(vec![1i32, 4, -100, 7, 10, 0], &[6]).unwrap()).unwrap();
+        let opts = LossOptions {
+            ce: CrossEntropy { ignore_index: -100, chunk_tokens: 4 },
+            normalizer: Some(9.0),
+            count: Some(5),
+        };
+        let (loss, count) = tape.lm_head_ce(x, w, &t, opts).unwrap();
+        assert_eq!(count, 5);
+        let top = match root {
+            0 => loss,
+            1 => tape.scale(loss, 3.0).unwrap(),
+            _ => {
+                let (again, _) = tape.lm_head_ce(x, w, &t, opts).unwrap();
+                tape.add(loss, again).unwrap()
+            }
+        };
+        tape.backward(top).unwrap();
+        [x, w].iter().map(|v| host(&tape.grad(*v).unwrap().unwrap())).collect()
+    };
+    let gpu = || -> Arc<dyn Backend> { Arc::new(GpuBackend::new(Arc::new(EmuGpu::new()))) };
+    let unit = run(cpu(), 0);
+    for root in 0..3 {
+        let (want, got) = (run(cpu(), root), run(gpu(), root));
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let e = rel_err(a, b);
+            assert!(e <= 1e-5, "root {root}, input {i}: ‖gpu − cpu‖/‖cpu‖ = {e:.2e}");
+        }
+        // 3 · loss and loss + loss: three and two times the unit gradients.
+        let k = [1.0, 3.0, 2.0][root];
+        for (a, b) in want.iter().zip(&unit) {
+            let scaled: Vec<f64> = b.iter().map(|v| v * k).collect();
+            assert!(rel_err(a, &scaled) <= 1e-6, "root {root}: not {k} × the unit gradient");
+        }
+    }
+}

@@ -543,10 +543,16 @@ impl Tape {
             let loss = self.backend().scale(&out.loss_sum, 1.0 / norm)?;
             let v = self.record("lm_head_ce", &[x, w], vec![loss], move |ctx| {
                 if let Some(dl) = ctx.out_grad(0).cloned() {
-                    // The upstream gradient (1 when the loss is the root): read on the CPU,
-                    // applied on the device elsewhere (nothing is read back from a GPU).
-                    let on_cpu = dl.device() == steel_runtime::Device::Cpu;
-                    let g = if on_cpu { Some(dl.scalar()?) } else { None };
+                    // The upstream gradient: ones when the loss is the root (the trainer's
+                    // case: nothing to scale), else read on the CPU or applied on the device
+                    // (nothing is read back from a GPU).
+                    let g = if ctx.out_grad_is_unit(0) {
+                        Some(1.0)
+                    } else if dl.device() == steel_runtime::Device::Cpu {
+                        Some(dl.scalar()?)
+                    } else {
+                        None
+                    };
                     for (i, d) in [(0, dx), (1, dw)] {
                         let d = match g {
                             Some(1.0) => d,

@@ -165,10 +165,18 @@ impl Tape {
         let value = self.value(loss)?.clone();
         let seed = self.backend.zeros(value.shape(), grad_dtype(value.dtype()))?;
         self.backend.fill(&seed, 1.0)?;
-        match &self.nodes[loss.0].grad {
-            Some(g) => self.backend.add_assign(g, &seed)?,
-            None => self.nodes[loss.0].grad = Some(seed),
-        }
+        // The root's gradient is exactly the seed of ones unless it already held one (nothing
+        // recorded after the root can reach it: those ops' outputs get no gradient).
+        let unit_root = match &self.nodes[loss.0].grad {
+            Some(g) => {
+                self.backend.add_assign(g, &seed)?;
+                None
+            }
+            None => {
+                self.nodes[loss.0].grad = Some(seed);
+                Some(loss)
+            }
+        };
         while let Some(rec) = self.records.pop() {
             let out_grads: Vec<Option<Tensor>> =
                 rec.outputs.iter().map(|o| self.nodes[o.0].grad.clone()).collect();
@@ -185,11 +193,13 @@ impl Tape {
                     steel_runtime::trace::range_absolute(&name)
                 });
                 let backend = self.backend.clone();
+                let unit: Vec<bool> = rec.outputs.iter().map(|o| Some(*o) == unit_root).collect();
                 let mut ctx = BackwardCtx {
                     backend: backend.as_ref(),
                     nodes: &mut self.nodes,
                     inputs: &rec.inputs,
                     out_grads,
+                    unit,
                     extra: Vec::new(),
                 };
                 (rec.backward)(&mut ctx).map_err(|e| match e {
@@ -238,6 +248,8 @@ pub struct BackwardCtx<'a> {
     nodes: &'a mut Vec<Node>,
     inputs: &'a [Var],
     out_grads: Vec<Option<Tensor>>,
+    /// Per output: its gradient is the backward's seed of ones (the output is the root).
+    unit: Vec<bool>,
     /// Buffers handed out for the second and later occurrence of one variable among the
     /// inputs; added into its gradient after the closure ran (so no op sees aliased outputs).
     extra: Vec<(Var, Tensor)>,
@@ -246,6 +258,12 @@ pub struct BackwardCtx<'a> {
 impl BackwardCtx<'_> {
     pub fn backend(&self) -> &dyn Backend {
         self.backend
+    }
+
+    /// Whether output `k`'s gradient is exactly ones: the output is the root of this backward
+    /// (a loss). Ops use it to skip scaling by an upstream gradient without reading it back.
+    pub fn out_grad_is_unit(&self, k: usize) -> bool {
+        self.unit.get(k).copied().unwrap_or(false)
     }
 
     /// The gradient of output `k`, if one reached it.

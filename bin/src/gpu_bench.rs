@@ -545,6 +545,49 @@ fn cases() -> Vec<Case> {
             tol: 1e-5,
         },
         Case {
+            name: "adamw_step_guarded (training step)",
+            shape: "64M params f32 + bf16 copies, clip 1.0",
+            build: |be, big| {
+                let n = if big { ADAMW_N } else { 10_007 };
+                Ok(vec![
+                    rnd(be, &[n], DType::F32, 12)?,
+                    rnd(be, &[n], DType::F32, 13)?,
+                    rnd(be, &[n], DType::F32, 14)?,
+                    be.upload(&Tensor::from_vec(
+                        (0..n).map(|i| ((i * 37) % 101) as f32 * 1e-4).collect::<Vec<f32>>(),
+                        &[n],
+                    )?)?,
+                    be.zeros(&[n], DType::BF16)?,
+                    be.upload(&Tensor::from_vec(vec![2.5f32], &[1])?)?,
+                ])
+            },
+            exec: |be, t| {
+                let p = AdamWParam {
+                    param: t[0].clone(),
+                    grad: t[1].clone(),
+                    m: t[2].clone(),
+                    v: t[3].clone(),
+                    weight_decay: 0.1,
+                    copy: Some(t[4].clone()),
+                };
+                let hp = AdamW {
+                    lr: 1e-3,
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    eps: 1e-8,
+                    step: 3,
+                    grad_scale: 1.0,
+                };
+                be.adamw_step_guarded(&[p], hp, &t[5], Some(1.0))?;
+                Ok(vec![t[0].clone(), t[2].clone(), t[3].clone()])
+            },
+            // the norm reads grad; the update reads param, grad, m, v and writes param, m, v and
+            // the bf16 copy
+            bytes: (f4 * 8.0 + 2.0) * ADAMW_N as f64,
+            flops: 0.0,
+            tol: 1e-5,
+        },
+        Case {
             name: "embedding_fwd bf16",
             shape: "32768 ids, table [151936,1792]",
             build: |be, big| embedding_inputs(be, big, DType::BF16),

@@ -103,11 +103,25 @@ fn bf16_mixed_on_the_emulator_tracks_the_cpu_for_20_steps() {
 }
 
 /// Stopped and resumed in separate processes on the emulator: bit-identical losses, gradient
-/// norms, weights and moments; and the same run twice is bit-identical.
+/// norms, validation losses, weights and moments; and the same run twice is bit-identical. Two
+/// micro-batches per step (their losses add on the device) and validation every 3 steps.
 #[test]
 fn exact_resume_and_determinism_on_the_emulator() {
     let (a, b, c) = (out_dir("det-a"), out_dir("det-b"), out_dir("det-c"));
-    let common = [&["--device", "emu", "--log-every", "1"][..], &SMALL].concat();
+    let common = [
+        "--device",
+        "emu",
+        "--log-every",
+        "1",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "train.micro_batch=2",
+        "--set",
+        "train.grad_accum=2",
+        "--set",
+        "train.eval_every=3",
+    ];
     let run = |dir: &Path, steps: &str, resume: bool| {
         let mut args = vec!["--out", dir.to_str().unwrap(), "--max-steps", steps];
         args.extend(&common);
@@ -122,6 +136,16 @@ fn exact_resume_and_determinism_on_the_emulator() {
     run(&c, "6", false);
     assert_eq!(losses(&a), losses(&b), "resumed on the emulator");
     assert_eq!(losses(&a), losses(&c), "the same run twice");
+    let val = |d: &Path| -> Vec<String> {
+        rows(d)
+            .iter()
+            .filter(|r| r.get("val_loss").is_some())
+            .map(|r| r["val_loss"].to_string())
+            .collect()
+    };
+    assert_eq!(val(&a).len(), 2, "validation at steps 3 and 6");
+    assert_eq!(val(&a), val(&b));
+    assert_eq!(val(&a), val(&c));
     same_files(&a, &b, "step-000006");
     same_files(&a, &c, "step-000006");
 }

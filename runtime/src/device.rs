@@ -152,6 +152,11 @@ impl Compute {
         &self.choice
     }
 
+    /// The GPU underneath (`None` on the CPU).
+    pub fn gpu(&self) -> Option<&std::sync::Arc<dyn crate::gpu::Gpu>> {
+        self.gpu.as_ref()
+    }
+
     /// The work given to the GPU so far (`None` on the CPU).
     pub fn counts(&self) -> Option<crate::gpu::LaunchCounts> {
         self.gpu.as_ref().map(|g| g.counts())

@@ -123,3 +123,35 @@ pub fn peak_flops(peak_tflops: Option<f64>) -> Option<f64> {
     let (ghz, fpc) = cpu_peak_per_core();
     Some(ghz * 1e9 * fpc * rayon::current_num_threads() as f64)
 }
+
+/// Dense bf16 tensor-core peaks (FLOP/s, no sparsity) of the GPUs we know, by a substring of the
+/// device name (`cuda:0 (NVIDIA H200, sm_90)`): MFU on a GPU is measured against these.
+const GPU_BF16_PEAKS: &[(&str, f64)] = &[
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+];
+
+/// The dense bf16 peak of a GPU by name (see `GPU_BF16_PEAKS`), `None` when unknown.
+pub fn gpu_peak_flops(device_name: &str) -> Option<f64> {
+    GPU_BF16_PEAKS.iter().find(|(k, _)| device_name.contains(k)).map(|&(_, p)| p)
+}
+
+/// The peak a run on `device_name` is measured against: `--peak-tflops`, else a CUDA device's
+/// entry in the table (no MFU for an unknown GPU), else (the CPU, and the emulator, which runs on
+/// it) the CPU estimate.
+pub fn peak_flops_for(device_name: &str, peak_tflops: Option<f64>) -> Option<f64> {
+    if let Some(p) = peak_tflops {
+        return Some(p * 1e12);
+    }
+    if device_name.starts_with("cuda:") {
+        return gpu_peak_flops(device_name);
+    }
+    peak_flops(None)
+}

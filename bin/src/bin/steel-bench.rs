@@ -74,6 +74,14 @@ struct TrainArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// bf16-mixed or fp32 (default: bf16-mixed on a GPU, fp32 on the CPU, which always
+    /// computes in f32).
+    #[arg(long)]
+    precision: Option<String>,
+    /// The device's peak TFLOP/s for MFU (default: the GPU's dense bf16 peak from the trainer's
+    /// table, or the CPU estimate).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.
@@ -85,7 +93,7 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let run = steel_cli::DeviceArgs { device: args.device.clone() }.open(false)?;
+    let run = steel_cli::DeviceArgs { device: args.device.clone() }.open(true)?;
     if args.seq == 0 || args.batch == 0 || args.steps == 0 {
         anyhow::bail!("--seq, --batch and --steps must be at least 1");
     }
@@ -93,7 +101,14 @@ fn train(args: TrainArgs) -> Result<()> {
     let (pool, threads) = steel_cli::thread_pool(args.threads)?;
     pool.install(|| -> Result<()> {
         let be: Arc<dyn Backend> = run.backend();
-        let model = steel_model::SteelModel::init(config.clone(), be.clone(), DType::F32, 1)?;
+        let on_gpu = be.device() != steel_runtime::Device::Cpu;
+        let precision = match (args.precision.as_deref(), on_gpu) {
+            (None, true) | (Some("bf16-mixed"), true) => steel_model::Precision::Bf16Mixed,
+            (None | Some("bf16-mixed") | Some("fp32"), _) => steel_model::Precision::Fp32,
+            (Some(p), _) => anyhow::bail!("--precision {p:?}: expected bf16-mixed or fp32"),
+        };
+        let mut model = steel_model::SteelModel::init(config.clone(), be.clone(), DType::F32, 1)?;
+        model.set_precision(precision)?;
         let mut opt =
             steel_train::Optimizer::new(&model.params, steel_train::AdamWConfig::default())?;
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -117,9 +132,11 @@ fn train(args: TrainArgs) -> Result<()> {
                 &[args.batch, args.seq + 1],
             )?);
             let (l, _) = model.loss(&mut tape, &batch)?;
-            loss = be.download(tape.value(l)?)?.scalar()?;
+            let l_value = tape.value(l)?.clone();
             tape.backward(l)?;
-            opt.step(&model.params, 3e-4)?;
+            // The trainer's step: queued on the device, one read of loss, norm and verdict.
+            let pending = opt.step_on_device(&model.params, 3e-4, &l_value)?;
+            loss = opt.settle(&model.params, pending)?.0;
             let dt = t0.elapsed().as_secs_f64();
             if i >= args.warmup {
                 times.push(dt);
@@ -128,9 +145,21 @@ fn train(args: TrainArgs) -> Result<()> {
         times.sort_by(f64::total_cmp);
         let step_s = times[times.len() / 2];
         let tps = (args.batch * args.seq) as f64 / step_s;
-        let (ghz, fpc) = steel_train::metrics::cpu_peak_per_core();
-        let peak = ghz * 1e9 * fpc * threads as f64;
-        let mfu = tps * config.training_flops_per_token(args.seq) / peak;
+        let device_name = match run.compute().gpu() {
+            Some(g) => g.name(),
+            None => "cpu".to_string(),
+        };
+        let peak = match (on_gpu, args.peak_tflops) {
+            (_, Some(p)) => Some(p * 1e12),
+            (true, None) if device_name.starts_with("cuda:") => {
+                steel_train::metrics::gpu_peak_flops(&device_name)
+            }
+            _ => {
+                let (ghz, fpc) = steel_train::metrics::cpu_peak_per_core();
+                Some(ghz * 1e9 * fpc * threads as f64)
+            }
+        };
+        let mfu = peak.map(|p| tps * config.training_flops_per_token(args.seq) / p);
         println!(
             "{}",
             serde_json::json!({
@@ -145,6 +174,10 @@ fn train(args: TrainArgs) -> Result<()> {
                 "batch": args.batch,
                 "steps": args.steps,
                 "loss": loss,
+                "precision": match precision {
+                    steel_model::Precision::Bf16Mixed => "bf16-mixed",
+                    steel_model::Precision::Fp32 => "fp32",
+                },
                 "peak_flops_estimate": peak,
             })
         );

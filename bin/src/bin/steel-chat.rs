@@ -36,7 +36,7 @@ struct Args {
 fn main() -> ExitCode {
     steel_cli::run("steel-chat", || {
         let a = Args::parse();
-        let run = a.device.open(false)?;
+        let run = a.device.open(true)?;
         let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), true, run.backend())?;
         let tok = lm.tokenizer.as_ref().context("steel-chat needs a tokenizer")?;
         let tmpl = tok

@@ -72,7 +72,7 @@ fn ppl(args: PplArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score (got {})", ids.len());
     }
-    let run = args.device.open(false)?;
+    let run = args.device.open(true)?;
     let model = load_hf_dir(&args.model, run.backend(), DType::F32)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let (loss, tokens) = model.shifted_loss(&ids)?;

@@ -53,7 +53,7 @@ struct Args {
 fn main() -> ExitCode {
     steel_cli::run("steel-generate", || {
         let a = Args::parse();
-        let run = a.device.open(false)?;
+        let run = a.device.open(true)?;
         let need_tok = a.prompt.is_some() || a.chat;
         let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), need_tok, run.backend())?;
         let prompt: Vec<u32> = match (&a.prompt, &a.prompt_ids) {

@@ -350,7 +350,7 @@ fn mean(xs: &[f64]) -> Option<f64> {
 
 /// Runs `steel-eval mc`.
 pub fn run(a: McArgs) -> Result<()> {
-    let run = a.device.open(false)?;
+    let run = a.device.open(true)?;
     let lm = Loaded::load(&a.model, a.tokenizer.as_deref(), true, run.backend())?;
     let tok = lm.tokenizer.as_ref().context("a tokenizer is needed")?;
     let split = a.split.clone().unwrap_or_else(|| match a.format {

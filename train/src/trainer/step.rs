@@ -71,7 +71,8 @@ pub(super) fn run_rank(
     let world = rec.train.ranks;
     let rank = r.comm.rank();
     let flops_per_token = sh.config.training_flops_per_token(rec.data.seq_len);
-    let peak = metrics::peak_flops(rec.train.peak_tflops);
+    let device_name = r.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.name());
+    let peak = metrics::peak_flops_for(&device_name, rec.train.peak_tflops);
     let mut log = match events {
         Some(_) => Some(MetricsLog::open(&sh.opts.out.join("metrics.jsonl"), sh.start_step)?),
         None => None,
@@ -229,7 +230,7 @@ pub(super) fn run_rank(
             skipped: report.skipped,
             val_loss: val,
             val_ppl: val.map(f64::exp),
-            device: r.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.name()),
+            device: device_name.clone(),
             kernel_launches,
             host_syncs,
             mem_peak_bytes: mem_peak,
