@@ -101,6 +101,21 @@ struct GlobalNormParams {
 };
 STEEL_PARAMS_SIZE(GlobalNormParams, 32);
 
+// The sum of every thread's `acc`, returned on thread 0 (0 elsewhere): a fixed shuffle tree per
+// warp, then the warps in order — deterministic for a fixed block size. Once per kernel
+// (`warp_part` is not reused after the barrier).
+static __device__ __forceinline__ double block_sum_f64(double acc, double* warp_part) {
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(STEEL_FULL_MASK, acc, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) warp_part[warp] = acc;
+    __syncthreads();  // why: every warp's sum is written before thread 0 adds them
+    double total = 0.0;
+    if (threadIdx.x == 0) {
+        for (int w = 0; w < warps; ++w) total += warp_part[w];
+    }
+    return total;
+}
+
 template <typename T>
 static __device__ __forceinline__ double sum_squares(const T* x, u64 begin, u64 end) {
     double acc = 0.0;
@@ -132,17 +147,10 @@ extern "C" __global__ void __launch_bounds__(256) global_norm_partial_f64(const 
 #else
     const u64 end = min(begin + p.elems_per_block, t.n);
 #endif
-    double acc = t.is_bf16 ? sum_squares((const bf16_t*)t.x, begin, end)
-                           : sum_squares((const float*)t.x, begin, end);
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(STEEL_FULL_MASK, acc, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    if (lane == 0) warp_part[warp] = acc;
-    __syncthreads();  // why: every warp's sum is written before thread 0 adds them
-    if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int w = 0; w < warps; ++w) total += warp_part[w];
-        p.partial[blockIdx.x] = total;
-    }
+    const double acc = t.is_bf16 ? sum_squares((const bf16_t*)t.x, begin, end)
+                                 : sum_squares((const float*)t.x, begin, end);
+    const double total = block_sum_f64(acc, warp_part);
+    if (threadIdx.x == 0) p.partial[blockIdx.x] = total;
 }
 
 struct GlobalNormReduceParams {
@@ -158,15 +166,8 @@ extern "C" __global__ void __launch_bounds__(256) global_norm_reduce_f64(const G
     STEEL_SHARED(double, warp_part, 32);
     double acc = 0.0;
     for (u64 i = threadIdx.x; i < p.count; i += blockDim.x) acc += p.partial[i];
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(STEEL_FULL_MASK, acc, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    if (lane == 0) warp_part[warp] = acc;
-    __syncthreads();  // why: every warp's sum is written before thread 0 adds them
-    if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int w = 0; w < warps; ++w) total += warp_part[w];
-        p.out[0] = total;
-    }
+    const double total = block_sum_f64(acc, warp_part);
+    if (threadIdx.x == 0) p.out[0] = total;
 }
 
 // ---- the guard of a training step: norm, verdict and clip factor, on the device -----------------
@@ -194,13 +195,9 @@ extern "C" __global__ void __launch_bounds__(256) adamw_guard_f64(const AdamWGua
     STEEL_SHARED(double, warp_part, 32);
     double acc = 0.0;
     for (u64 i = threadIdx.x; i < p.count; i += blockDim.x) acc += p.partial[i];
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(STEEL_FULL_MASK, acc, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    if (lane == 0) warp_part[warp] = acc;
-    __syncthreads();  // why: every warp's sum is written before thread 0 adds them
+    // Added exactly as global_norm_reduce_f64 adds them.
+    const double total = block_sum_f64(acc, warp_part);
     if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int w = 0; w < warps; ++w) total += warp_part[w];
         const double norm = sqrt(total);
         const float loss = p.loss[0];
 #ifdef STEEL_MUTATE_ADAMW_VERDICT

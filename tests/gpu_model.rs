@@ -29,6 +29,15 @@ fn gpu_tiny(ffn: FfnType, mlp: MlpType, tied: bool, kv: usize) -> SteelConfig {
     c
 }
 
+/// Every model variant: soft-MoE or dense FFN × double-SwiGLU or SwiGLU MLPs, tied or untied
+/// head, KV heads (GQA, MQA, MHA).
+const VARIANTS: [(FfnType, MlpType, bool, usize); 4] = [
+    (FfnType::SoftMoeV3, MlpType::Senet, false, 2),
+    (FfnType::SoftMoeV3, MlpType::Raw, true, 1),
+    (FfnType::Raw, MlpType::Senet, true, 4),
+    (FfnType::Raw, MlpType::Raw, false, 2),
+];
+
 /// The learning rate of the AdamW step.
 const LR: f64 = 1e-2;
 
@@ -90,13 +99,7 @@ fn train_step_in(
 /// soft-MoE and experts kernels (and flash attention) once per layer and direction.
 #[test]
 fn every_model_variant_trains_on_the_emulated_gpu_like_the_cpu() {
-    let variants = [
-        (FfnType::SoftMoeV3, MlpType::Senet, false, 2),
-        (FfnType::SoftMoeV3, MlpType::Raw, true, 1),
-        (FfnType::Raw, MlpType::Senet, true, 4),
-        (FfnType::Raw, MlpType::Raw, false, 2),
-    ];
-    for (ffn, mlp, tied, kv) in variants {
+    for (ffn, mlp, tied, kv) in VARIANTS {
         let cfg = gpu_tiny(ffn, mlp, tied, kv);
         let what = format!("{ffn:?}/{mlp:?} tied {tied} kv {kv}");
         let tensors = random_tensors(&cfg, DType::F32, 1.0, 9);
@@ -255,13 +258,7 @@ fn soft_moe_block_on_the_emulated_gpu_matches_the_cpu_at_large_expert_weights() 
 /// emulated loss bit for bit.
 #[test]
 fn every_model_variant_trains_in_bf16_mixed_on_the_emulated_gpu() {
-    let variants = [
-        (FfnType::SoftMoeV3, MlpType::Senet, false, 2),
-        (FfnType::SoftMoeV3, MlpType::Raw, true, 1),
-        (FfnType::Raw, MlpType::Senet, true, 4),
-        (FfnType::Raw, MlpType::Raw, false, 2),
-    ];
-    for (ffn, mlp, tied, kv) in variants {
+    for (ffn, mlp, tied, kv) in VARIANTS {
         let cfg = gpu_tiny(ffn, mlp, tied, kv);
         let what = format!("bf16-mixed {ffn:?}/{mlp:?} tied {tied} kv {kv}");
         let tensors = random_tensors(&cfg, DType::F32, 1.0, 19);

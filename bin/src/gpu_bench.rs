@@ -56,6 +56,34 @@ fn rows_h(big: bool) -> (usize, usize) {
     }
 }
 
+/// param, grad, m, v `[n]` for the AdamW rows (the second moment non-negative).
+fn adamw_inputs(be: &dyn Backend, big: bool, seed: u64) -> Result<Vec<Tensor>> {
+    let n = if big { ADAMW_N } else { 10_007 };
+    Ok(vec![
+        rnd(be, &[n], DType::F32, seed)?,
+        rnd(be, &[n], DType::F32, seed + 1)?,
+        rnd(be, &[n], DType::F32, seed + 2)?,
+        be.upload(&Tensor::from_vec(
+            (0..n).map(|i| ((i * 37) % 101) as f32 * 1e-4).collect::<Vec<f32>>(),
+            &[n],
+        )?)?,
+    ])
+}
+
+/// The AdamW rows' parameter over `adamw_inputs` and their hyper-parameters.
+fn adamw_param(t: &[Tensor], copy: Option<Tensor>) -> (AdamWParam, AdamW) {
+    let p = AdamWParam {
+        param: t[0].clone(),
+        grad: t[1].clone(),
+        m: t[2].clone(),
+        v: t[3].clone(),
+        weight_decay: 0.1,
+        copy,
+    };
+    let hp = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, step: 3, grad_scale: 1.0 };
+    (p, hp)
+}
+
 /// The embedding cases' inputs: ids `[n]` (I32, a fixed scatter over the vocabulary with every
 /// 16th token the same hot id) and the table `[V, h]` of `dtype` (zeros when timed: the values do
 /// not change the time, and 272M random values would take the host seconds).
@@ -506,36 +534,9 @@ fn cases() -> Vec<Case> {
         Case {
             name: "adamw_step",
             shape: "64M params f32",
-            build: |be, big| {
-                let n = if big { ADAMW_N } else { 10_007 };
-                Ok(vec![
-                    rnd(be, &[n], DType::F32, 9)?,
-                    rnd(be, &[n], DType::F32, 10)?,
-                    rnd(be, &[n], DType::F32, 11)?,
-                    // The second moment is non-negative.
-                    be.upload(&Tensor::from_vec(
-                        (0..n).map(|i| ((i * 37) % 101) as f32 * 1e-4).collect::<Vec<f32>>(),
-                        &[n],
-                    )?)?,
-                ])
-            },
+            build: |be, big| adamw_inputs(be, big, 9),
             exec: |be, t| {
-                let p = AdamWParam {
-                    param: t[0].clone(),
-                    grad: t[1].clone(),
-                    m: t[2].clone(),
-                    v: t[3].clone(),
-                    weight_decay: 0.1,
-                    copy: None,
-                };
-                let hp = AdamW {
-                    lr: 1e-3,
-                    beta1: 0.9,
-                    beta2: 0.95,
-                    eps: 1e-8,
-                    step: 3,
-                    grad_scale: 1.0,
-                };
+                let (p, hp) = adamw_param(t, None);
                 be.adamw_step(&[p], hp)?;
                 Ok(vec![t[0].clone(), t[2].clone(), t[3].clone()])
             },
@@ -545,39 +546,17 @@ fn cases() -> Vec<Case> {
             tol: 1e-5,
         },
         Case {
-            name: "adamw_step_guarded (training step)",
+            name: "adamw_step_guarded",
             shape: "64M params f32 + bf16 copies, clip 1.0",
             build: |be, big| {
-                let n = if big { ADAMW_N } else { 10_007 };
-                Ok(vec![
-                    rnd(be, &[n], DType::F32, 12)?,
-                    rnd(be, &[n], DType::F32, 13)?,
-                    rnd(be, &[n], DType::F32, 14)?,
-                    be.upload(&Tensor::from_vec(
-                        (0..n).map(|i| ((i * 37) % 101) as f32 * 1e-4).collect::<Vec<f32>>(),
-                        &[n],
-                    )?)?,
-                    be.zeros(&[n], DType::BF16)?,
-                    be.upload(&Tensor::from_vec(vec![2.5f32], &[1])?)?,
-                ])
+                let mut t = adamw_inputs(be, big, 12)?;
+                let n = t[0].numel();
+                t.push(be.zeros(&[n], DType::BF16)?);
+                t.push(be.upload(&Tensor::from_vec(vec![2.5f32], &[1])?)?);
+                Ok(t)
             },
             exec: |be, t| {
-                let p = AdamWParam {
-                    param: t[0].clone(),
-                    grad: t[1].clone(),
-                    m: t[2].clone(),
-                    v: t[3].clone(),
-                    weight_decay: 0.1,
-                    copy: Some(t[4].clone()),
-                };
-                let hp = AdamW {
-                    lr: 1e-3,
-                    beta1: 0.9,
-                    beta2: 0.95,
-                    eps: 1e-8,
-                    step: 3,
-                    grad_scale: 1.0,
-                };
+                let (p, hp) = adamw_param(t, Some(t[4].clone()));
                 be.adamw_step_guarded(&[p], hp, &t[5], Some(1.0))?;
                 Ok(vec![t[0].clone(), t[2].clone(), t[3].clone()])
             },

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::ok;
+
 fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("steel-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -13,16 +16,6 @@ fn out_dir(name: &str) -> PathBuf {
 
 fn train(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_steel-train")).args(args).output().unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn losses(metrics: &Path) -> Vec<(u64, String)> {

@@ -10,6 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::ok;
+
 fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("steel-gpu-train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -27,16 +30,6 @@ fn train_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn train(args: &[&str]) -> Output {
     train_env(args, &[])
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn rows(dir: &Path) -> Vec<serde_json::Value> {

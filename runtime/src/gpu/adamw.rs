@@ -143,16 +143,29 @@ pub(super) fn adamw_step<G: Gpu>(
     params: &[AdamWParam],
     hp: AdamW,
 ) -> Result<()> {
-    const OP: &str = "adamw_step";
+    check_params(be, "adamw_step", params, None)?;
+    launch_adamw_step(be.gpu(), params, hp, 0)
+}
+
+/// Every tensor of every parameter on this device, and the updated ones distinct from the
+/// gradient (and from `loss`, the guarded step's input).
+fn check_params<G: Gpu>(
+    be: &GpuBackend<G>,
+    op: &'static str,
+    params: &[AdamWParam],
+    loss: Option<&Tensor>,
+) -> Result<()> {
     for p in params {
         let mut all = vec![&p.param, &p.grad, &p.m, &p.v];
         all.extend(p.copy.as_ref());
-        be.on_device(OP, &all)?;
+        be.on_device(op, &all)?;
         let mut outs = vec![&p.param, &p.m, &p.v];
         outs.extend(p.copy.as_ref());
-        distinct(OP, &outs, &[&p.grad])?;
+        let mut ins = vec![&p.grad];
+        ins.extend(loss);
+        distinct(op, &outs, &ins)?;
     }
-    launch_adamw_step(be.gpu(), params, hp, 0)
+    Ok(())
 }
 
 /// The guarded step (`Backend::adamw_step_guarded`): the squared partial sums of every gradient
@@ -173,14 +186,7 @@ pub(super) fn adamw_step_guarded<G: Gpu>(
             format!("the loss must be one F32 value, got {:?} {}", loss.shape(), loss.dtype()),
         ));
     }
-    for p in params {
-        let mut all = vec![&p.param, &p.grad, &p.m, &p.v];
-        all.extend(p.copy.as_ref());
-        be.on_device(OP, &all)?;
-        let mut outs = vec![&p.param, &p.m, &p.v];
-        outs.extend(p.copy.as_ref());
-        distinct(OP, &outs, &[&p.grad, loss])?;
-    }
+    check_params(be, OP, params, Some(loss))?;
     let gpu = be.gpu();
     let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
     let (partial, blocks) = norm_partials(be, OP, &grads)?;
