@@ -356,3 +356,58 @@ mod sft {
         }
     }
 }
+
+/// The trainer on the emulated GPU in bf16-mixed (a smaller demo): after step 1's backward every
+/// parameter has a finite, non-zero gradient on the device; a NaN put into one gradient on the
+/// device skips step 2 there (reported, nothing applied: the weights after step 2 are those after
+/// step 1, bit for bit) — the guarded AdamW's verdict, read once with the loss.
+#[test]
+fn bf16_mixed_on_the_emulator_reaches_every_parameter_and_skips_a_nan_step() {
+    let out = out_dir("emu-bf16");
+    let recipe = demo(&[
+        "train.device=\"emu\"",
+        "train.precision=\"bf16-mixed\"",
+        "data.seq_len=32",
+        "train.micro_batch=4",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.checkpoint_every=1",
+        "train.max_steps=2",
+    ]);
+    let mut o = opts(&out);
+    let checked = Arc::new(Mutex::new(0usize));
+    let c = checked.clone();
+    o.hook = Some(Arc::new(move |step, _rank, params: &steel_autograd::ParamStore| {
+        let be = params.backend();
+        assert_ne!(be.device(), steel_runtime::Device::Cpu, "the gradients live on the device");
+        if step == 1 {
+            for (id, p) in params.iter() {
+                let g = be.download(&params.grad_buffer(id)?)?.to_f64_vec()?;
+                assert!(g.iter().all(|v| v.is_finite()), "{}: a non-finite gradient", p.name);
+                assert!(g.iter().any(|v| *v != 0.0), "{}: an all-zero gradient", p.name);
+                assert!(p.working().is_some() || !p.name.ends_with("_proj.weight"), "{}", p.name);
+                *c.lock().unwrap() += 1;
+            }
+        } else {
+            let (id, _) = params.iter().nth(5).unwrap();
+            be.fill(&params.grad_buffer(id)?, f64::NAN)?;
+        }
+        Ok(())
+    }));
+    let (s, events) = run(&recipe, &o);
+    assert!(*checked.lock().unwrap() > 10, "every parameter was checked");
+    assert!(events.iter().any(|e| matches!(e, Event::Skipped { step: 2, .. })), "skip reported");
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+    let rows = steel_train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        (rows[0]["skipped"].clone(), rows[1]["skipped"].clone()),
+        (false.into(), true.into())
+    );
+    assert_eq!(rows[1]["host_syncs"], 1);
+    let (w1, w2) = (
+        weights(&out.join("checkpoints/step-000001")),
+        weights(&out.join("checkpoints/step-000002")),
+    );
+    assert_eq!(w1, w2, "a skipped step applies nothing");
+    let _ = std::fs::remove_dir_all(out);
+}

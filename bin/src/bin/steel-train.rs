@@ -257,8 +257,19 @@ fn main() -> ExitCode {
                 bar.set_message(format!("loss {:.4} lr {:.2e} {} tok/s{mfu}", log.loss, log.lr, fmt_count(log.tokens_per_s)));
                 if *logged {
                     let val = log.val_loss.map(|v| format!(" val_loss {v:.4}")).unwrap_or_default();
+                    // On a GPU: the allocator's peak of the step, and NVML's readings.
+                    let mut gpu = String::new();
+                    if let Some(p) = log.mem_peak_bytes {
+                        gpu += &format!(" mem {}", steel_cli::gib(p as f64));
+                    }
+                    if let Some(u) = log.gpu_util_pct {
+                        gpu += &format!(" util {u}%");
+                    }
+                    if let Some(w) = log.gpu_power_w {
+                        gpu += &format!(" {w:.0} W");
+                    }
                     say(&bar, format!(
-                        "step {:>6} loss {:.4}{val} lr {:.3e} grad_norm {:.3} {} tok/s{mfu} ({:.0} ms/step)",
+                        "step {:>6} loss {:.4}{val} lr {:.3e} grad_norm {:.3} {} tok/s{mfu}{gpu} ({:.0} ms/step)",
                         log.step, log.loss, log.lr, log.grad_norm, fmt_count(log.tokens_per_s), log.step_ms
                     ));
                 }
