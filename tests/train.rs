@@ -92,7 +92,8 @@ fn a_non_finite_step_is_skipped_and_reported() {
 
 mod checkpoints {
     use std::path::{Path, PathBuf};
-    use steel_train::checkpoint::{latest_valid, list, prune, verify, write_checkpoint};
+    use steel_train::checkpoint::{latest_valid, list, verify, write_checkpoint};
+    use steel_train::run_dir::prune_valid;
     use steel_train::{Result, TrainError};
 
     fn root(name: &str) -> PathBuf {
@@ -156,8 +157,8 @@ mod checkpoints {
         )
         .is_err());
         assert!(
-            r.join(".tmp-step-000006").exists(),
-            "the half-written checkpoint stays a temporary"
+            !r.join(".tmp-step-000006").exists(),
+            "a failed write removes its half-written temporary"
         );
         assert_eq!(list(&r).unwrap().len(), 1);
         let (found, warnings) = latest_valid(&r).unwrap();
@@ -172,10 +173,41 @@ mod checkpoints {
             save(&r, s);
         }
         std::fs::create_dir_all(r.join(".tmp-step-000005")).unwrap();
-        let removed = prune(&r, 2).unwrap();
+        let removed = prune_valid(&r, 2, &mut Default::default()).unwrap();
         assert_eq!(removed.len(), 3);
         let left: Vec<u64> = list(&r).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(left, vec![4, 3]);
         assert!(!r.join(".tmp-step-000005").exists());
+    }
+
+    /// Damaged checkpoints are not counted: newer damaged ones never push out the last valid
+    /// one, and with none valid nothing is deleted.
+    #[test]
+    fn prune_counts_only_valid_checkpoints() {
+        let r = root("prune-valid");
+        for s in [1, 2, 3, 4, 5] {
+            save(&r, s);
+        }
+        let flip = |step: u64| {
+            let p = r.join(format!("step-{step:06}")).join("model.safetensors");
+            let mut b = std::fs::read(&p).unwrap();
+            b[0] ^= 0xFF;
+            std::fs::write(&p, b).unwrap();
+        };
+        flip(5);
+        flip(4);
+        let removed = prune_valid(&r, 1, &mut Default::default()).unwrap();
+        let left: Vec<u64> = list(&r).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, vec![5, 4, 3], "the newest valid one (3) stays; {removed:?}");
+        let r2 = root("prune-none");
+        for s in [1, 2] {
+            save(&r2, s);
+        }
+        for s in [1, 2] {
+            let p = r2.join(format!("step-{s:06}")).join("model.safetensors");
+            std::fs::write(&p, b"damaged").unwrap();
+        }
+        assert!(prune_valid(&r2, 1, &mut Default::default()).unwrap().is_empty());
+        assert_eq!(list(&r2).unwrap().len(), 2);
     }
 }

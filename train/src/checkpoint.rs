@@ -73,6 +73,23 @@ pub fn write_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let out = write_into(root, &tmp, &name, step, files, meta);
+    if out.is_err() {
+        // A failed write (a full disk, a bad file name) leaves no partial temporary behind; the
+        // previous checkpoints are untouched.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    out
+}
+
+fn write_into(
+    root: &Path,
+    tmp: &Path,
+    name: &str,
+    step: u64,
+    files: &[(&str, FileWriter<'_>)],
+    meta: serde_json::Value,
+) -> Result<PathBuf> {
     let mut records = Vec::with_capacity(files.len());
     for (fname, write) in files {
         if *fname == MANIFEST || fname.contains('/') {
@@ -92,12 +109,12 @@ pub fn write_checkpoint(
         serde_json::to_string_pretty(&manifest).map_err(|e| TrainError::Invalid(e.to_string()))?;
     let mut f = std::fs::File::create(&mpath).map_err(|e| io(&mpath, e))?;
     f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| io(&mpath, e))?;
-    fsync_dir(&tmp)?;
-    let dst = root.join(&name);
+    fsync_dir(tmp)?;
+    let dst = root.join(name);
     if dst.exists() {
         std::fs::remove_dir_all(&dst).map_err(|e| io(&dst, e))?;
     }
-    std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
+    std::fs::rename(tmp, &dst).map_err(|e| io(&dst, e))?;
     fsync_dir(root)?;
     Ok(dst)
 }
@@ -152,15 +169,13 @@ pub fn latest_valid(root: &Path) -> Result<(Found, Vec<String>)> {
     Ok((None, warnings))
 }
 
-/// Deletes all but the newest `keep` checkpoints (and leftover temporaries).
-pub fn prune(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+/// Removes the temporaries a crash mid-write left under `root` (`.tmp-step-*`: never a
+/// checkpoint; the next write of the same step replaces it anyway).
+pub fn remove_temporaries(root: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for (_, dir) in list(root)?.into_iter().skip(keep.max(1)) {
-        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
-        removed.push(dir);
+    if !root.exists() {
+        return Ok(removed);
     }
-    // A temporary left by a crash mid-write is never a checkpoint; the next write of the same
-    // step replaces it anyway.
     for e in std::fs::read_dir(root).map_err(|e| io(root, e))?.flatten() {
         let p = e.path();
         if p.is_dir()

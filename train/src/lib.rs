@@ -8,6 +8,7 @@ pub mod metrics;
 mod optimizer;
 pub mod prepare;
 pub mod recipe;
+pub mod run_dir;
 mod schedule;
 pub mod sft;
 pub mod trainer;

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 /// `metrics.jsonl`: one JSON object per logged step, appended and flushed line by line. Opened
 /// for a run starting at `start_step`, it first drops lines of later steps (written by a run
-/// that went on past its last checkpoint), so after a resume every step appears once.
+/// that went on past its last checkpoint), so after a resume every step appears once. Nothing is
+/// lost: the dropped lines are appended to `metrics.jsonl.dropped` beside it (fsync'ed) before
+/// the log is rewritten to a temporary, fsync'ed and renamed over it.
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
@@ -21,22 +23,37 @@ impl MetricsLog {
     pub fn open(path: &Path, start_step: u64) -> Result<MetricsLog> {
         if path.exists() {
             let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s <= start_step)
-                })
-                .collect();
-            let mut out = kept.join("\n");
-            if !out.is_empty() {
-                out.push('\n');
+            let (kept, dropped): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= start_step)
+            });
+            let dropped: Vec<&str> = dropped.into_iter().filter(|l| !l.trim().is_empty()).collect();
+            if !dropped.is_empty() {
+                let backup = dropped_path(path);
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&backup)
+                    .map_err(|e| io(&backup, e))?;
+                let mut lines = dropped.join("\n");
+                lines.push('\n');
+                f.write_all(lines.as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| io(&backup, e))?;
+                let mut out = kept.join("\n");
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                let tmp = path.with_extension("jsonl.tmp");
+                let mut t = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+                t.write_all(out.as_bytes()).and_then(|_| t.sync_all()).map_err(|e| io(&tmp, e))?;
+                std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+                if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+                }
             }
-            let tmp = path.with_extension("jsonl.tmp");
-            std::fs::write(&tmp, out).map_err(|e| io(&tmp, e))?;
-            std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -51,6 +68,13 @@ impl MetricsLog {
         line.push('\n');
         self.file.write_all(line.as_bytes()).map_err(|e| io(&self.path, e))
     }
+}
+
+/// Where `MetricsLog::open` keeps the lines it drops from `path` (`metrics.jsonl.dropped`).
+pub fn dropped_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".dropped");
+    path.with_file_name(name)
 }
 
 /// Reads a metrics log (for plots and tests); lines that are not JSON objects are errors
@@ -124,23 +148,9 @@ pub fn peak_flops(peak_tflops: Option<f64>) -> Option<f64> {
     Some(ghz * 1e9 * fpc * rayon::current_num_threads() as f64)
 }
 
-/// Dense bf16 tensor-core peaks (FLOP/s, no sparsity) of the GPUs we know, by a substring of the
-/// device name (`cuda:0 (NVIDIA H200, sm_90)`): MFU on a GPU is measured against these.
-const GPU_BF16_PEAKS: &[(&str, f64)] = &[
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("A10G", 70e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-];
-
-/// The dense bf16 peak of a GPU by name (see `GPU_BF16_PEAKS`), `None` when unknown.
+/// The dense bf16 peak of a GPU by name in FLOP/s (`GPU_PEAK_TFLOPS`), `None` when unknown.
 pub fn gpu_peak_flops(device_name: &str) -> Option<f64> {
-    GPU_BF16_PEAKS.iter().find(|(k, _)| device_name.contains(k)).map(|&(_, p)| p)
+    gpu_peak_tflops(device_name).map(|t| t * 1e12)
 }
 
 /// The peak a run on `device_name` is measured against: `--peak-tflops`, else a CUDA device's

@@ -49,10 +49,15 @@ struct Args {
     /// Log cadence in steps (train.log_every).
     #[arg(long)]
     log_every: Option<u64>,
-    /// `auto`: the newest valid checkpoint under --out (damaged ones are skipped with a warning);
-    /// or a checkpoint directory.
+    /// `auto`: the newest valid checkpoint under --out (damaged ones are skipped with a warning;
+    /// when checkpoints exist but none verifies it is an error that names them, and nothing in
+    /// --out is changed); or a checkpoint directory.
     #[arg(long, value_name = "auto|DIR")]
     resume: Option<String>,
+    /// Start over in --out: an existing run there is first moved aside to the dated sibling
+    /// <out>.replaced-YYYYMMDD-HHMMSS (nothing is deleted). Not with --resume.
+    #[arg(long, conflicts_with = "resume")]
+    fresh: bool,
     /// Keep the newest K checkpoints (train.keep_checkpoints; default 3).
     #[arg(long)]
     keep_checkpoints: Option<usize>,
@@ -216,6 +221,7 @@ fn main() -> ExitCode {
             add_data: args.add_data.clone(),
             stop: Some(stop.clone()),
             profile_steps,
+            fresh: args.fresh,
             hook: None,
         };
         eprintln!(

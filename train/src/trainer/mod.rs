@@ -75,6 +75,9 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// `--profile-steps A:B`: the profiler is started before step A and stopped after step B.
     pub profile_steps: Option<ProfileWindow>,
+    /// `--fresh`: start over in `out`, moving an existing run aside to a dated sibling
+    /// directory first (never deleting it). Not with a resume.
+    pub fresh: bool,
     pub hook: Option<Arc<StepHook>>,
 }
 
@@ -227,6 +230,8 @@ struct Shared<'a> {
     precision: Precision,
     /// The memory plan of one device (GPU runs).
     plan: Option<MemoryPlan>,
+    /// Checkpoints known to verify (written or loaded by this run): pruning does not hash them.
+    known_valid: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// What `--dry-run` prints.
@@ -320,7 +325,8 @@ pub fn train(
         }
     };
     let cpu_backends_at_start = CpuBackend::constructed();
-    std::fs::create_dir_all(&opts.out).map_err(|e| io(&opts.out, e))?;
+    // One trainer per run directory, locked before anything is written there.
+    let _lock = lock_run_dir(opts, events)?;
     let config = model_config(recipe)?;
     if let Some(dir) = &recipe.model.init_from {
         let theirs = SteelConfig::from_file(&dir.join("config.json"))?;
@@ -336,7 +342,8 @@ pub fn train(
         Resume::No => {
             if !checkpoint::list(&ckpt_root)?.is_empty() {
                 return Err(inv(format!(
-                    "{} already holds checkpoints: continue with --resume auto, or choose another --out",
+                    "{} already holds checkpoints: continue with --resume auto, start over with \
+                     --fresh (the old run is moved aside, not deleted), or choose another --out",
                     ckpt_root.display()
                 )));
             }
@@ -344,6 +351,16 @@ pub fn train(
         }
         Resume::Auto => {
             let (found, warnings) = checkpoint::latest_valid(&ckpt_root)?;
+            if found.is_none() && !warnings.is_empty() {
+                // Checkpoints exist but none verifies: never a silent fresh start over them.
+                return Err(inv(format!(
+                    "--resume auto: no checkpoint under {} verifies, so nothing was changed:\n  \
+                     {}\nrepair or restore one, resume from a directory with --resume DIR, or \
+                     start over with --fresh (the old run is moved aside, not deleted)",
+                    ckpt_root.display(),
+                    warnings.join("\n  ")
+                )));
+            }
             for w in warnings {
                 events(&Event::Notice(format!("warning: {w}")));
             }
@@ -423,6 +440,7 @@ pub fn train(
         gpus: std::sync::Mutex::new(Vec::new()),
         precision,
         plan,
+        known_valid: std::sync::Mutex::new(found.iter().cloned().collect()),
     };
     if let Some(tok) = &sh.prepared.tokenizer {
         events(&Event::Notice(format!("tokenizer: {}", tok.display())));
@@ -490,6 +508,35 @@ pub fn train(
         )));
     }
     result
+}
+
+/// Locks `--out` for this run (rank 0 of the process); with `--fresh`, moves an existing run
+/// aside first (under its own lock, so no trainer is writing it) and locks the new directory.
+fn lock_run_dir(
+    opts: &RunOptions,
+    events: &mut dyn FnMut(&Event),
+) -> Result<Option<crate::run_dir::RunLock>> {
+    use crate::run_dir::{move_aside, RunLock};
+    if opts.fresh && opts.resume != Resume::No {
+        return Err(inv("--fresh starts over: it cannot be combined with --resume"));
+    }
+    let lock = RunLock::acquire(&opts.out, 0)?;
+    if !opts.fresh {
+        return Ok(lock);
+    }
+    match move_aside(&opts.out)? {
+        Some(old) => {
+            events(&Event::Notice(format!(
+                "--fresh: the previous run in {} was moved to {}",
+                opts.out.display(),
+                old.display()
+            )));
+            let new = RunLock::acquire(&opts.out, 0)?;
+            drop(lock);
+            Ok(new)
+        }
+        None => Ok(lock),
+    }
 }
 
 /// Breaks the rank group when a rank leaves with an error, so the others stop waiting.

@@ -201,6 +201,8 @@ pub(super) fn save_checkpoint(
     let refs: Vec<(&str, FileWriter<'_>)> = files.iter().map(|(n, f)| (n.as_str(), *f)).collect();
     let dir =
         checkpoint::write_checkpoint(&root, step, &refs, json!({"step": step, "tokens": tokens}))?;
-    checkpoint::prune(&root, sh.recipe.train.keep_checkpoints)?;
+    let mut known = sh.known_valid.lock().unwrap_or_else(|p| p.into_inner());
+    known.insert(dir.clone());
+    crate::run_dir::prune_valid(&root, sh.recipe.train.keep_checkpoints, &mut known)?;
     Ok(dir)
 }
