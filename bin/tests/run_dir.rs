@@ -180,3 +180,60 @@ fn a_second_trainer_on_the_same_out_is_refused() {
     second.wait().unwrap();
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// `steel-export` never writes over its checkpoint or a run: `--out` equal to the checkpoint,
+/// inside it, around it, or a directory with other contents is refused (exit 2, nothing
+/// changed); an absent directory, and a previous export, are written (the latter replaced).
+#[test]
+fn export_never_replaces_its_checkpoint_or_a_run() {
+    let out = out_dir("export");
+    ok(&train(&out, &["--max-steps", "2", "--checkpoint-every", "2"]));
+    let ck = out.join("checkpoints/step-000002");
+    let export = |dst: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_steel-export"))
+            .args(["--checkpoint", ck.to_str().unwrap(), "--out", dst.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let before = snapshot(&out);
+    let odd = out.join("notes");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::write(odd.join("todo.txt"), "mine").unwrap();
+    let before_odd = snapshot(&odd);
+    let dotted = out.join("checkpoints/./step-000002/../step-000002");
+    for (dst, needle) in [
+        (ck.clone(), "is the checkpoint"),
+        (dotted, "is the checkpoint"),
+        (ck.join("hf"), "lies inside"),
+        (out.clone(), "contains"),
+        (odd.clone(), "not a previous export"),
+    ] {
+        let r = export(&dst);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{}: {err}", dst.display());
+        assert!(err.contains(needle), "{}: {err}", dst.display());
+    }
+    assert_eq!(snapshot(&odd), before_odd);
+    std::fs::remove_dir_all(&odd).unwrap();
+    assert_eq!(snapshot(&out), before, "the run is untouched");
+    // A new directory, then a re-export into it (a previous export: replaced whole).
+    let hf = out_dir("export-hf");
+    ok(&export(&hf));
+    assert!(hf.join("model.safetensors").is_file() && hf.join("config.json").is_file());
+    std::fs::write(hf.join("stale.bin"), "old").unwrap();
+    ok(&export(&hf));
+    assert!(!hf.join("stale.bin").exists(), "a re-export replaces the old export whole");
+    assert!(hf.join("model.safetensors").is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(hf.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.contains(".tmp-export-") || n.contains(".old-export-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "no temporaries left: {leftovers:?}");
+    for d in [out, hf] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
