@@ -156,8 +156,23 @@ impl ShardHeader {
         let dtype = TokenDType::from_code(bytes[15])
             .ok_or_else(|| DataError::format(path, format!("unknown dtype code {}", bytes[15])))?;
         let chunk_size = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or([0; 8]));
+        // The size must fit a u64 and the address space (a crafted chunk size would wrap the
+        // product, pass the check and then index far past the map).
+        let want = chunk_size
+            .checked_mul(dtype.itemsize() as u64)
+            .and_then(|b| b.checked_add(HEADER_BYTES as u64))
+            .filter(|&b| usize::try_from(b).is_ok())
+            .ok_or_else(|| {
+                DataError::format(
+                    path,
+                    format!(
+                        "its header announces {chunk_size} {} tokens: more bytes than any file \
+                         can hold",
+                        dtype.name()
+                    ),
+                )
+            })?;
         if let Some(len) = file_len {
-            let want = HEADER_BYTES as u64 + chunk_size * dtype.itemsize() as u64;
             if len != want {
                 return Err(DataError::format(
                     path,
@@ -198,10 +213,10 @@ impl Shard {
 
     /// Tokens `start .. start + n` as i64.
     pub fn tokens(&self, start: usize, n: usize) -> Result<Vec<i64>> {
-        if start + n > self.len() {
+        if start.checked_add(n).is_none_or(|end| end > self.len()) {
             return Err(DataError::format(
                 &self.path,
-                format!("tokens {start}..{} are past the end ({})", start + n, self.len()),
+                format!("tokens {start}..{start}+{n} are past the end ({})", self.len()),
             ));
         }
         let body = &self.map[HEADER_BYTES..];

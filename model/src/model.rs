@@ -95,6 +95,7 @@ impl SteelModel {
             if t.shape() != shape.as_slice() {
                 return Err(ModelError::Shape { name, expected: shape, found: t.shape().to_vec() });
             }
+            check_finite(&name, &t)?;
             let t = if t.device() == backend.device() { t } else { backend.upload(&t)? };
             let id = store.insert(name.clone(), t, ParamOptions { weight_decay: true })?;
             ids.insert(name, id);
@@ -225,5 +226,33 @@ impl SteelModel {
     /// A parameter's value by HF name.
     pub fn param(&self, name: &str) -> Option<&Tensor> {
         self.params.id(name).map(|id| &self.params.get(id).value)
+    }
+}
+
+/// A weight with a NaN or an infinity is refused when loaded, naming the tensor and the first
+/// bad element (such a model would only print NaN losses and garbage tokens). Host tensors are
+/// checked; a tensor already on a device was produced by Steel.
+fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    if t.device() != steel_runtime::Device::Cpu {
+        return Ok(());
+    }
+    let g = t.cpu_read()?;
+    let bad = match &*g {
+        steel_runtime::CpuStorage::F32(v) => {
+            v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i] as f64))
+        }
+        steel_runtime::CpuStorage::F64(v) => {
+            v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+        }
+        steel_runtime::CpuStorage::BF16(v) => {
+            v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i].to_f64()))
+        }
+        _ => None,
+    };
+    match bad {
+        Some((i, v)) => Err(ModelError::Input(format!(
+            "tensor `{name}` holds {v} at element {i}: the weights are damaged (not finite)"
+        ))),
+        None => Ok(()),
     }
 }

@@ -76,6 +76,13 @@ fn ppl(args: PplArgs) -> Result<()> {
     let model = load_hf_dir(&args.model, run.backend(), DType::F32)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let (loss, tokens) = model.shifted_loss(&ids)?;
+    if !loss.is_finite() {
+        // JSON has no NaN: never print `"loss": null` as if it were a result.
+        anyhow::bail!(
+            "the loss is {loss} (not finite): the model's weights or activations overflow on \
+             these tokens"
+        );
+    }
     if let Some(path) = &args.dump_logits {
         let input = Tensor::from_vec(ids.iter().map(|&x| x as i32).collect(), &[1, ids.len()])?;
         let logits = model.logits(&input)?;

@@ -1,0 +1,84 @@
+//! Bad input gets a clear error (exit 2) and never a panic, a hang or a huge allocation (issue
+//! "Nothing lost, nothing followed, nothing hung", bounded-resources items).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("steel-robust-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A LITPKDS header whose chunk size times the item size wraps a u64 to exactly the file's
+/// length used to pass validation and then index 2^62 tokens past a 24-byte map.
+#[test]
+fn a_shard_header_that_overflows_is_rejected() {
+    let dir = out_dir("shard");
+    for (code, chunk) in
+        [(4u8, 1u64 << 62), (5, 1 << 61), (1, u64::MAX - 23), (3, u64::MAX / 2 + 1)]
+    {
+        let mut h = Vec::new();
+        h.extend_from_slice(b"LITPKDS");
+        h.extend_from_slice(&1u64.to_le_bytes());
+        h.push(code);
+        h.extend_from_slice(&chunk.to_le_bytes());
+        let f = dir.join(format!("bad-{code}.bin"));
+        std::fs::write(&f, &h).unwrap();
+        let r = Command::new(env!("CARGO_BIN_EXE_steel-data"))
+            .args(["inspect", f.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "dtype {code}, chunk {chunk}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains(f.to_str().unwrap()), "names the file: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A model whose weights hold a NaN is refused when loaded (exit 2, the tensor named) by every
+/// tool that loads one, instead of printing `"loss": null` or generating garbage.
+#[test]
+fn non_finite_weights_are_refused_when_loaded() {
+    let dir = out_dir("nan-weights");
+    let run = dir.join("run");
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+        .args(["--out", run.to_str().unwrap(), "--max-steps", "1", "--device", "cpu"])
+        .args(["--set", "train.eval_every=0", "--set", "data.seq_len=16"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let hf = dir.join("hf");
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-export"))
+        .args(["--checkpoint", run.join("checkpoints/step-000001").to_str().unwrap()])
+        .args(["--out", hf.to_str().unwrap(), "--dtype", "f32"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // Put a NaN into model.norm.weight[3] (safetensors: u64 header length, JSON, data).
+    let path = hf.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header["model.norm.weight"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + n + start + 3 * 4;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let m = hf.to_str().unwrap();
+    for (exe, args) in [
+        (env!("CARGO_BIN_EXE_steel-eval"), vec!["ppl", "--model", m, "--ids", "5,6,7,8"]),
+        (
+            env!("CARGO_BIN_EXE_steel-generate"),
+            vec!["--model", m, "--prompt-ids", "5,6", "--max-new-tokens", "2"],
+        ),
+    ] {
+        let r = Command::new(exe).args(&args).args(["--device", "cpu"]).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("model.norm.weight") && err.contains("NaN"), "{err}");
+        assert!(!String::from_utf8_lossy(&r.stdout).contains("null"));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
