@@ -622,3 +622,43 @@ mod generation {
         assert!(err.contains("99"), "{err}");
     }
 }
+
+/// `validate` bounds a config before anything is sized from it: its u128 parameter count equals
+/// `num_params` on every variant, and absurd sizes (10^9 layers, a 2^64 − 1 vocabulary, a 10^9
+/// hidden size) are errors naming the key — not a 10 GB name list, a wrapped count or an abort.
+#[test]
+fn absurd_model_sizes_are_refused_before_any_allocation() {
+    for (ffn, mlp, tied, kv) in [
+        (FfnType::SoftMoeV3, MlpType::Senet, false, 2),
+        (FfnType::SoftMoeV3, MlpType::Raw, true, 1),
+        (FfnType::Raw, MlpType::Senet, true, 4),
+        (FfnType::Raw, MlpType::Raw, false, 2),
+    ] {
+        let c = tiny(ffn, mlp, tied, kv);
+        assert_eq!(c.param_count_u128(), c.num_params() as u128, "{ffn:?} {mlp:?} {tied}");
+    }
+    let base = tiny(FfnType::SoftMoeV3, MlpType::Senet, false, 2);
+    let cases: Vec<(&str, Box<dyn Fn(&mut SteelConfig)>)> = vec![
+        ("num_hidden_layers", Box::new(|c| c.num_hidden_layers = 1_000_000_000)),
+        ("vocab_size", Box::new(|c| c.vocab_size = usize::MAX)),
+        ("hidden_size", Box::new(|c| c.hidden_size = 1 << 31)),
+        // Each size allowed, the product not: 2^40 parameters and beyond.
+        (
+            "hidden_size",
+            Box::new(|c| {
+                c.hidden_size = 1 << 20;
+                c.num_attention_heads = 1 << 10;
+                c.num_key_value_heads = Some(1 << 10);
+                c.vocab_size = 1 << 21;
+            }),
+        ),
+    ];
+    for (key, edit) in cases {
+        let mut c = base.clone();
+        edit(&mut c);
+        let t0 = std::time::Instant::now();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(key), "{key}: {e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1), "{key}: validation took long");
+    }
+}

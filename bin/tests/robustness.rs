@@ -82,3 +82,53 @@ fn non_finite_weights_are_refused_when_loaded() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A run or a model larger than the machine is refused before it is allocated (exit 2, the
+/// estimate and the available memory in the message); absurd config sizes are config errors.
+#[test]
+fn runs_and_models_beyond_the_machine_are_refused_up_front() {
+    let dir = out_dir("huge");
+    let out = dir.join("run");
+    let o = out.to_str().unwrap();
+    for set in ["train.micro_batch=1000000000", "train.ranks=1000000"] {
+        let t0 = std::time::Instant::now();
+        let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+            .args(["--out", o, "--device", "cpu", "--max-steps", "1", "--set", set])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains("available") && err.contains("--no-memory-check"), "{set}: {err}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{set}: refused late");
+    }
+    // A 100B-parameter model (under the 2^40 sanity bound): steel-init refuses to build it.
+    let cfg = dir.join("big.json");
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/steel-1.1b/config.json"),
+    )
+    .unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["hidden_size"] = 16384.into();
+    v["num_attention_heads"] = 128.into();
+    v["num_key_value_heads"] = 8.into();
+    v["num_hidden_layers"] = 96.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-init"))
+        .args(["--config", cfg.to_str().unwrap(), "--out", dir.join("init").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("available"), "{err}");
+    // 10^9 layers: a config error at once, not 10 GB of parameter names.
+    v["num_hidden_layers"] = 1_000_000_000u64.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-init"))
+        .args(["--config", cfg.to_str().unwrap(), "--dry-run"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("num_hidden_layers"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

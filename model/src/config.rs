@@ -116,6 +116,11 @@ pub fn reference_auto_map() -> Map<String, Value> {
     m
 }
 
+/// Limits `validate` enforces before anything is sized from a config.
+const MAX_DIM: usize = 1 << 31;
+const MAX_LAYERS: usize = 100_000;
+const MAX_PARAMS: u128 = 1 << 40;
+
 fn bad(key: &str, msg: impl Into<String>) -> ModelError {
     ModelError::Config { key: key.to_string(), msg: msg.into() }
 }
@@ -225,7 +230,60 @@ impl SteelConfig {
                 format!("must be a positive number, got {}", self.initializer_range),
             ));
         }
+        // Sizes stay sane before anything is allocated from them (the names of 10^9 layers
+        // alone would take 10 GB): every dimension below 2^31, at most 100,000 layers, and the
+        // parameter count — counted in u128, nothing allocated — at most 2^40.
+        for (k, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", kv),
+            ("vocab_size", self.vocab_size),
+            ("n_experts", self.n_experts),
+            ("slots_per_expert", self.slots_per_expert),
+        ] {
+            if v >= MAX_DIM {
+                return Err(bad(k, format!("{v} is beyond any model (below 2^31)")));
+            }
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(bad(
+                "num_hidden_layers",
+                format!("{} is beyond any model (at most {MAX_LAYERS})", self.num_hidden_layers),
+            ));
+        }
+        let params = self.param_count_u128();
+        if params > MAX_PARAMS {
+            return Err(bad(
+                "hidden_size",
+                format!(
+                    "the model would have {params} parameters (more than 2^40): check \
+                     hidden_size, num_hidden_layers, vocab_size and the expert sizes"
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The parameter count of `param_shapes`, computed from the sizes alone in u128 (it never
+    /// overflows or allocates, so `validate` can bound absurd configs before `param_shapes`).
+    pub fn param_count_u128(&self) -> u128 {
+        let w = |x: usize| x as u128;
+        let (h, v) = (w(self.hidden_size), w(self.vocab_size));
+        let q = w(self.num_attention_heads) * w(self.head_dim());
+        let kv = w(self.kv_heads()) * w(self.head_dim());
+        let mlp: u128 = self.mlp_projections().iter().map(|(_, s)| w(s[0]) * w(s[1])).sum();
+        // Two norms, q/k/v with biases, o.
+        let attn = 2 * h + q * h + q + 2 * (kv * h + kv) + h * q;
+        let ffn = match self.ffn_type {
+            FfnType::SoftMoeV3 => {
+                let e = w(self.n_experts);
+                h * e * w(self.slots_per_expert) + 1 + e * mlp
+            }
+            FfnType::Raw => mlp,
+        };
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + w(self.num_hidden_layers) * (attn + ffn) + h + head
     }
 
     pub fn head_dim(&self) -> usize {

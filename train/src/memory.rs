@@ -38,6 +38,28 @@ pub struct MemoryPlan {
     pub total: u64,
 }
 
+/// The host's available memory (`MemAvailable` of /proc/meminfo), bytes; `None` where unknown.
+pub fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Refuses `needed` bytes of host memory when the machine has less available (the caller names
+/// what needs them and the flag that skips the check).
+pub fn check_host_memory(needed: u64, what: &str, skip_flag: &str) -> crate::Result<()> {
+    match host_available_bytes() {
+        Some(avail) if needed > avail => Err(crate::TrainError::Invalid(format!(
+            "{what} needs about {} of memory but this machine has {} available; make it \
+             smaller, or pass {skip_flag} to try anyway",
+            gib(needed),
+            gib(avail)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// `bytes` as GiB with two decimals (MiB below 1 GiB).
 pub fn gib(bytes: u64) -> String {
     let b = bytes as f64;
@@ -68,16 +90,17 @@ impl std::fmt::Display for MemoryPlan {
 /// The plan for `config` trained by `recipe` on one device in `precision` (see the module docs).
 /// It depends on shapes only: nothing is probed.
 pub fn memory_plan(config: &SteelConfig, recipe: &Recipe, precision: Precision) -> MemoryPlan {
-    let f = 4u64;
-    let c = if precision == Precision::Bf16Mixed { 2u64 } else { 4 };
+    // Counted in u128 (absurd recipes cannot wrap), reported saturated to u64.
+    let f = 4u128;
+    let c = if precision == Precision::Bf16Mixed { 2u128 } else { 4 };
     let bf = precision == Precision::Bf16Mixed;
     let shapes = config.param_shapes();
-    let numel = |s: &Vec<usize>| s.iter().product::<usize>() as u64;
-    let params: u64 = shapes.iter().map(|(_, s)| numel(s)).sum();
+    let numel = |s: &Vec<usize>| s.iter().product::<usize>() as u128;
+    let params: u128 = shapes.iter().map(|(_, s)| numel(s)).sum();
     let shape_of = |name: &str| shapes.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
     // The GEMM weights (the working copies): every 2-D projection and the q/k/v biases, the
     // head (the embedding when tied); not the norms, phi, scale or an untied embedding.
-    let gemm: u64 = shapes
+    let gemm: u128 = shapes
         .iter()
         .filter(|(n, _)| {
             let proj = n.contains("_proj.") || n == "lm_head.weight";
@@ -86,26 +109,26 @@ pub fn memory_plan(config: &SteelConfig, recipe: &Recipe, precision: Precision) 
         })
         .map(|(_, s)| numel(s))
         .sum();
-    let (b, t) = (recipe.train.micro_batch as u64, recipe.data.seq_len as u64);
+    let (b, t) = (recipe.train.micro_batch as u128, recipe.data.seq_len as u128);
     let n = b * t;
-    let h = config.hidden_size as u64;
-    let hd = config.head_dim() as u64;
-    let qd = config.num_attention_heads as u64 * hd;
-    let kvd = config.kv_heads() as u64 * hd;
-    let heads = config.num_attention_heads as u64;
-    let v = config.vocab_size as u64;
-    let layers = config.num_hidden_layers as u64;
-    let cast = |bytes_c: u64| if bf { bytes_c } else { 0 };
+    let h = config.hidden_size as u128;
+    let hd = config.head_dim() as u128;
+    let qd = config.num_attention_heads as u128 * hd;
+    let kvd = config.kv_heads() as u128 * hd;
+    let heads = config.num_attention_heads as u128;
+    let v = config.vocab_size as u128;
+    let layers = config.num_hidden_layers as u128;
+    let cast = |bytes_c: u128| if bf { bytes_c } else { 0 };
     // The width of an MLP's inner stage, from layer 0's shapes.
-    let inner = |prefix: &str| -> u64 {
+    let inner = |prefix: &str| -> u128 {
         let name = match config.mlp_type {
             MlpType::Senet => format!("{prefix}.gate_up_proj.weight"),
             MlpType::Raw => format!("{prefix}.gate_proj.weight"),
         };
-        shape_of(&name).map_or(0, |s| s[0] as u64)
+        shape_of(&name).map_or(0, |s| s[0] as u128)
     };
     // One MLP on `rows` rows whose input is f32: its values (the output counted by the caller).
-    let mlp = |rows: u64, width: u64| -> u64 {
+    let mlp = |rows: u128, width: u128| -> u128 {
         let x16 = cast(rows * h * c);
         match config.mlp_type {
             // a, b, inner (bf16), then a2, b2 (f32) and their swiglu.
@@ -114,11 +137,11 @@ pub fn memory_plan(config: &SteelConfig, recipe: &Recipe, precision: Precision) 
             MlpType::Raw => x16 + 3 * rows * width * c,
         }
     };
-    let norm = |first: bool| -> u64 {
+    let norm = |first: bool| -> u128 {
         // add_rms_norm: sum and y (f32) and rstd; the first layer's rms_norm has no sum.
         (if first { 1 } else { 2 }) * n * h * f + n * f
     };
-    let mut act = 0u64;
+    let mut act = 0u128;
     // Token ids and targets (I32), the embedding's output (f32; a bf16 tied table adds its copy).
     act += 2 * n * 4;
     act += n * h * f + if bf && config.tie_word_embeddings { n * h * c } else { 0 };
@@ -131,7 +154,7 @@ pub fn memory_plan(config: &SteelConfig, recipe: &Recipe, precision: Precision) 
         let prefix = format!("model.layers.{l}.mlp");
         act += match config.ffn_type {
             FfnType::SoftMoeV3 => {
-                let slots = (config.n_experts * config.slots_per_expert) as u64;
+                let slots = (config.n_experts * config.slots_per_expert) as u128;
                 let rows = b * slots; // slot rows over all experts
                 let width = inner(&format!("{prefix}.experts.0"));
                 // Routing: xn, x_norm, phi_norm, dispatch, combine; the slot inputs and their
@@ -161,7 +184,7 @@ pub fn memory_plan(config: &SteelConfig, recipe: &Recipe, precision: Precision) 
     act += head * f;
     // The loss chunk: f32 logits, and under bf16 their bf16 copy for the GEMMs; or the start of
     // backward (the last layer's gradients of its f32 values, about six [N, H] buffers).
-    let chunk = (recipe.train.chunk_tokens.max(1) as u64).min(n);
+    let chunk = (recipe.train.chunk_tokens.max(1) as u128).min(n);
     let loss_chunk = chunk * v * f + cast(chunk * v * c) + chunk * f;
     let backward = 6 * n * h * f;
     let workspaces = loss_chunk.max(backward);
@@ -169,13 +192,14 @@ pub fn memory_plan(config: &SteelConfig, recipe: &Recipe, precision: Precision) 
     let working_copies = if bf { gemm * 2 } else { 0 };
     let gradients = params * f;
     let moments = 2 * params * f;
+    let sat = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
     MemoryPlan {
-        weights,
-        working_copies,
-        gradients,
-        moments,
-        activations: act,
-        workspaces,
-        total: weights + working_copies + gradients + moments + act + workspaces,
+        weights: sat(weights),
+        working_copies: sat(working_copies),
+        gradients: sat(gradients),
+        moments: sat(moments),
+        activations: sat(act),
+        workspaces: sat(workspaces),
+        total: sat(weights + working_copies + gradients + moments + act + workspaces),
     }
 }

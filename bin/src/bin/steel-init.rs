@@ -36,6 +36,9 @@ struct Args {
     /// at sequence length 2048, then exit.
     #[arg(long)]
     dry_run: bool,
+    /// Initialise even when the model exceeds this machine's available memory.
+    #[arg(long)]
+    no_memory_check: bool,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,16 @@ fn body(args: Args) -> Result<()> {
         return Ok(());
     }
     let out = args.out.context("--out is required without --dry-run")?;
+    if !args.no_memory_check {
+        // The fp32 weights, plus the saved copy's buffer while writing.
+        let saved = if args.dtype == "bf16" { 2 } else { 4 };
+        let needed = (config.param_count_u128() * (4 + saved)).min(u64::MAX as u128) as u64;
+        steel_train::memory::check_host_memory(
+            needed,
+            &format!("initialising {} parameters", config.num_params()),
+            "--no-memory-check",
+        )?;
+    }
     let backend = Arc::new(CpuBackend::new());
     eprintln!("steel-init: initialising {} parameters (seed {})", config.num_params(), args.seed);
     let model = SteelModel::init(config, backend, DType::F32, args.seed)?;

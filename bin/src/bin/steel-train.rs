@@ -58,6 +58,10 @@ struct Args {
     /// <out>.replaced-YYYYMMDD-HHMMSS (nothing is deleted). Not with --resume.
     #[arg(long, conflicts_with = "resume")]
     fresh: bool,
+    /// Train even when the memory plan exceeds this machine's available memory (checked before
+    /// anything is allocated on the CPU).
+    #[arg(long)]
+    no_memory_check: bool,
     /// Keep the newest K checkpoints (train.keep_checkpoints; default 3).
     #[arg(long)]
     keep_checkpoints: Option<usize>,
@@ -222,6 +226,7 @@ fn main() -> ExitCode {
             stop: Some(stop.clone()),
             profile_steps,
             fresh: args.fresh,
+            skip_memory_check: args.no_memory_check,
             hook: None,
         };
         eprintln!(

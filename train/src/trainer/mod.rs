@@ -78,6 +78,9 @@ pub struct RunOptions {
     /// `--fresh`: start over in `out`, moving an existing run aside to a dated sibling
     /// directory first (never deleting it). Not with a resume.
     pub fresh: bool,
+    /// `--no-memory-check`: train even when the CPU run's memory plan exceeds the machine's
+    /// available memory.
+    pub skip_memory_check: bool,
     pub hook: Option<Arc<StepHook>>,
 }
 
@@ -328,6 +331,23 @@ pub fn train(
     // One trainer per run directory, locked before anything is written there.
     let _lock = lock_run_dir(opts, events)?;
     let config = model_config(recipe)?;
+    if device == DeviceRequest::Cpu && !opts.skip_memory_check {
+        // Every CPU rank holds a replica: refuse a run the machine cannot hold before any of it
+        // is allocated (a GPU rank checks its device's memory instead).
+        let per_rank = memory_plan(&config, recipe, Precision::Fp32).total;
+        let ranks = recipe.train.ranks as u64;
+        memory::check_host_memory(
+            per_rank.saturating_mul(ranks),
+            &format!(
+                "this run ({ranks} rank(s) × {} per rank: {} parameters, micro-batch {} × {})",
+                memory::gib(per_rank),
+                config.num_params(),
+                recipe.train.micro_batch,
+                recipe.data.seq_len
+            ),
+            "--no-memory-check",
+        )?;
+    }
     if let Some(dir) = &recipe.model.init_from {
         let theirs = SteelConfig::from_file(&dir.join("config.json"))?;
         if theirs.param_shapes() != config.param_shapes() {
