@@ -638,20 +638,18 @@ fn absurd_model_sizes_are_refused_before_any_allocation() {
         assert_eq!(c.param_count_u128(), c.num_params() as u128, "{ffn:?} {mlp:?} {tied}");
     }
     let base = tiny(FfnType::SoftMoeV3, MlpType::Senet, false, 2);
-    let cases: Vec<(&str, Box<dyn Fn(&mut SteelConfig)>)> = vec![
-        ("num_hidden_layers", Box::new(|c| c.num_hidden_layers = 1_000_000_000)),
-        ("vocab_size", Box::new(|c| c.vocab_size = usize::MAX)),
-        ("hidden_size", Box::new(|c| c.hidden_size = 1 << 31)),
+    type Edit = fn(&mut SteelConfig);
+    let cases: Vec<(&str, Edit)> = vec![
+        ("num_hidden_layers", |c| c.num_hidden_layers = 1_000_000_000),
+        ("vocab_size", |c| c.vocab_size = usize::MAX),
+        ("hidden_size", |c| c.hidden_size = 1 << 31),
         // Each size allowed, the product not: 2^40 parameters and beyond.
-        (
-            "hidden_size",
-            Box::new(|c| {
-                c.hidden_size = 1 << 20;
-                c.num_attention_heads = 1 << 10;
-                c.num_key_value_heads = Some(1 << 10);
-                c.vocab_size = 1 << 21;
-            }),
-        ),
+        ("hidden_size", |c| {
+            c.hidden_size = 1 << 20;
+            c.num_attention_heads = 1 << 10;
+            c.num_key_value_heads = Some(1 << 10);
+            c.vocab_size = 1 << 21;
+        }),
     ];
     for (key, edit) in cases {
         let mut c = base.clone();
