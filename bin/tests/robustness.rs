@@ -132,3 +132,58 @@ fn runs_and_models_beyond_the_machine_are_refused_up_front() {
     assert!(err.contains("num_hidden_layers"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `steel-data tokenize` into a directory that already holds shards is refused (old and new
+/// shards would be mixed into training); `--overwrite` removes the old ones first.
+#[test]
+fn tokenizing_over_old_shards_is_refused_unless_overwrite() {
+    let dir = out_dir("retokenize");
+    let tok =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/qwen-tokenizer");
+    let input = dir.join("docs.jsonl");
+    let docs: String = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"document {i}: the river town woke slowly, 河流小镇慢慢醒来。\"}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&input, docs).unwrap();
+    let shards = dir.join("shards");
+    let tokenize = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_steel-data"))
+            .args(["tokenize", "--tokenizer", tok.to_str().unwrap()])
+            .args(["--input", input.to_str().unwrap(), "--output", shards.to_str().unwrap()])
+            .args(["--block-size", "17", "--blocks-per-shard", "8"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let count = || existing(&shards);
+    let r = tokenize(&[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let first = count();
+    assert!(first.len() >= 2, "{first:?}");
+    // A stray old shard that a new run would not write (another prefix).
+    std::fs::copy(&first[0], shards.join("old_0000000099.bin")).unwrap();
+    let r = tokenize(&[]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(count().len(), first.len() + 1, "nothing removed without --overwrite");
+    let r = tokenize(&["--overwrite"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(count(), first, "exactly the new shards, none of the old ones");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn existing(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+        .collect();
+    v.sort();
+    v
+}

@@ -41,10 +41,43 @@ pub struct TokenizeArgs {
     /// Also write the run's summary as JSON.
     #[arg(long)]
     summary_json: Option<PathBuf>,
+    /// Remove the shards (*.bin) already in --output first. Without it, an --output holding
+    /// shards is refused: new shards beside old ones would be mixed into training unnoticed.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// The shard files (`*.bin`) directly in `dir` (none when it does not exist).
+fn existing_shards(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "bin"))
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
+    let old = existing_shards(&args.output)?;
+    if !old.is_empty() && !args.overwrite {
+        anyhow::bail!(
+            "--output {} already holds {} shard(s) ({}…): new shards beside them would be mixed \
+             into training; choose an empty directory, or pass --overwrite to remove them first",
+            args.output.display(),
+            old.len(),
+            old[0].display()
+        );
+    }
     let tok = Tokenizer::load(&args.tokenizer)?;
+    for f in &old {
+        std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+    }
     let prefix = match args.prefix {
         Some(p) => p,
         None => args
