@@ -187,3 +187,38 @@ fn existing(dir: &std::path::Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Messages name what is wrong: a value from a flag is blamed on the flag, not the recipe; a
+/// corrupted checkpoint file of the right size is a hash mismatch, not a size mismatch.
+#[test]
+fn messages_name_the_real_culprit() {
+    let dir = out_dir("messages");
+    let run = dir.join("run");
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+        .args(["--out", run.to_str().unwrap(), "--peak-tflops", "nan"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("train.peak_tflops=nan") && !err.contains("demo.toml"), "{err}");
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+        .args(["--out", run.to_str().unwrap(), "--max-steps", "1", "--device", "cpu"])
+        .args(["--set", "train.eval_every=0", "--set", "data.seq_len=16"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let ck = run.join("checkpoints/step-000001");
+    let f = ck.join("optimizer.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    let n = b.len();
+    b[n - 5] ^= 1;
+    std::fs::write(&f, b).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-export"))
+        .args(["--checkpoint", ck.to_str().unwrap(), "--out", dir.join("hf").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("optimizer.safetensors") && err.contains("hash differs"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -237,3 +237,23 @@ fn export_never_replaces_its_checkpoint_or_a_run() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A shard that appears in a data directory after the run began is not read on resume — and the
+/// resume says so, pointing to `--add-data`.
+#[test]
+fn a_new_shard_in_a_data_directory_is_named_on_resume() {
+    let out = out_dir("new-shard");
+    ok(&train(&out, &["--max-steps", "2", "--checkpoint-every", "2"]));
+    let train_dir = out.join("data/train");
+    std::fs::copy(train_dir.join("train_0000000000.bin"), train_dir.join("late_0000000000.bin"))
+        .unwrap();
+    let r = train(&out, &["--resume", "auto", "--max-steps", "3"]);
+    ok(&r);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("appeared after this run began") && err.contains("late_0000000000.bin"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("--add-data {}", train_dir.display())), "{err}");
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -510,6 +510,11 @@ impl Dataset {
         self.sources.iter().map(|s| (s.epoch, s.pos)).collect()
     }
 
+    /// The directory of each source (its shards are found under it).
+    pub fn source_dirs(&self) -> Vec<&Path> {
+        self.sources.iter().map(|s| s.dir.as_path()).collect()
+    }
+
     /// The registered files of each source.
     pub fn files(&self) -> Vec<&[FileEntry]> {
         self.sources.iter().map(|s| s.files.as_slice()).collect()

@@ -128,12 +128,19 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     for f in &m.files {
         let path = dir.join(&f.name);
         let (bytes, hash) = hash_file(&path)?;
-        if bytes != f.bytes || hash != f.blake3 {
+        if bytes != f.bytes {
             return Err(TrainError::Invalid(format!(
-                "{}: checksum mismatch ({} bytes, expected {}): the file is truncated or corrupted",
+                "{}: checksum mismatch: {bytes} bytes where the manifest records {}, so the \
+                 file is truncated or corrupted",
                 path.display(),
-                bytes,
                 f.bytes
+            )));
+        }
+        if hash != f.blake3 {
+            return Err(TrainError::Invalid(format!(
+                "{}: checksum mismatch: its BLAKE3 hash differs from the manifest's (the \
+                 size, {bytes} bytes, is right), so the file is corrupted",
+                path.display()
             )));
         }
     }

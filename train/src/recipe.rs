@@ -257,22 +257,51 @@ impl Recipe {
     /// Parses recipe text with overrides applied (`key=value` pairs), resolving relative paths
     /// against `base`. `origin` names the text in errors.
     pub fn parse(text: &str, origin: &str, base: &Path, overrides: &[String]) -> Result<Recipe> {
-        let mut table: toml::Table =
+        let base_table: toml::Table =
             text.parse().map_err(|e: toml::de::Error| invalid(format!("{origin}: {e}")))?;
+        let mut table = base_table.clone();
         for o in overrides {
             let (k, v) = o
                 .split_once('=')
                 .ok_or_else(|| invalid(format!("--set {o:?}: expected key=value")))?;
             set_key(&mut table, k.trim(), parse_value(v.trim()))?;
         }
-        let mut r: Recipe = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(format!("{origin}: {}", e.message())))?;
+        let mut r: Recipe =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                // Blame the first override that breaks a recipe the file alone makes (the type
+                // error itself does not name its key).
+                let mut t = base_table.clone();
+                let culprit = overrides.iter().find(|o| {
+                    let Some((k, v)) = o.split_once('=') else { return false };
+                    if set_key(&mut t, k.trim(), parse_value(v.trim())).is_err() {
+                        return true;
+                    }
+                    toml::Value::Table(t.clone()).try_into::<Recipe>().is_err()
+                });
+                match culprit {
+                    Some(o)
+                        if toml::Value::Table(base_table.clone()).try_into::<Recipe>().is_ok() =>
+                    {
+                        invalid(format!("--set {o} (or the flag that sets it): {}", e.message()))
+                    }
+                    _ => invalid(format!("{origin}: {}", e.message())),
+                }
+            })?;
         r.resolve_paths(base);
         if r.data.seq_len == 0 && !r.data.sft.is_empty() {
             r.data.seq_len = 768;
         }
-        r.validate().map_err(|e| invalid(format!("{origin}: {e}")))?;
+        r.validate().map_err(|e| {
+            // A bad value that came from the command line is blamed on it, not on the file.
+            let from_flag = overrides
+                .iter()
+                .rev()
+                .find(|o| o.split_once('=').is_some_and(|(k, _)| e.contains(k.trim())));
+            match from_flag {
+                Some(o) => invalid(format!("--set {o} (or the flag that sets it): {e}")),
+                None => invalid(format!("{origin}: {e}")),
+            }
+        })?;
         Ok(r)
     }
 
@@ -388,7 +417,7 @@ impl Recipe {
         }
         if let Some(p) = t.peak_tflops {
             if p.is_nan() || p <= 0.0 {
-                return Err("train.peak_tflops must be positive".into());
+                return Err(format!("train.peak_tflops must be positive, got {p}"));
             }
         }
         Ok(())

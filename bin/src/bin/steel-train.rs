@@ -124,7 +124,8 @@ fn main() -> ExitCode {
         named("train.keep_checkpoints", args.keep_checkpoints.map(|v| v.to_string()));
         named("train.device", args.device.as_ref().map(|v| format!("{v:?}")));
         named("train.ranks", args.ranks.map(|v| v.to_string()));
-        named("train.peak_tflops", args.peak_tflops.map(|v| v.to_string()));
+        // TOML spells a NaN `nan` (Rust's `NaN` would be a string), so validation sees it.
+        named("train.peak_tflops", args.peak_tflops.map(|v| format!("{v:?}").to_lowercase()));
         overrides.extend(args.set.iter().cloned());
         let (recipe, name) = match &args.config {
             Some(p) => (

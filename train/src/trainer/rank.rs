@@ -224,3 +224,21 @@ fn fits(gpu: &dyn Gpu, plan: &MemoryPlan, recipe: &Recipe) -> Result<()> {
         recipe.train.chunk_tokens
     )))
 }
+
+/// Shards that appeared in a source directory after the run registered its files: a resume reads
+/// only the registered ones, so each such directory is named with its new shards (for a notice
+/// pointing to `--add-data`). Directories that cannot be listed are skipped.
+pub(super) fn unregistered_shards(ds: &Dataset) -> Vec<(PathBuf, Vec<PathBuf>)> {
+    let mut out = Vec::new();
+    for (dir, files) in ds.source_dirs().into_iter().zip(ds.files()) {
+        let known: std::collections::HashSet<&Path> =
+            files.iter().map(|f| f.path.as_path()).collect();
+        let Ok(found) = steel_data::dataset::find_shards(dir) else { continue };
+        let new: Vec<PathBuf> =
+            found.into_iter().filter(|p| !known.contains(p.as_path())).collect();
+        if !new.is_empty() {
+            out.push((dir.to_path_buf(), new));
+        }
+    }
+    out
+}

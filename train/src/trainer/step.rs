@@ -93,6 +93,18 @@ pub(super) fn run_rank(
     let mut elapsed = sh.start_elapsed;
     let mut window = (0u64, 0.0f64); // tokens and seconds since the last log line
     let mut step = sh.start_step;
+    if let (0, Some(_), Source::Packed(ds)) = (rank, &sh.loaded, &r.data) {
+        for (dir, new) in super::rank::unregistered_shards(ds) {
+            emit(Event::Notice(format!(
+                "warning: {} shard(s) under {} appeared after this run began and are not read \
+                 (e.g. {}); add them with --add-data {}",
+                new.len(),
+                dir.display(),
+                new[0].display(),
+                dir.display()
+            )));
+        }
+    }
     while step < rec.train.max_steps {
         step += 1;
         if rank == 0 && sh.opts.profile_steps.and_then(|w| w.before(step)).is_some() {
