@@ -222,3 +222,42 @@ fn messages_name_the_real_culprit() {
     assert!(err.contains("optimizer.safetensors") && err.contains("hash differs"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Generating past the model's `max_position_embeddings` is warned about before it starts.
+#[test]
+fn generation_past_the_trained_positions_is_warned_about() {
+    let dir = out_dir("positions");
+    let run = dir.join("run");
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+        .args(["--out", run.to_str().unwrap(), "--max-steps", "1", "--device", "cpu"])
+        .args(["--set", "train.eval_every=0", "--set", "data.seq_len=16"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let hf = dir.join("hf");
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-export"))
+        .args(["--checkpoint", run.join("checkpoints/step-000001").to_str().unwrap()])
+        .args(["--out", hf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let cfg = hf.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["max_position_embeddings"] = 8.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let gen = |n: &str| {
+        Command::new(env!("CARGO_BIN_EXE_steel-generate"))
+            .args(["--model", hf.to_str().unwrap(), "--prompt-ids", "5,6,7"])
+            .args(["--max-new-tokens", n, "--device", "cpu"])
+            .output()
+            .unwrap()
+    };
+    let r = gen("6");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("max_position_embeddings (8)"), "{err}");
+    let r = gen("5");
+    assert!(!String::from_utf8_lossy(&r.stderr).contains("max_position_embeddings"));
+    let _ = std::fs::remove_dir_all(dir);
+}

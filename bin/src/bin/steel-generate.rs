@@ -91,6 +91,17 @@ fn main() -> ExitCode {
             bail!("the prompt encodes to no tokens");
         }
         let opts = lm.options(&a.sampling);
+        let max_pos = lm.model.config.extra.get("max_position_embeddings").and_then(|v| v.as_u64());
+        if let Some(max_pos) = max_pos.filter(|&m| (prompt.len() + opts.max_new_tokens) as u64 > m)
+        {
+            eprintln!(
+                "steel-generate: warning: the prompt ({} tokens) plus --max-new-tokens {} goes \
+                 past the model's max_position_embeddings ({max_pos}): it was not trained on \
+                 positions that far, so expect the text to degrade",
+                prompt.len(),
+                opts.max_new_tokens
+            );
+        }
         let mut streamer = lm.tokenizer.as_ref().filter(|_| !a.json).map(Streamer::new);
         let t0 = std::time::Instant::now();
         let mut err = None;
