@@ -261,3 +261,34 @@ fn generation_past_the_trained_positions_is_warned_about() {
     assert!(!String::from_utf8_lossy(&r.stderr).contains("max_position_embeddings"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A wrongly typed value in a recipe file is named by its key (serde's message alone does not).
+#[test]
+fn a_mistyped_recipe_value_is_named_by_its_key() {
+    let dir = out_dir("recipe");
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/demo.toml");
+    let text = std::fs::read_to_string(demo).unwrap();
+    for (key, bad) in
+        [("val", "val = [{ path = \"x\" }]"), ("micro_batch", "micro_batch = \"eight\"")]
+    {
+        let edited = match key {
+            "val" => text.replace("[data]\n", &format!("[data]\n{bad}\n")),
+            _ => text.replace("micro_batch = 8", bad),
+        };
+        assert_ne!(edited, text);
+        let f = dir.join(format!("{key}.toml"));
+        std::fs::write(&f, edited).unwrap();
+        let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+            .args(["--config", f.to_str().unwrap(), "--dry-run"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{err}");
+        // The dotted key where it can be told, and always the line with its snippet.
+        if key == "val" {
+            assert!(err.contains("data.val"), "{err}");
+        }
+        assert!(err.contains("line") && err.contains(bad), "{key}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

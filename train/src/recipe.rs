@@ -253,6 +253,29 @@ fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()>
     Ok(())
 }
 
+/// The `table.key` whose value keeps `table` from being a recipe (serde's type errors do not
+/// name their key): the first one whose removal lets it deserialize or moves the error on (to
+/// anything but that key now missing).
+fn culprit_key(table: &toml::Table) -> Option<String> {
+    let err = |t: &toml::Table| toml::Value::Table(t.clone()).try_into::<Recipe>().err();
+    let base = err(table)?.message().to_string();
+    for (sec, v) in table {
+        let Some(inner) = v.as_table() else { continue };
+        for k in inner.keys() {
+            let mut t = table.clone();
+            if let Some(toml::Value::Table(s)) = t.get_mut(sec) {
+                s.remove(k);
+            }
+            // Removing a required key only proves that it is required.
+            let just_missing = |m: &str| m.contains(&format!("missing field `{k}`"));
+            if err(&t).is_none_or(|e| e.message() != base && !just_missing(e.message())) {
+                return Some(format!("{sec}.{k}"));
+            }
+        }
+    }
+    None
+}
+
 impl Recipe {
     /// Parses recipe text with overrides applied (`key=value` pairs), resolving relative paths
     /// against `base`. `origin` names the text in errors.
@@ -284,7 +307,16 @@ impl Recipe {
                     {
                         invalid(format!("--set {o} (or the flag that sets it): {}", e.message()))
                     }
-                    _ => invalid(format!("{origin}: {}", e.message())),
+                    _ => {
+                        // From the text, the error carries its line, column and snippet.
+                        let located = toml::from_str::<Recipe>(text)
+                            .err()
+                            .map_or_else(|| e.message().to_string(), |t| t.to_string());
+                        match culprit_key(&base_table) {
+                            Some(key) => invalid(format!("{origin}: {key}: {located}")),
+                            None => invalid(format!("{origin}: {located}")),
+                        }
+                    }
                 }
             })?;
         r.resolve_paths(base);
