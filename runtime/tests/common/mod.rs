@@ -101,6 +101,61 @@ pub fn numeric_grad(inputs: &[Tensor], which: usize, f: &dyn Fn(&[Tensor]) -> f6
         .collect()
 }
 
+/// Step of `numeric_grad_richardson`.
+pub const RICHARDSON_STEP: f64 = 1e-3;
+
+/// `∂f/∂inputs[which]` for losses of large magnitude (the experts at large weights, where |L|
+/// reaches 1e4 and `numeric_grad`'s rounding error ε·|L|/h would approach `GRAD_TOL`):
+/// Richardson extrapolation of central differences at h = `RICHARDSON_STEP` and h/2,
+/// `(4·D(h/2) − D(h)) / 3`. Truncation is O(h⁴) ≈ 1e-12·|f⁽⁵⁾| and rounding ≈ ε·|L|/h ≈
+/// 2e-13·|L|, so `GRAD_TOL` keeps its margin.
+pub fn numeric_grad_richardson(
+    inputs: &[Tensor],
+    which: usize,
+    f: &dyn Fn(&[Tensor]) -> f64,
+) -> Vec<f64> {
+    let xs: Vec<Tensor> = inputs.iter().map(|t| t.deep_copy().unwrap()).collect();
+    let n = xs[which].numel();
+    let set = |xs: &[Tensor], j: usize, v: f64| {
+        let mut g = xs[which].cpu_write().unwrap();
+        g.as_mut_slice::<f64>().expect("gradient checks perturb F64 tensors")[j] = v;
+    };
+    let base = vals(&xs[which]);
+    let central = |j: usize, h: f64| {
+        set(&xs, j, base[j] + h);
+        let plus = f(&xs);
+        set(&xs, j, base[j] - h);
+        let minus = f(&xs);
+        set(&xs, j, base[j]);
+        (plus - minus) / (2.0 * h)
+    };
+    (0..n)
+        .map(|j| {
+            let h = RICHARDSON_STEP;
+            (4.0 * central(j, h / 2.0) - central(j, h)) / 3.0
+        })
+        .collect()
+}
+
+/// `check_grads` with `numeric_grad_richardson` (losses of large magnitude), same `GRAD_TOL`.
+pub fn check_grads_large_loss(
+    op: &str,
+    inputs: &[Tensor],
+    grads: &[(usize, &Tensor)],
+    f: &dyn Fn(&[Tensor]) -> f64,
+) {
+    for &(which, analytic) in grads {
+        assert_eq!(analytic.shape(), inputs[which].shape(), "{op}: gradient {which} shape");
+        let numeric = numeric_grad_richardson(inputs, which, f);
+        assert_close(
+            &format!("{op}: d/d input {which} (shape {:?})", inputs[which].shape()),
+            &vals(analytic),
+            &numeric,
+            GRAD_TOL,
+        );
+    }
+}
+
 /// Checks every `(input index, analytic gradient)` pair of `grads` against central differences
 /// of `f` at `inputs`, with `GRAD_TOL`.
 pub fn check_grads(
