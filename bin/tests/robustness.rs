@@ -4,6 +4,29 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// A one-step CPU run of the small demo under `dir/run`: its directory.
+fn one_step_run(dir: &std::path::Path) -> PathBuf {
+    let run = dir.join("run");
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+        .args(["--out", run.to_str().unwrap(), "--max-steps", "1", "--device", "cpu"])
+        .args(["--set", "train.eval_every=0", "--set", "data.seq_len=16"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    run
+}
+
+/// `steel-export` of `run`'s step-1 checkpoint to `out` in `dtype`: `out`.
+fn export(run: &std::path::Path, out: &std::path::Path, dtype: &str) -> PathBuf {
+    let r = Command::new(env!("CARGO_BIN_EXE_steel-export"))
+        .args(["--checkpoint", run.join("checkpoints/step-000001").to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--dtype", dtype])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    out.to_path_buf()
+}
+
 fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("steel-robust-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -43,20 +66,8 @@ fn a_shard_header_that_overflows_is_rejected() {
 #[test]
 fn non_finite_weights_are_refused_when_loaded() {
     let dir = out_dir("nan-weights");
-    let run = dir.join("run");
-    let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
-        .args(["--out", run.to_str().unwrap(), "--max-steps", "1", "--device", "cpu"])
-        .args(["--set", "train.eval_every=0", "--set", "data.seq_len=16"])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let hf = dir.join("hf");
-    let r = Command::new(env!("CARGO_BIN_EXE_steel-export"))
-        .args(["--checkpoint", run.join("checkpoints/step-000001").to_str().unwrap()])
-        .args(["--out", hf.to_str().unwrap(), "--dtype", "f32"])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run = one_step_run(&dir);
+    let hf = export(&run, &dir.join("hf"), "f32");
     // Put a NaN into model.norm.weight[3] (safetensors: u64 header length, JSON, data).
     let path = hf.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -227,20 +238,8 @@ fn messages_name_the_real_culprit() {
 #[test]
 fn generation_past_the_trained_positions_is_warned_about() {
     let dir = out_dir("positions");
-    let run = dir.join("run");
-    let r = Command::new(env!("CARGO_BIN_EXE_steel-train"))
-        .args(["--out", run.to_str().unwrap(), "--max-steps", "1", "--device", "cpu"])
-        .args(["--set", "train.eval_every=0", "--set", "data.seq_len=16"])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let hf = dir.join("hf");
-    let r = Command::new(env!("CARGO_BIN_EXE_steel-export"))
-        .args(["--checkpoint", run.join("checkpoints/step-000001").to_str().unwrap()])
-        .args(["--out", hf.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run = one_step_run(&dir);
+    let hf = export(&run, &dir.join("hf"), "bf16");
     let cfg = hf.join("config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();

@@ -82,21 +82,38 @@ pub const GRAD_TOL: f64 = 1e-6;
 /// `∂f/∂inputs[which]` by central differences with step `FD_STEP`, on every element. The
 /// inputs are deep-copied; the perturbed copy is passed to `f` together with the others.
 pub fn numeric_grad(inputs: &[Tensor], which: usize, f: &dyn Fn(&[Tensor]) -> f64) -> Vec<f64> {
+    differences(inputs, which, f, &|central| central(FD_STEP))
+}
+
+/// How `differences` forms one derivative from the central difference at a step.
+type Rule<'a> = &'a dyn Fn(&dyn Fn(f64) -> f64) -> f64;
+
+/// Every element's derivative as `rule` combines central differences `central(h)` (the
+/// perturbed copy of `inputs[which]` restored after each).
+fn differences(
+    inputs: &[Tensor],
+    which: usize,
+    f: &dyn Fn(&[Tensor]) -> f64,
+    rule: Rule<'_>,
+) -> Vec<f64> {
     let xs: Vec<Tensor> = inputs.iter().map(|t| t.deep_copy().unwrap()).collect();
     let n = xs[which].numel();
-    let set = |xs: &[Tensor], j: usize, v: f64| {
+    let set = |j: usize, v: f64| {
         let mut g = xs[which].cpu_write().unwrap();
         g.as_mut_slice::<f64>().expect("gradient checks perturb F64 tensors")[j] = v;
     };
     let base = vals(&xs[which]);
     (0..n)
         .map(|j| {
-            set(&xs, j, base[j] + FD_STEP);
-            let plus = f(&xs);
-            set(&xs, j, base[j] - FD_STEP);
-            let minus = f(&xs);
-            set(&xs, j, base[j]);
-            (plus - minus) / (2.0 * FD_STEP)
+            let central = |h: f64| {
+                set(j, base[j] + h);
+                let plus = f(&xs);
+                set(j, base[j] - h);
+                let minus = f(&xs);
+                set(j, base[j]);
+                (plus - minus) / (2.0 * h)
+            };
+            rule(&central)
         })
         .collect()
 }
@@ -114,27 +131,8 @@ pub fn numeric_grad_richardson(
     which: usize,
     f: &dyn Fn(&[Tensor]) -> f64,
 ) -> Vec<f64> {
-    let xs: Vec<Tensor> = inputs.iter().map(|t| t.deep_copy().unwrap()).collect();
-    let n = xs[which].numel();
-    let set = |xs: &[Tensor], j: usize, v: f64| {
-        let mut g = xs[which].cpu_write().unwrap();
-        g.as_mut_slice::<f64>().expect("gradient checks perturb F64 tensors")[j] = v;
-    };
-    let base = vals(&xs[which]);
-    let central = |j: usize, h: f64| {
-        set(&xs, j, base[j] + h);
-        let plus = f(&xs);
-        set(&xs, j, base[j] - h);
-        let minus = f(&xs);
-        set(&xs, j, base[j]);
-        (plus - minus) / (2.0 * h)
-    };
-    (0..n)
-        .map(|j| {
-            let h = RICHARDSON_STEP;
-            (4.0 * central(j, h / 2.0) - central(j, h)) / 3.0
-        })
-        .collect()
+    let h = RICHARDSON_STEP;
+    differences(inputs, which, f, &|central| (4.0 * central(h / 2.0) - central(h)) / 3.0)
 }
 
 /// `check_grads` with `numeric_grad_richardson` (losses of large magnitude), same `GRAD_TOL`.
@@ -144,16 +142,7 @@ pub fn check_grads_large_loss(
     grads: &[(usize, &Tensor)],
     f: &dyn Fn(&[Tensor]) -> f64,
 ) {
-    for &(which, analytic) in grads {
-        assert_eq!(analytic.shape(), inputs[which].shape(), "{op}: gradient {which} shape");
-        let numeric = numeric_grad_richardson(inputs, which, f);
-        assert_close(
-            &format!("{op}: d/d input {which} (shape {:?})", inputs[which].shape()),
-            &vals(analytic),
-            &numeric,
-            GRAD_TOL,
-        );
-    }
+    check_with(op, inputs, grads, f, numeric_grad_richardson);
 }
 
 /// Checks every `(input index, analytic gradient)` pair of `grads` against central differences
@@ -164,13 +153,25 @@ pub fn check_grads(
     grads: &[(usize, &Tensor)],
     f: &dyn Fn(&[Tensor]) -> f64,
 ) {
+    check_with(op, inputs, grads, f, numeric_grad);
+}
+
+type Numeric = fn(&[Tensor], usize, &dyn Fn(&[Tensor]) -> f64) -> Vec<f64>;
+
+fn check_with(
+    op: &str,
+    inputs: &[Tensor],
+    grads: &[(usize, &Tensor)],
+    f: &dyn Fn(&[Tensor]) -> f64,
+    numeric: Numeric,
+) {
     for &(which, analytic) in grads {
         assert_eq!(
             analytic.shape(),
             inputs[which].shape(),
             "{op}: gradient {which} has the wrong shape"
         );
-        let numeric = numeric_grad(inputs, which, f);
+        let numeric = numeric(inputs, which, f);
         assert_close(
             &format!("{op}: d/d input {which} (shape {:?})", inputs[which].shape()),
             &vals(analytic),
