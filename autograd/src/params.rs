@@ -151,22 +151,6 @@ impl ParamStore {
         Ok(())
     }
 
-    /// Re-casts every working copy from its master (after the masters were written directly,
-    /// e.g. loaded).
-    pub fn refresh_working_copies(&mut self) -> Result<()> {
-        for p in &mut self.params {
-            if let Some(w) = &p.working {
-                p.working = Some(self.backend.cast(&p.value, w.dtype())?);
-            }
-        }
-        Ok(())
-    }
-
-    /// Bytes of the working copies.
-    pub fn working_bytes(&self) -> usize {
-        self.params.iter().filter_map(|p| p.working.as_ref()).map(Tensor::size_in_bytes).sum()
-    }
-
     /// Sets every allocated gradient to zero (after an optimizer step).
     pub fn zero_grads(&self) -> Result<()> {
         for p in &self.params {

@@ -200,15 +200,6 @@ impl SteelModel {
         }
     }
 
-    /// The model's precision.
-    pub fn precision(&self) -> Precision {
-        if self.compute == DType::BF16 {
-            Precision::Bf16Mixed
-        } else {
-            Precision::Fp32
-        }
-    }
-
     /// The dtype of the residual stream (the masters').
     pub(crate) fn stream_dtype(&self) -> DType {
         self.params.get(self.embed).value.dtype()

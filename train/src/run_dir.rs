@@ -38,7 +38,6 @@ fn hostname() -> String {
 #[derive(Debug)]
 pub struct RunLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl RunLock {
@@ -81,12 +80,7 @@ impl RunLock {
             .and_then(|_| file.write_all(me.as_bytes()))
             .and_then(|_| file.sync_all())
             .map_err(|e| io(&path, e))?;
-        Ok(Some(RunLock { _file: file, path }))
-    }
-
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Some(RunLock { _file: file }))
     }
 }
 
