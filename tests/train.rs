@@ -106,13 +106,23 @@ mod checkpoints {
         move |p: &Path| std::fs::write(p, &bytes).map_err(|e| TrainError::Invalid(e.to_string()))
     }
 
+    /// A checkpoint of the files every checkpoint must list (small stand-in contents).
     fn save(root: &Path, step: u64) -> PathBuf {
         let weights = write_bytes(vec![step as u8; 1000]);
+        let moments = write_bytes(vec![step as u8 ^ 0x5a; 300]);
         let state = write_bytes(format!("{{\"step\": {step}}}").into_bytes());
+        let config = write_bytes(b"{}".to_vec());
+        let data = write_bytes(vec![7; 40]);
         write_checkpoint(
             root,
             step,
-            &[("model.safetensors", &weights), ("state.json", &state)],
+            &[
+                ("model.safetensors", &weights),
+                ("optimizer.safetensors", &moments),
+                ("trainer.json", &state),
+                ("config.json", &config),
+                ("data.safetensors", &data),
+            ],
             serde_json::json!({ "step": step }),
         )
         .unwrap()

@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use steel_data::tokenizer::Tokenizer;
-use steel_model::{load_hf_dir, GenerationOptions, SteelModel, TokenIds};
-use steel_runtime::{Backend, DType};
+use steel_model::{GenerationOptions, SteelModel, TokenIds};
+use steel_runtime::Backend;
 
 /// Sampling flags; each overrides the model's generation_config.json.
 #[derive(Args, Clone, Debug, Default)]
@@ -58,7 +58,7 @@ impl Loaded {
         need_tokenizer: bool,
         backend: Arc<dyn Backend>,
     ) -> anyhow::Result<Loaded> {
-        let model = load_hf_dir(model_dir, backend, DType::F32)
+        let model = crate::load_model(model_dir, backend)
             .with_context(|| format!("loading the model {}", model_dir.display()))?;
         let tdir: PathBuf =
             tokenizer.map(Path::to_path_buf).unwrap_or_else(|| model_dir.to_path_buf());

@@ -3,9 +3,33 @@
 pub mod data_cli;
 pub mod emu_diff;
 pub mod eval_mc;
+pub mod fuzz;
 pub mod generation;
 
+use anyhow::Context;
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+use steel_model::SteelModel;
+use steel_runtime::{Backend, DType};
+use steel_train::checkpoint::Checkpoint;
+
+/// Whether `dir` is a training checkpoint (it has a manifest) rather than a HF model directory.
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("manifest.json").symlink_metadata().is_ok()
+}
+
+/// Loads the model of `dir` on `backend` (F32): a training checkpoint is verified and read
+/// through its manifest (every file checked, the weights parsed from the bytes that were
+/// hashed); a HF model directory is loaded as HF lays it out.
+pub fn load_model(dir: &Path, backend: Arc<dyn Backend>) -> anyhow::Result<SteelModel> {
+    if is_checkpoint(dir) {
+        let ck = Checkpoint::open(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+        Ok(ck.load_model(backend, DType::F32)?)
+    } else {
+        Ok(steel_model::load_hf_dir(dir, backend, DType::F32)?)
+    }
+}
 
 /// Runs a tool's body: on error prints one line naming the cause and exits with status 2
 /// (user mistakes never end in a panic or a backtrace).

@@ -621,11 +621,17 @@ impl Dataset {
     /// Restores a saved state for rank `rank` of `world` (which may differ from the world that
     /// saved it). Every file is re-hashed; a missing or changed one is refused by name.
     pub fn restore(path: &Path, rank: usize, world: usize) -> Result<Dataset> {
-        check_rank(rank, world)?;
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
+        Self::restore_bytes(&bytes, path, rank, world)
+    }
+
+    /// [`restore`](Dataset::restore) from a state file's bytes already read (a checkpoint reads
+    /// them through its manifest); `path` names the file in messages.
+    pub fn restore_bytes(bytes: &[u8], path: &Path, rank: usize, world: usize) -> Result<Dataset> {
+        check_rank(rank, world)?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| DataError::format(path, format!("not a dataset state: {e}")))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| DataError::format(path, e.to_string()))?;
         let json = meta
             .metadata()

@@ -63,3 +63,13 @@ pub fn text_of_jsonl_line(line: &[u8]) -> std::result::Result<String, String> {
         _ => Err("not a JSON object".into()),
     }
 }
+
+/// The message of a caught panic (a `&str` or `String` payload), for errors that report a
+/// third-party parser's panic.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

@@ -14,6 +14,17 @@ pub const IM_START_ID: u32 = 151644;
 /// `<|im_end|>`: the eos token and the document separator of packed shards.
 pub const IM_END_ID: u32 = 151645;
 
+/// Runs one call into the `tokenizers` crate with its error, or a panic (it asserts on some
+/// malformed tokenizer files), as a message.
+fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => {
+            Err(format!("the tokenizer library failed ({})", crate::panic_message(&panic)))
+        }
+    }
+}
+
 /// A loaded tokenizer plus the chat template of its `tokenizer_config.json`, if any.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -36,7 +47,7 @@ impl Tokenizer {
                 "no tokenizer.json here: point --tokenizer at a directory holding tokenizer.json (e.g. ../shared/data/qwen-tokenizer)",
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file)
+        let inner = guarded(|| tokenizers::Tokenizer::from_file(&file))
             .map_err(|e| DataError::format(&file, format!("cannot load the tokenizer: {e}")))?;
         let config = dir.join("tokenizer_config.json");
         let chat =
@@ -61,13 +72,13 @@ impl Tokenizer {
 
     /// Token ids of `text` (special-token strings become their ids; no BOS/EOS added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        let enc = guarded(|| self.inner.encode(text, true)).map_err(DataError::Tokenizer)?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// The text of `ids`; with `skip_special`, special tokens are left out.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| DataError::Tokenizer(e.to_string()))
+        guarded(|| self.inner.decode(ids, skip_special)).map_err(DataError::Tokenizer)
     }
 
     /// The number of ids the tokenizer can produce, added tokens included (151,646 for Qwen).

@@ -63,10 +63,36 @@ fn convert(name: &str, view: &TensorView<'_>, dtype: DType) -> Result<Tensor> {
     })
 }
 
+/// Checks that `path` names a regular file, following links (hub snapshots link to blobs): a
+/// directory, FIFO or device (`/dev/zero`) is refused before it is opened, so it cannot hang a load.
+fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(ModelError::File {
+            path: path.to_path_buf(),
+            msg: "is not a regular file (a model directory holds regular files, or links to them)"
+                .into(),
+        })
+    }
+}
+
+/// Whether `name` is a plain file name (no directory part, not `.`/`..`): what a `weight_map`
+/// entry must be, so it can only name a file of the model directory.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && Path::new(name).file_name().is_some_and(|n| n == name)
+}
+
 /// The safetensors files of a model directory and, per file, the tensor names it should hold.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
+        regular_file(&index)?;
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::File { path: index.clone(), msg: e.to_string() })?;
@@ -74,10 +100,13 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             ModelError::File { path: index.clone(), msg: "no \"weight_map\" object".into() }
         })?;
         let mut files: Vec<PathBuf> = Vec::new();
-        for f in map.values() {
-            let f = f.as_str().ok_or_else(|| ModelError::File {
+        for (tensor, f) in map {
+            let f = f.as_str().filter(|f| is_plain_name(f)).ok_or_else(|| ModelError::File {
                 path: index.clone(),
-                msg: "weight_map values must be file names".into(),
+                msg: format!(
+                    "weight_map[{tensor:?}] is {f}: values must be plain file names in the \
+                     model directory"
+                ),
             })?;
             let p = dir.join(f);
             if !files.contains(&p) {
@@ -96,42 +125,112 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-/// Loads a HF model directory onto `backend` with parameters in `dtype` (F32 or F64).
-pub fn load_hf_dir(dir: &Path, backend: Arc<dyn Backend>, dtype: DType) -> Result<SteelModel> {
-    if !matches!(dtype, DType::F32 | DType::F64) {
-        return Err(ModelError::Input(format!("models load as F32 or F64, not {dtype}")));
+/// The tensor names of a safetensors header that `deserialize` refused, when the header itself
+/// still reads (a bounded parse: the 8-byte length, then that much JSON).
+fn header_names(bytes: &[u8]) -> Option<Vec<String>> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
+    let header: Map<String, Value> = serde_json::from_slice(bytes.get(8..end)?).ok()?;
+    Some(header.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
+}
+
+/// Adds the parameters of one safetensors file (`bytes`, named `path` in messages) to
+/// `tensors`, checking each name and shape against `config`.
+fn add_tensors(
+    config: &SteelConfig,
+    expected: &HashMap<String, Vec<usize>>,
+    bytes: &[u8],
+    path: &Path,
+    dtype: DType,
+    tensors: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    let unexpected = |name: &str| {
+        let tied_head = name == "lm_head.weight" && config.tie_word_embeddings;
+        !(is_buffer(name) || expected.contains_key(name) || tied_head)
+    };
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        // A tensor the model does not have is the likelier cause than the offset of whichever
+        // tensor the format check tripped on: name it first.
+        match header_names(bytes).and_then(|names| names.into_iter().find(|n| unexpected(n))) {
+            Some(name) => ModelError::File {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "holds a tensor {name:?} the model config has no parameter for (and is not \
+                     a valid safetensors file: {e})"
+                ),
+            },
+            None => st_err(path, e),
+        }
+    })?;
+    let mut names = st.names();
+    names.sort();
+    for name in names {
+        if is_buffer(name) {
+            continue;
+        }
+        let Some(shape) = expected.get(name) else {
+            if !unexpected(name) {
+                continue; // a tied head may be stored anyway; the embedding is the head
+            }
+            return Err(ModelError::Extra { name: name.to_string() });
+        };
+        let view = st.tensor(name).map_err(|e| st_err(path, e))?;
+        if view.shape() != shape.as_slice() {
+            return Err(ModelError::Shape {
+                name: name.to_string(),
+                expected: shape.clone(),
+                found: view.shape().to_vec(),
+            });
+        }
+        tensors.insert(name.to_string(), convert(name, &view, dtype)?);
     }
-    let config = SteelConfig::from_file(&dir.join("config.json"))?;
+    Ok(())
+}
+
+fn check_dtype(dtype: DType) -> Result<()> {
+    if matches!(dtype, DType::F32 | DType::F64) {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!("models load as F32 or F64, not {dtype}")))
+    }
+}
+
+/// Loads a HF model directory onto `backend` with parameters in `dtype` (F32 or F64).
+///
+/// `config.json`, the index and every weight file must be regular files (links to regular files
+/// are followed, as hub snapshots need); `weight_map` values must be plain file names.
+pub fn load_hf_dir(dir: &Path, backend: Arc<dyn Backend>, dtype: DType) -> Result<SteelModel> {
+    check_dtype(dtype)?;
+    let cpath = dir.join("config.json");
+    regular_file(&cpath)?;
+    let config = SteelConfig::from_file(&cpath)?;
     let expected: HashMap<String, Vec<usize>> = config.param_shapes().into_iter().collect();
     let mut tensors = HashMap::with_capacity(expected.len());
     for path in weight_files(dir)? {
+        regular_file(&path)?;
         let file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
         // SAFETY: the file is only read; a concurrent writer could change the bytes under the
         // map, which a checkpoint directory being loaded does not have.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| st_err(&path, e))?;
-        let mut names = st.names();
-        names.sort();
-        for name in names {
-            if is_buffer(name) {
-                continue;
-            }
-            let Some(shape) = expected.get(name) else {
-                if name == "lm_head.weight" && config.tie_word_embeddings {
-                    continue; // a tied head may be stored anyway; the embedding is the head
-                }
-                return Err(ModelError::Extra { name: name.to_string() });
-            };
-            let view = st.tensor(name).map_err(|e| st_err(&path, e))?;
-            if view.shape() != shape.as_slice() {
-                return Err(ModelError::Shape {
-                    name: name.to_string(),
-                    expected: shape.clone(),
-                    found: view.shape().to_vec(),
-                });
-            }
-            tensors.insert(name.to_string(), convert(name, &view, dtype)?);
-        }
+        add_tensors(&config, &expected, &mmap, &path, dtype, &mut tensors)?;
+    }
+    SteelModel::from_tensors(config, backend, tensors)
+}
+
+/// Loads a model from a config and the bytes of its safetensors files, already read (and
+/// verified) by the caller: a training checkpoint's files, read through its manifest. Each file
+/// is `(path for messages, bytes)`.
+pub fn load_from_bytes(
+    config: SteelConfig,
+    files: &[(PathBuf, &[u8])],
+    backend: Arc<dyn Backend>,
+    dtype: DType,
+) -> Result<SteelModel> {
+    check_dtype(dtype)?;
+    let expected: HashMap<String, Vec<usize>> = config.param_shapes().into_iter().collect();
+    let mut tensors = HashMap::with_capacity(expected.len());
+    for (path, bytes) in files {
+        add_tensors(&config, &expected, bytes, path, dtype, &mut tensors)?;
     }
     SteelModel::from_tensors(config, backend, tensors)
 }

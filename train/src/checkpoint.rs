@@ -6,6 +6,12 @@
 //! moment leaves either the complete new checkpoint or none, and the previous one untouched.
 //! Loading verifies every file against the manifest and names the first damaged one;
 //! `latest_valid` skips damaged checkpoints (with a warning each) and picks the newest good one.
+//!
+//! A checkpoint is read as untrusted input: manifest names are plain file names (no `..`, no
+//! directories, no absolute paths), every file a checkpoint must have is listed, and each file is
+//! opened without following a link, must be a regular file of the manifest's size, is read at
+//! most that many bytes, and is hashed and parsed from the same bytes ([`Checkpoint::read`]).
+//! A loader reads only files the manifest lists. The checkpoint directory itself may be a link.
 
 use crate::{Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -13,6 +19,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const MANIFEST: &str = "manifest.json";
+
+/// The largest manifest read (a real one is a few kilobytes).
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// The files every checkpoint holds (besides its data state, one of [`DATA_STATE_FILES`]).
+pub const REQUIRED_FILES: [&str; 4] =
+    ["model.safetensors", "optimizer.safetensors", "trainer.json", "config.json"];
+
+/// The data position: a packed dataset's state or a fine-tuning order; a checkpoint holds one.
+pub const DATA_STATE_FILES: [&str; 2] = ["data.safetensors", "data.json"];
 
 /// One file of a checkpoint as recorded in its manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +74,175 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
     Ok((n, h.finalize().to_hex().to_string()))
 }
 
+/// Whether `name` is a plain file name: not empty, `.` or `..`, and without a path separator
+/// or NUL (so joining it to a directory never leaves that directory).
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && Path::new(name).file_name().is_some_and(|n| n == name)
+}
+
+/// Opens `path` for reading without following a final symbolic link and without blocking on a
+/// FIFO, and checks that it is a regular file; returns it with its size.
+fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let f = opts.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            TrainError::Invalid(format!(
+                "{}: is a symbolic link; checkpoint files must be regular files in the \
+                 checkpoint directory",
+                path.display()
+            ))
+        } else {
+            io(path, e)
+        }
+    })?;
+    let meta = f.metadata().map_err(|e| io(path, e))?;
+    if !meta.is_file() {
+        return Err(TrainError::Invalid(format!(
+            "{}: is not a regular file ({}); checkpoint files must be regular files",
+            path.display(),
+            kind_of(&meta.file_type())
+        )));
+    }
+    Ok((f, meta.len()))
+}
+
+fn kind_of(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a file"
+    }
+}
+
+/// Reads `dir`'s manifest (bounded, not through a link) and checks its names: plain, unique,
+/// and every file a checkpoint must have listed.
+fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let mpath = dir.join(MANIFEST);
+    let (f, len) = open_regular(&mpath)?;
+    if len > MAX_MANIFEST_BYTES {
+        return Err(TrainError::Invalid(format!(
+            "{}: damaged manifest: {len} bytes (a manifest is a few kilobytes)",
+            mpath.display()
+        )));
+    }
+    let mut text = String::new();
+    use std::io::Read;
+    f.take(MAX_MANIFEST_BYTES).read_to_string(&mut text).map_err(|e| io(&mpath, e))?;
+    parse_manifest(&text)
+        .map_err(|msg| TrainError::Invalid(format!("{}: damaged manifest: {msg}", mpath.display())))
+}
+
+/// Parses and checks a manifest's text (the names rule of the module docs); the error says what
+/// is wrong. The entry point of the manifest fuzz target.
+pub fn parse_manifest(text: &str) -> std::result::Result<Manifest, String> {
+    let m: Manifest = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut seen = std::collections::HashSet::new();
+    for f in &m.files {
+        if !is_plain_name(&f.name) || f.name == MANIFEST {
+            return Err(format!(
+                "file name {:?} is not a plain file name in the checkpoint directory",
+                f.name
+            ));
+        }
+        if !seen.insert(f.name.as_str()) {
+            return Err(format!("file {:?} is listed twice", f.name));
+        }
+        if f.blake3.len() != 64 || !f.blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("file {:?} has no BLAKE3 hash (64 hex digits)", f.name));
+        }
+    }
+    let missing: Vec<&str> = REQUIRED_FILES.iter().copied().filter(|n| !seen.contains(n)).collect();
+    if !missing.is_empty() {
+        return Err(format!("it does not list {}, which every checkpoint has", missing.join(", ")));
+    }
+    if !DATA_STATE_FILES.iter().any(|n| seen.contains(n)) {
+        return Err(format!(
+            "it lists no data state ({}), which every checkpoint has",
+            DATA_STATE_FILES.join(" or ")
+        ));
+    }
+    Ok(m)
+}
+
+/// Checks one file of a checkpoint against its record: a regular file (not a link) of the
+/// recorded size, whose first `bytes` bytes hash to the recorded value. With `keep`, returns
+/// those bytes (the ones that were hashed), else an empty vector.
+fn check_file(dir: &Path, rec: &FileRecord, keep: bool) -> Result<Vec<u8>> {
+    let path = dir.join(&rec.name);
+    let (f, len) = open_regular(&path)?;
+    if len != rec.bytes {
+        return Err(TrainError::Invalid(format!(
+            "{}: checksum mismatch: {len} bytes where the manifest records {}, so the file is \
+             truncated or corrupted",
+            path.display(),
+            rec.bytes
+        )));
+    }
+    let mut h = blake3::Hasher::new();
+    let mut kept = Vec::new();
+    use std::io::Read;
+    let mut r = f.take(rec.bytes);
+    let n = if keep {
+        // The size is the file's own (checked above), so this allocation is what the file is.
+        kept.try_reserve_exact(rec.bytes as usize).map_err(|_| {
+            TrainError::Invalid(format!(
+                "{}: {} bytes do not fit in this machine's memory",
+                path.display(),
+                rec.bytes
+            ))
+        })?;
+        r.read_to_end(&mut kept).map_err(|e| io(&path, e))?;
+        h.update(&kept);
+        kept.len() as u64
+    } else {
+        std::io::copy(&mut r, &mut h).map_err(|e| io(&path, e))?
+    };
+    if n != rec.bytes {
+        return Err(TrainError::Invalid(format!(
+            "{}: checksum mismatch: {n} bytes could be read where the manifest records {}, so \
+             the file is truncated",
+            path.display(),
+            rec.bytes
+        )));
+    }
+    if h.finalize().to_hex().as_str() != rec.blake3 {
+        return Err(TrainError::Invalid(format!(
+            "{}: checksum mismatch: its BLAKE3 hash differs from the manifest's (the size, {n} \
+             bytes, is right), so the file is corrupted",
+            path.display()
+        )));
+    }
+    Ok(kept)
+}
+
 /// Writes a checkpoint of `files` (name → contents written by the closure) under `root`,
 /// atomically (see the module docs), and returns its directory.
 pub fn write_checkpoint(
@@ -92,7 +277,7 @@ fn write_into(
 ) -> Result<PathBuf> {
     let mut records = Vec::with_capacity(files.len());
     for (fname, write) in files {
-        if *fname == MANIFEST || fname.contains('/') {
+        if *fname == MANIFEST || !is_plain_name(fname) {
             return Err(TrainError::Invalid(format!(
                 "checkpoint file name {fname:?} is not allowed"
             )));
@@ -121,30 +306,73 @@ fn write_into(
 
 /// Reads `dir`'s manifest and checks every file's size and hash; the error names the file.
 pub fn verify(dir: &Path) -> Result<Manifest> {
-    let mpath = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&mpath).map_err(|e| io(&mpath, e))?;
-    let m: Manifest = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Invalid(format!("{}: damaged manifest: {e}", mpath.display())))?;
+    let m = read_manifest(dir)?;
     for f in &m.files {
-        let path = dir.join(&f.name);
-        let (bytes, hash) = hash_file(&path)?;
-        if bytes != f.bytes {
-            return Err(TrainError::Invalid(format!(
-                "{}: checksum mismatch: {bytes} bytes where the manifest records {}, so the \
-                 file is truncated or corrupted",
-                path.display(),
-                f.bytes
-            )));
-        }
-        if hash != f.blake3 {
-            return Err(TrainError::Invalid(format!(
-                "{}: checksum mismatch: its BLAKE3 hash differs from the manifest's (the \
-                 size, {bytes} bytes, is right), so the file is corrupted",
-                path.display()
-            )));
-        }
+        check_file(dir, f, false)?;
     }
     Ok(m)
+}
+
+/// A verified checkpoint directory, read through its manifest.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Checkpoint {
+    /// Opens and verifies `dir` (every file, as [`verify`]).
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        Ok(Checkpoint { dir: dir.to_path_buf(), manifest: verify(dir)? })
+    }
+
+    /// Whether the manifest lists `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.manifest.files.iter().any(|f| f.name == name)
+    }
+
+    /// The path of `name` in the checkpoint (for messages).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The bytes of the listed file `name`, checked again against the manifest as they are read:
+    /// what the caller parses is exactly what was hashed (a file changed since [`open`] is an
+    /// error, not a silent mix). A name the manifest does not list is an error.
+    ///
+    /// [`open`]: Checkpoint::open
+    pub fn read(&self, name: &str) -> Result<Vec<u8>> {
+        let rec = self.manifest.files.iter().find(|f| f.name == name).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "{}: {name} is not in the checkpoint's manifest, so it is not read",
+                self.dir.display()
+            ))
+        })?;
+        check_file(&self.dir, rec, true)
+    }
+
+    /// The model of this checkpoint (`config.json` and `model.safetensors`, read through the
+    /// manifest) on `backend` in `dtype`.
+    pub fn load_model(
+        &self,
+        backend: std::sync::Arc<dyn steel_runtime::Backend>,
+        dtype: steel_runtime::DType,
+    ) -> Result<steel_model::SteelModel> {
+        let config = steel_model::SteelConfig::from_json(&self.read_string("config.json")?)
+            .map_err(|e| {
+                TrainError::Invalid(format!("{}: {e}", self.path("config.json").display()))
+            })?;
+        let name = "model.safetensors";
+        let bytes = self.read(name)?;
+        Ok(steel_model::load_from_bytes(config, &[(self.path(name), &bytes)], backend, dtype)?)
+    }
+
+    /// [`read`](Checkpoint::read) as UTF-8 text.
+    pub fn read_string(&self, name: &str) -> Result<String> {
+        String::from_utf8(self.read(name)?).map_err(|_| {
+            TrainError::Invalid(format!("{}: not UTF-8 text", self.path(name).display()))
+        })
+    }
 }
 
 /// Complete checkpoint directories under `root`, newest step first (temporaries are ignored).

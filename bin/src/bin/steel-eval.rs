@@ -5,8 +5,7 @@ use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use steel_model::load_hf_dir;
-use steel_runtime::{DType, Tensor};
+use steel_runtime::Tensor;
 
 #[derive(Parser)]
 #[command(name = "steel-eval", version, about = "Evaluate a Steel model")]
@@ -73,7 +72,7 @@ fn ppl(args: PplArgs) -> Result<()> {
         bail!("need at least 2 tokens to score (got {})", ids.len());
     }
     let run = args.device.open(true)?;
-    let model = load_hf_dir(&args.model, run.backend(), DType::F32)
+    let model = steel_cli::load_model(&args.model, run.backend())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let (loss, tokens) = model.shifted_loss(&ids)?;
     if !loss.is_finite() {

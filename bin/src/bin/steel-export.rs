@@ -5,8 +5,9 @@ use clap::Parser;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use steel_model::{load_hf_dir, save_hf_dir, ExportOptions, SaveDType};
+use steel_model::{save_hf_dir, ExportOptions, SaveDType};
 use steel_runtime::{cpu::CpuBackend, DType};
+use steel_train::checkpoint::Checkpoint;
 
 #[derive(Parser)]
 #[command(
@@ -37,10 +38,12 @@ struct Args {
 fn main() -> ExitCode {
     steel_cli::run("steel-export", || {
         let args = Args::parse();
-        steel_train::checkpoint::verify(&args.checkpoint)
+        // Verified first, then read through its manifest: only listed files, each parsed from
+        // the bytes that were hashed.
+        let ck = Checkpoint::open(&args.checkpoint)
             .with_context(|| format!("checkpoint {}", args.checkpoint.display()))?;
         check_out(&args.checkpoint, &args.out)?;
-        let model = load_hf_dir(&args.checkpoint, Arc::new(CpuBackend::new()), DType::F32)?;
+        let model = ck.load_model(Arc::new(CpuBackend::new()), DType::F32)?;
         let opts = ExportOptions {
             dtype: if args.dtype == "f32" { SaveDType::F32 } else { SaveDType::BF16 },
             remote_code: args.remote_code.clone(),
@@ -53,11 +56,10 @@ fn main() -> ExitCode {
         let written = (|| -> anyhow::Result<()> {
             save_hf_dir(&model, &tmp, &opts)?;
             for name in ["tokenizer.json", "tokenizer_config.json"] {
-                let src = args.checkpoint.join(name);
-                if src.is_file() {
+                if ck.has(name) {
                     let dst = tmp.join(name);
-                    std::fs::copy(&src, &dst).with_context(|| {
-                        format!("copying {} to {}", src.display(), dst.display())
+                    std::fs::write(&dst, ck.read(name)?).with_context(|| {
+                        format!("copying {} to {}", ck.path(name).display(), dst.display())
                     })?;
                     copied.push(name);
                 }

@@ -13,6 +13,26 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+/// Runs one call into the `parquet` crate with a panic (its decoders assert on some malformed
+/// input) mapped to an error naming the file, like the crate's own errors.
+fn guard<T>(
+    path: &Path,
+    f: impl FnOnce() -> std::result::Result<T, parquet::errors::ParquetError>,
+) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => {
+            r.map_err(|e| DataError::format(path, format!("not a readable Parquet file: {e}")))
+        }
+        Err(panic) => Err(DataError::format(
+            path,
+            format!(
+                "not a readable Parquet file: the Parquet reader failed on it ({})",
+                crate::panic_message(&panic)
+            ),
+        )),
+    }
+}
+
 /// Rows read per batch and column.
 const BATCH_ROWS: usize = 1024;
 
@@ -32,8 +52,7 @@ impl ParquetColumns {
     /// repeated or non-`BYTE_ARRAY` column is an error naming the file.
     pub(crate) fn open(path: &Path, names: &[&str]) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let reader = SerializedFileReader::new(file)
-            .map_err(|e| DataError::format(path, format!("not a readable Parquet file: {e}")))?;
+        let reader = guard(path, || SerializedFileReader::new(file))?;
         let schema = reader.metadata().file_metadata().schema_descr_ptr();
         let mut columns = Vec::with_capacity(names.len());
         for name in names {
@@ -61,13 +80,13 @@ impl ParquetColumns {
 
     /// Calls `f` with successive batches of rows until the file is exhausted or `f` fails.
     pub(crate) fn for_each_batch(&self, mut f: impl FnMut(Vec<Row>) -> Result<()>) -> Result<()> {
-        let err = |e: parquet::errors::ParquetError| DataError::format(&self.path, e.to_string());
+        let path = self.path.as_path();
         for g in 0..self.reader.num_row_groups() {
-            let group = self.reader.get_row_group(g).map_err(err)?;
+            let group = guard(path, || self.reader.get_row_group(g))?;
             let group_rows = usize::try_from(group.metadata().num_rows()).unwrap_or(0);
             let mut readers = Vec::with_capacity(self.columns.len());
             for &(i, _) in &self.columns {
-                match group.get_column_reader(i).map_err(err)? {
+                match guard(path, || group.get_column_reader(i))? {
                     ColumnReader::ByteArrayColumnReader(r) => readers.push(r),
                     _ => return Err(DataError::format(&self.path, "column is not BYTE_ARRAY")),
                 }
@@ -79,9 +98,9 @@ impl ParquetColumns {
                 for (reader, &(_, max_def)) in readers.iter_mut().zip(&self.columns) {
                     let mut defs: Vec<i16> = Vec::with_capacity(want);
                     let mut values: Vec<ByteArray> = Vec::with_capacity(want);
-                    let (got, _, _) = reader
-                        .read_records(want, Some(&mut defs), None, &mut values)
-                        .map_err(err)?;
+                    let (got, _, _) = guard(path, || {
+                        reader.read_records(want, Some(&mut defs), None, &mut values)
+                    })?;
                     if got != want {
                         return Err(DataError::format(
                             &self.path,

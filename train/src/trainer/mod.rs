@@ -20,7 +20,7 @@ mod rank;
 mod state;
 mod step;
 
-use crate::checkpoint::{self, FileWriter};
+use crate::checkpoint::{self, Checkpoint, FileWriter};
 use crate::memory::{self, memory_plan, MemoryPlan};
 use crate::metrics::{self, MetricsLog};
 use crate::prepare::{prepare_data, PreparedData};

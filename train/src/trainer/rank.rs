@@ -156,10 +156,9 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
     if let Some(sft) = &sh.prepared.sft {
         let order = match &sh.loaded {
             Some(l) => {
-                let p = l.dir.join("data.json");
+                let p = l.ck.path("data.json");
                 let v: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| io(&p, e))?)
-                        .map_err(|e| io(&p, e))?;
+                    serde_json::from_str(&l.ck.read_string("data.json")?).map_err(|e| io(&p, e))?;
                 if v["hashes"] != serde_json::json!(sft.hashes) {
                     return Err(io(&p, "the fine-tuning data files changed since this checkpoint"));
                 }
@@ -172,7 +171,9 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
     let data_err = |e: steel_data::DataError| inv(e.to_string());
     let mut data = match &sh.loaded {
         Some(l) => {
-            Dataset::restore(&l.dir.join("data.safetensors"), rank, world).map_err(data_err)?
+            let name = "data.safetensors";
+            Dataset::restore_bytes(&l.ck.read(name)?, &l.ck.path(name), rank, world)
+                .map_err(data_err)?
         }
         None => Dataset::open(
             &sh.prepared.train,

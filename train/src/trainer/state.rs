@@ -6,7 +6,8 @@ use super::*;
 
 /// A loaded checkpoint.
 pub(super) struct Loaded {
-    pub(super) dir: PathBuf,
+    /// The verified checkpoint: its other files (the data state) are read through it.
+    pub(super) ck: Checkpoint,
     pub(super) step: u64,
     pub(super) tokens: u64,
     pub(super) tensors: HashMap<String, Tensor>,
@@ -15,13 +16,13 @@ pub(super) struct Loaded {
     pub(super) elapsed_s: f64,
 }
 
-/// Reads a safetensors file of F32 tensors.
+/// Reads a safetensors file of F32 tensors from the checkpoint (`path` names it in messages).
 pub(super) fn read_tensors(
+    bytes: &[u8],
     path: &Path,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| io(path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| io(path, e))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
@@ -57,8 +58,10 @@ pub(super) fn write_tensors(
 }
 
 pub(super) fn load_checkpoint(dir: &Path, config: &SteelConfig) -> Result<Loaded> {
-    let manifest = checkpoint::verify(dir)?;
-    let saved = SteelConfig::from_file(&dir.join("config.json"))?;
+    // Every file is read through the manifest: hashed and parsed from the same bytes.
+    let ck = Checkpoint::open(dir)?;
+    let saved = SteelConfig::from_json(&ck.read_string("config.json")?)
+        .map_err(|e| inv(format!("{}: {e}", ck.path("config.json").display())))?;
     if saved.param_shapes() != config.param_shapes()
         || saved.ffn_type != config.ffn_type
         || saved.mlp_type != config.mlp_type
@@ -68,8 +71,9 @@ pub(super) fn load_checkpoint(dir: &Path, config: &SteelConfig) -> Result<Loaded
             dir.display()
         )));
     }
-    let (tensors, _) = read_tensors(&dir.join("model.safetensors"))?;
-    let (opt, meta) = read_tensors(&dir.join("optimizer.safetensors"))?;
+    let (tensors, _) = read_tensors(&ck.read("model.safetensors")?, &ck.path("model.safetensors"))?;
+    let (opt, meta) =
+        read_tensors(&ck.read("optimizer.safetensors")?, &ck.path("optimizer.safetensors"))?;
     let opt_step = meta
         .get("step")
         .and_then(|s| s.parse().ok())
@@ -90,13 +94,12 @@ pub(super) fn load_checkpoint(dir: &Path, config: &SteelConfig) -> Result<Loaded
             }
         }
     }
-    let tpath = dir.join("trainer.json");
+    let tpath = ck.path("trainer.json");
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&tpath).map_err(|e| io(&tpath, e))?)
-            .map_err(|e| io(&tpath, e))?;
+        serde_json::from_str(&ck.read_string("trainer.json")?).map_err(|e| io(&tpath, e))?;
     Ok(Loaded {
-        dir: dir.to_path_buf(),
-        step: manifest.step,
+        step: ck.manifest.step,
+        ck,
         tokens: state["tokens"].as_u64().unwrap_or(0),
         tensors,
         moments,

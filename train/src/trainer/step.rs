@@ -86,7 +86,7 @@ pub(super) fn run_rank(
         start_step: sh.start_step,
         last_step: sh.start_step,
         losses: Vec::new(),
-        last_checkpoint: sh.loaded.as_ref().map(|l| l.dir.clone()),
+        last_checkpoint: sh.loaded.as_ref().map(|l| l.ck.dir.clone()),
         stopped: false,
     };
     let mut tokens = sh.start_tokens;
