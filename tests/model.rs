@@ -636,6 +636,7 @@ fn absurd_model_sizes_are_refused_before_any_allocation() {
     ] {
         let c = tiny(ffn, mlp, tied, kv);
         assert_eq!(c.param_count_u128(), c.num_params() as u128, "{ffn:?} {mlp:?} {tied}");
+        assert_eq!(c.tensor_count_u128(), c.param_shapes().len() as u128, "{ffn:?} {mlp:?}");
     }
     let base = tiny(FfnType::SoftMoeV3, MlpType::Senet, false, 2);
     type Edit = fn(&mut SteelConfig);
@@ -649,6 +650,13 @@ fn absurd_model_sizes_are_refused_before_any_allocation() {
             c.num_attention_heads = 1 << 10;
             c.num_key_value_heads = Some(1 << 10);
             c.vocab_size = 1 << 21;
+        }),
+        // 2·10^8 parameters, but a name list of 8 million tensors (~1 GB before the bound;
+        // found by the config fuzz target).
+        ("n_experts", |c| {
+            c.n_experts = 1 << 18;
+            c.num_hidden_layers = 8;
+            c.intermediate_size = 4;
         }),
     ];
     for (key, edit) in cases {

@@ -6,10 +6,11 @@
 //! libFuzzer (`fuzz/`, `scripts/fuzz.sh`) and, on the stable toolchain, in the replay test
 //! (`bin/tests/fuzz_replay.rs`: every input in `fuzz/regressions/` plus a short seeded pass).
 //!
-//! Companion files a target needs (a config beside a weights file, the shard a data state points
-//! at, the files a manifest lists) are made once per process under a fixed scratch directory
-//! (`$TMPDIR/steel-fuzz/<target>`), with deterministic contents, so seeds written by one process
-//! stay meaningful in another.
+//! Each process works in its own scratch directory (`$TMPDIR/steel-fuzz/<pid>/<target>`), so
+//! fuzzers and seed writers running side by side never touch each other's files. The one
+//! exception is the shard directory a data state names by its absolute path: it lives at a fixed
+//! place (`$TMPDIR/steel-fuzz/shared/`), holds deterministic contents and is written by atomic
+//! renames, so a seed written by one process means the same in every other.
 
 use crate::eval_mc::{self, Format};
 use anyhow::{Context, Result};
@@ -122,11 +123,18 @@ pub fn target(name: &str) -> Option<&'static Target> {
     TARGETS.iter().find(|t| t.name == name)
 }
 
-/// The scratch directory of `target` (created).
+/// This process's scratch directory for `target` (created).
 fn scratch(target: &str) -> PathBuf {
-    let d = std::env::temp_dir().join("steel-fuzz").join(target);
+    let d =
+        std::env::temp_dir().join("steel-fuzz").join(std::process::id().to_string()).join(target);
     let _ = std::fs::create_dir_all(&d);
     d
+}
+
+/// Removes this process's scratch directories (the shared shard directory stays).
+pub fn remove_scratch() {
+    let d = std::env::temp_dir().join("steel-fuzz").join(std::process::id().to_string());
+    let _ = std::fs::remove_dir_all(d);
 }
 
 /// Writes `data` to `dir/name` and returns the path (a failed write rejects the input).
@@ -229,13 +237,25 @@ fn seeds_shard(_: &Seeds) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-/// The shard directory a data state refers to (made once per process, deterministic).
+/// The shard directory a data state refers to: at a fixed path, with deterministic contents,
+/// each file put in place by a rename (so another process never sees a partial one).
 fn state_shards() -> Option<&'static PathBuf> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = scratch("data_state").join("shards");
-        let _ = std::fs::remove_dir_all(&dir);
-        write_shard(&dir, TokenDType::U16, 48, 144, 1000).ok().map(|_| dir)
+        let dir = std::env::temp_dir().join("steel-fuzz/shared/data_state");
+        let fresh = scratch("data_state").join("shards");
+        let _ = std::fs::remove_dir_all(&fresh);
+        write_shard(&fresh, TokenDType::U16, 48, 144, 1000).ok()?;
+        std::fs::create_dir_all(&dir).ok()?;
+        for e in std::fs::read_dir(&fresh).ok()? {
+            let e = e.ok()?;
+            let to = dir.join(e.file_name());
+            let same = std::fs::read(&to).ok() == std::fs::read(e.path()).ok();
+            if !same {
+                std::fs::rename(e.path(), &to).ok()?;
+            }
+        }
+        Some(dir)
     })
     .as_ref()
 }
@@ -273,7 +293,6 @@ fn manifest_checkpoint() -> Option<&'static PathBuf> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = scratch("manifest").join("checkpoints");
-        let _ = std::fs::remove_dir_all(&root);
         let text = |s: &'static str| {
             move |p: &Path| -> steel_train::Result<()> {
                 std::fs::write(p, s).map_err(|e| steel_train::TrainError::Invalid(e.to_string()))

@@ -28,7 +28,14 @@ fn timed(target: &str, what: &str, run: fn(&[u8]) -> bool, input: &[u8]) -> bool
     accepted
 }
 
+/// One test, so the two passes never share this process's scratch files at the same time.
 #[test]
+fn crashes_stay_fixed_and_a_seeded_pass_finds_nothing() {
+    every_crash_found_so_far_stays_fixed();
+    a_short_seeded_pass_per_target_finds_nothing();
+    steel_cli::fuzz::remove_scratch();
+}
+
 fn every_crash_found_so_far_stays_fixed() {
     let root = repo().join("fuzz/regressions");
     let mut replayed = 0;
@@ -129,7 +136,6 @@ fn mutate(rng: &mut Rng, input: &[u8], others: &[Vec<u8>]) -> Vec<u8> {
 }
 
 /// Mutated seeds per target: a few seconds each on the CI machine.
-#[test]
 fn a_short_seeded_pass_per_target_finds_nothing() {
     let cases: usize =
         std::env::var("STEEL_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
@@ -168,4 +174,5 @@ fn write_seed_corpus() {
     for (name, n) in steel_cli::fuzz::write_seeds(&seeds(), Path::new(&out)).unwrap() {
         eprintln!("{name}: {n} seeds");
     }
+    steel_cli::fuzz::remove_scratch();
 }

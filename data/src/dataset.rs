@@ -353,7 +353,13 @@ impl Source {
     fn read_block(&self, id: u64, block_size: usize) -> Result<Vec<u32>> {
         let f = self.starts.partition_point(|&s| s <= id) - 1;
         let within = (id - self.starts[f]) as usize;
-        let toks = self.shards[f].tokens(within * block_size, block_size)?;
+        let start = within.checked_mul(block_size).ok_or_else(|| {
+            DataError::format(
+                &self.files[f].path,
+                format!("block {within} is past the shard's end"),
+            )
+        })?;
+        let toks = self.shards[f].tokens(start, block_size)?;
         toks.into_iter()
             .map(|t| {
                 u32::try_from(t).map_err(|_| {
@@ -688,6 +694,24 @@ impl Dataset {
                 ahead: Vec::new(),
             };
             src.attach(s.files.clone())?;
+            // The saved block counts must be the shards' (a state edited or saved for another
+            // block size would index past a shard's end).
+            for (f, shard) in src.files.iter().zip(&src.shards) {
+                let tokens = f.blocks.checked_mul(state.block_size as u64);
+                if state.block_size == 0 || tokens != Some(shard.len() as u64) {
+                    return Err(DataError::format(
+                        path,
+                        format!(
+                            "source {i}: {} blocks of {} tokens recorded for {}, which holds {} \
+                             tokens: the state does not match its shards",
+                            f.blocks,
+                            state.block_size,
+                            f.path.display(),
+                            shard.len()
+                        ),
+                    ));
+                }
+            }
             if src.order.len() as u64 != src.total || src.pos > src.total {
                 return Err(DataError::format(
                     path,

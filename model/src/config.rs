@@ -120,6 +120,8 @@ pub fn reference_auto_map() -> Map<String, Value> {
 const MAX_DIM: usize = 1 << 31;
 const MAX_LAYERS: usize = 100_000;
 const MAX_PARAMS: u128 = 1 << 40;
+/// The most tensors a config may name (the 1.1B model has 236; a million names is ~100 MB).
+const MAX_TENSORS: u128 = 1 << 20;
 
 fn bad(key: &str, msg: impl Into<String>) -> ModelError {
     ModelError::Config { key: key.to_string(), msg: msg.into() }
@@ -252,6 +254,16 @@ impl SteelConfig {
                 format!("{} is beyond any model (at most {MAX_LAYERS})", self.num_hidden_layers),
             ));
         }
+        let tensors = self.tensor_count_u128();
+        if tensors > MAX_TENSORS {
+            return Err(bad(
+                "n_experts",
+                format!(
+                    "the model would have {tensors} tensors (more than 2^20): check \
+                     num_hidden_layers and n_experts"
+                ),
+            ));
+        }
         let params = self.param_count_u128();
         if params > MAX_PARAMS {
             return Err(bad(
@@ -284,6 +296,17 @@ impl SteelConfig {
         };
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + w(self.num_hidden_layers) * (attn + ffn) + h + head
+    }
+
+    /// The number of tensors of `param_shapes`, from the sizes alone (no allocation).
+    pub fn tensor_count_u128(&self) -> u128 {
+        let projections = self.mlp_projections().len() as u128;
+        let ffn = match self.ffn_type {
+            FfnType::SoftMoeV3 => 2 + self.n_experts as u128 * projections,
+            FfnType::Raw => projections,
+        };
+        let head = u128::from(!self.tie_word_embeddings);
+        2 + head + self.num_hidden_layers as u128 * (9 + ffn)
     }
 
     pub fn head_dim(&self) -> usize {
