@@ -249,6 +249,28 @@ fn recipe_overrides_and_mistakes() {
     assert!(err.to_string().contains("exactly one of"), "{err}");
 }
 
+/// Paths written in a recipe are relative to its folder; paths given with `--set` (or a flag)
+/// to the current directory.
+#[test]
+fn recipe_paths_are_relative_to_where_they_were_written() {
+    let sft = "[model]\ninit_from = \"m\"\n[data]\nsft = [\"a.jsonl\"]\ntokenizer = \"tok\"\n\
+               [train]\nmicro_batch = 1\nepochs = 1.0\n";
+    let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let r =
+        Recipe::parse(sft, "sft", Path::new("/x"), &o(&["model.init_from=\"runs/demo/export\""]))
+            .unwrap();
+    assert_eq!(r.model.init_from, Some(PathBuf::from("runs/demo/export")), "from the command line");
+    assert_eq!(r.data.sft, vec![PathBuf::from("/x/a.jsonl")], "from the file");
+    assert_eq!(r.data.tokenizer, Some(PathBuf::from("/x/tok")));
+    // A whole table set on the command line: every path in it is the command line's.
+    let r = Recipe::parse(sft, "sft", Path::new("/x"), &o(&["data.sft=[\"b.jsonl\"]"])).unwrap();
+    assert_eq!(r.data.sft, vec![PathBuf::from("b.jsonl")]);
+    assert_eq!(r.model.init_from, Some(PathBuf::from("/x/m")));
+    // An absolute path stays as given either way.
+    let r = Recipe::parse(sft, "sft", Path::new("/x"), &o(&["data.tokenizer=\"/t\""])).unwrap();
+    assert_eq!(r.data.tokenizer, Some(PathBuf::from("/t")));
+}
+
 mod sft {
     use super::*;
     use steel_data::tokenizer::Tokenizer;

@@ -125,32 +125,107 @@ impl Loaded {
     }
 }
 
-/// Prints the text of a growing list of ids as it grows (whole characters only: a token that
-/// ends inside a multi-byte character waits for the next one).
+/// Prints the text of a growing list of ids as it grows, whole characters only: a token that
+/// ends inside a multi-byte UTF-8 sequence is held back until the sequence completes (a
+/// byte-level tokenizer splits a Chinese character over two or three tokens), so no broken
+/// fragment is printed mid-stream. A sequence that proves invalid (the next byte cannot continue
+/// it) is printed as U+FFFD once later text follows; [`finish`](Streamer::finish) prints what is
+/// held back when generation ends.
 pub struct Streamer<'a> {
     tok: &'a Tokenizer,
     ids: Vec<u32>,
     printed: usize,
+    out: Box<dyn Write + 'a>,
 }
 
 impl<'a> Streamer<'a> {
+    /// A streamer to standard output.
     pub fn new(tok: &'a Tokenizer) -> Self {
-        Streamer { tok, ids: Vec::new(), printed: 0 }
+        Self::to(tok, Box::new(std::io::stdout()))
+    }
+
+    /// A streamer to `out`.
+    pub fn to(tok: &'a Tokenizer, out: Box<dyn Write + 'a>) -> Self {
+        Streamer { tok, ids: Vec::new(), printed: 0, out }
     }
 
     pub fn push(&mut self, id: u32) -> anyhow::Result<()> {
         self.ids.push(id);
         let text = self.tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() < self.printed
-            || !text.is_char_boundary(self.printed)
-        {
+        // The held-back tail: replacement characters at the end may still become a character.
+        let ready = text.trim_end_matches('\u{FFFD}').len();
+        self.emit(&text, ready)
+    }
+
+    /// Prints whatever is still held back (an incomplete sequence at the very end shows as
+    /// U+FFFD): call it when generation ends.
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        let text = self.tok.decode(&self.ids, true)?;
+        let end = text.len();
+        self.emit(&text, end)
+    }
+
+    /// Writes `text[printed..upto]` when that is a clean continuation of what was printed.
+    fn emit(&mut self, text: &str, upto: usize) -> anyhow::Result<()> {
+        if upto <= self.printed || !text.is_char_boundary(self.printed) {
             return Ok(());
         }
-        let mut out = std::io::stdout().lock();
-        out.write_all(&text.as_bytes()[self.printed..])?;
-        out.flush()?;
-        self.printed = text.len();
+        self.out.write_all(&text.as_bytes()[self.printed..upto])?;
+        self.out.flush()?;
+        self.printed = upto;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Rc<RefCell<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.borrow_mut().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The Qwen tokenizer's single-byte token of `b` (byte-level BPE spells bytes as characters).
+    fn byte_id(tok: &Tokenizer, b: u8) -> u32 {
+        let c = steel_data::bpe::byte_chars()[b as usize];
+        tok.token_to_id(&c.to_string()).expect("every byte has a token")
+    }
+
+    /// A character split over byte tokens is printed only once whole; a sequence the next byte
+    /// breaks is printed as U+FFFD; an incomplete tail is printed by `finish`.
+    #[test]
+    fn streaming_holds_back_incomplete_characters() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/qwen-tokenizer");
+        let tok = Tokenizer::load(&dir).unwrap();
+        let seen = Shared::default();
+        let mut s = Streamer::to(&tok, Box::new(seen.clone()));
+        let text = || String::from_utf8(seen.0.borrow().clone()).unwrap();
+        let ni = "你".as_bytes(); // E4 BD A0
+        s.push(byte_id(&tok, ni[0])).unwrap();
+        assert_eq!(text(), "", "a lead byte alone waits");
+        s.push(byte_id(&tok, ni[1])).unwrap();
+        assert_eq!(text(), "");
+        s.push(byte_id(&tok, ni[2])).unwrap();
+        assert_eq!(text(), "你");
+        s.push(byte_id(&tok, ni[0])).unwrap();
+        s.push(byte_id(&tok, b'a')).unwrap();
+        assert_eq!(text(), "你\u{FFFD}a", "a broken sequence shows once it proves invalid");
+        s.push(byte_id(&tok, ni[0])).unwrap();
+        s.push(byte_id(&tok, ni[1])).unwrap();
+        assert_eq!(text(), "你\u{FFFD}a");
+        s.finish().unwrap();
+        assert!(text().starts_with("你\u{FFFD}a\u{FFFD}"), "the tail at the end: {:?}", text());
     }
 }

@@ -77,6 +77,11 @@ fn stop_and_resume_in_separate_processes_is_bit_identical() {
         .unwrap());
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("<polyline") || text.contains("<path"), "the SVG has curves");
+    // 12 logged steps of a 12-step run, and x ticks on round numbers (2, 4, … not 1, 3.2, …).
+    assert!(text.contains("steps 1..12 (12 logged)"), "the title counts steps: {text}");
+    for tick in [">2<", ">4<", ">6<", ">8<", ">10<", ">12<"] {
+        assert!(text.contains(tick), "tick {tick}");
+    }
     for d in [a, b] {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -485,4 +490,154 @@ fn perplexity_on_the_emulated_gpu_equals_the_cpu() {
         "the experts do not move the loss: {without} vs {cpu}"
     );
     let _ = std::fs::remove_dir_all(out);
+}
+
+/// Every command a non-default run prints under "next:" runs from the checkout as printed, with a
+/// PATH holding only the system and `~/.cargo/bin` (no installed Steel tools), and the resume
+/// command keeps the run's overrides.
+#[test]
+fn the_printed_next_commands_run_as_printed() {
+    let dir = out_dir("next");
+    let run = dir.join("run");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let recipe = repo.join("configs/demo.toml");
+    let o = train(&[
+        "--config",
+        recipe.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "data.seq_len=16",
+        "--device",
+        "cpu",
+    ]);
+    ok(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let next: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("next"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(str::trim)
+        .collect();
+    assert!(next.len() >= 6, "{stdout}");
+    let resume = next.iter().find(|c| c.contains("--resume auto")).expect("a resume command");
+    assert!(resume.contains("--set data.seq_len=16"), "keeps the overrides: {resume}");
+    assert!(resume.contains("--max-steps 4"), "{resume}");
+    let home = std::env::var("HOME").unwrap_or_default();
+    let path = format!("/usr/local/bin:/usr/bin:/bin:{home}/.cargo/bin");
+    for cmd in next {
+        let mut c = Command::new("sh");
+        c.args(["-c", cmd]).current_dir(&repo).env_clear().env("PATH", &path).env("HOME", &home);
+        for keep in ["RUSTUP_HOME", "CARGO_HOME", "CARGO_TARGET_DIR", "TMPDIR"] {
+            if let Ok(v) = std::env::var(keep) {
+                c.env(keep, v);
+            }
+        }
+        let o = c.stdin(Stdio::null()).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: exit {:?}\n{}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `configs/sft-demo.toml` fine-tunes the demo's export (its config comes from `init_from`),
+/// `--max-steps` stops an epoch-counted run early, and the printed resume command continues it.
+#[test]
+fn the_demo_fine_tunes_and_max_steps_caps_its_epochs() {
+    let dir = out_dir("sft-demo");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let base = dir.join("base");
+    let quick = ["--max-steps", "1", "--set", "train.eval_every=0", "--device", "cpu"];
+    ok(&train(&[&["--out", base.to_str().unwrap()][..], &quick].concat()));
+    let export = dir.join("export");
+    ok(&Command::new(env!("CARGO_BIN_EXE_steel-export"))
+        .args(["--checkpoint", base.join("checkpoints/step-000001").to_str().unwrap()])
+        .args(["--out", export.to_str().unwrap()])
+        .output()
+        .unwrap());
+    let sft = dir.join("sft");
+    let recipe = repo.join("configs/sft-demo.toml");
+    let init = format!("model.init_from={:?}", export.to_str().unwrap());
+    let o = train(&[
+        "--config",
+        recipe.to_str().unwrap(),
+        "--out",
+        sft.to_str().unwrap(),
+        "--set",
+        &init,
+        "--max-steps",
+        "2",
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("steps 1..2"), "--max-steps 2 runs two steps: {err}");
+    assert!(err.contains("this run stops at step 2"), "{err}");
+    let lines = std::fs::read_to_string(sft.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The README's data pipeline, as written, with `RAW_DIR` pointed at the shipped samples, the
+/// tokenizer at `../shared/data/qwen-tokenizer` and `data/` at a scratch folder: every command
+/// succeeds and the shards it writes are what `steel-train` reads.
+#[test]
+fn the_readme_pipeline_runs_on_the_samples() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let block: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("<!-- readme-test: pipeline"))
+        .skip(2) // the marker and the opening fence
+        .take_while(|l| !l.starts_with("```"))
+        .collect();
+    assert!(block.len() >= 6, "the README has the pipeline block");
+    let dir = out_dir("pipeline");
+    let shared = repo.join("../shared/data");
+    let script: Vec<String> = block
+        .iter()
+        .map(|l| {
+            if l.starts_with("RAW_DIR=") {
+                format!("RAW_DIR={}", shared.join("corpus-samples").display())
+            } else if l.starts_with("TOKENIZER=") {
+                format!("TOKENIZER={}", shared.join("qwen-tokenizer").display())
+            } else {
+                let scratch = format!("{}/data/", dir.display());
+                l.replace(" data/", &format!(" {scratch}")).replace("\"data/", &format!("\"{scratch}"))
+            }
+        })
+        .collect();
+    let home = std::env::var("HOME").unwrap_or_default();
+    let mut c = Command::new("sh");
+    c.args(["-ec", &script.join("\n")]).current_dir(&repo).env_clear();
+    c.env("PATH", format!("/usr/local/bin:/usr/bin:/bin:{home}/.cargo/bin")).env("HOME", &home);
+    for keep in ["RUSTUP_HOME", "CARGO_HOME", "CARGO_TARGET_DIR", "TMPDIR"] {
+        if let Ok(v) = std::env::var(keep) {
+            c.env(keep, v);
+        }
+    }
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{}\nexit {:?}\n{}\n{}",
+        script.join("\n"),
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let shards = dir.join("data/step3/text");
+    assert!(shards.join("steel-shards.json").is_file(), "the sidecar is written");
+    assert!(shards.join("text_0000000000.bin").is_file(), "a small input gives a shard");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("blocks:") && !out.contains("NOT a whole number"), "{out}");
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -650,3 +650,36 @@ fn an_extra_tensor_is_named() {
     assert!(err.contains("holds a tensor \"model.extra.weight\" the model config has no"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Shards whose ids the model's vocabulary does not cover (Qwen-tokenized shards under the demo
+/// model's 512 ids) are refused before training starts, naming the shard, the id and the size.
+#[test]
+fn a_vocabulary_mismatch_is_found_at_start() {
+    let dir = out_dir("vocab");
+    let shards = dir.join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let mut b = Vec::new();
+    b.extend_from_slice(b"LITPKDS");
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.push(4); // i32, as Qwen-sized vocabularies are stored
+    let ids: Vec<i32> = (0..130).map(|i| if i == 77 { 102_316 } else { i * 3 }).collect();
+    b.extend_from_slice(&(ids.len() as u64).to_le_bytes());
+    for x in &ids {
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    let shard = shards.join("train-0.bin");
+    std::fs::write(&shard, b).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+        .args(["--out", dir.join("run").to_str().unwrap(), "--max-steps", "1", "--device", "cpu"])
+        .args(["--set", "data.demo_corpus=false", "--set", "data.seq_len=12"])
+        .arg("--set")
+        .arg(format!("data.train=[{{path={:?}}}]", shards.to_str().unwrap()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("train-0.bin"), "names the shard: {err}");
+    assert!(err.contains("token id 102316, outside the model's vocabulary of 512 ids"), "{err}");
+    assert!(!err.contains("embedding_fwd"), "found before the first step: {err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

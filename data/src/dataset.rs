@@ -173,21 +173,51 @@ pub struct FileEntry {
     /// BLAKE3 of the whole file, hex.
     pub hash: String,
     pub blocks: u64,
+    /// The smallest and largest token id, read in the same pass as the hash (not saved in a
+    /// data state: a restore reads them again while it checks the hashes).
+    #[serde(skip)]
+    pub ids: Option<(i64, i64)>,
 }
 
-/// BLAKE3 of a whole file.
-pub fn hash_file(path: &Path) -> Result<String> {
+/// Reads `buf.len()` bytes from `f` unless the file ends first; the count read.
+fn fill(f: &mut std::fs::File, buf: &mut [u8], path: &Path) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DataError::io(path, e)),
+        }
+    }
+    Ok(n)
+}
+
+/// BLAKE3 of a whole shard and, in the same pass, the range of its token ids (`dtype` read from
+/// its header; the body is read in chunks that hold whole tokens).
+pub fn hash_and_scan(path: &Path) -> Result<(String, Option<(i64, i64)>)> {
     let mut f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut h = blake3::Hasher::new();
+    let mut head = [0u8; HEADER_BYTES];
+    let n = fill(&mut f, &mut head, path)?;
+    h.update(&head[..n]);
+    let dtype = ShardHeader::parse(path, &head[..n], None)?.dtype;
     let mut buf = vec![0u8; 1 << 20];
+    let mut range: Option<(i64, i64)> = None;
     loop {
-        let n = f.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        let n = fill(&mut f, &mut buf, path)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        if let Some((lo, hi)) = dtype.id_range(&buf[..n]) {
+            range = Some(range.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+        }
+        if n < buf.len() {
+            break;
+        }
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok((h.finalize().to_hex().to_string(), range))
 }
 
 /// Every `*.bin` under `dir`, recursively, hidden entries skipped, sorted.
@@ -231,7 +261,8 @@ fn register(paths: &[PathBuf], block_size: usize) -> Result<Vec<FileEntry>> {
                     format!("{} tokens is not a whole number of {block_size}-token blocks (tokenize with a matching --block-size)", h.chunk_size),
                 ));
             }
-            Ok(FileEntry { path: p.clone(), hash: hash_file(p)?, blocks: h.chunk_size / block_size as u64 })
+            let (hash, ids) = hash_and_scan(p)?;
+            Ok(FileEntry { path: p.clone(), hash, blocks: h.chunk_size / block_size as u64, ids })
         })
         .collect()
 }
@@ -502,6 +533,24 @@ impl Dataset {
         })
     }
 
+    /// The largest token id of every registered shard and the file holding it, and likewise
+    /// the smallest (`None` without tokens): what a model's vocabulary must cover.
+    pub fn id_extremes(&self) -> Option<((i64, PathBuf), (i64, PathBuf))> {
+        let files = self.sources.iter().flat_map(|s| s.files.iter());
+        let mut out: Option<((i64, PathBuf), (i64, PathBuf))> = None;
+        for f in files {
+            let Some((lo, hi)) = f.ids else { continue };
+            out = Some(match out {
+                None => ((lo, f.path.clone()), (hi, f.path.clone())),
+                Some((min, max)) => (
+                    if lo < min.0 { (lo, f.path.clone()) } else { min },
+                    if hi > max.0 { (hi, f.path.clone()) } else { max },
+                ),
+            });
+        }
+        out
+    }
+
     pub fn block_size(&self) -> usize {
         self.opts.block_size
     }
@@ -655,22 +704,27 @@ impl Dataset {
         let mut sources = Vec::new();
         for (i, s) in state.sources.iter().enumerate() {
             // The data-consistency check: same paths, same content.
-            s.files.par_iter().try_for_each(|f| -> Result<()> {
-                if !f.path.is_file() {
-                    return Err(DataError::format(
-                        &f.path,
-                        "registered shard is missing (data must stay at the same path to resume)",
-                    ));
-                }
-                let h = hash_file(&f.path)?;
-                if h != f.hash {
-                    return Err(DataError::format(
-                        &f.path,
-                        "registered shard changed since the checkpoint (content hash differs)",
-                    ));
-                }
-                Ok(())
-            })?;
+            let files: Vec<FileEntry> = s
+                .files
+                .par_iter()
+                .map(|f| -> Result<FileEntry> {
+                    if !f.path.is_file() {
+                        return Err(DataError::format(
+                            &f.path,
+                            "registered shard is missing (data must stay at the same path to \
+                             resume)",
+                        ));
+                    }
+                    let (h, ids) = hash_and_scan(&f.path)?;
+                    if h != f.hash {
+                        return Err(DataError::format(
+                            &f.path,
+                            "registered shard changed since the checkpoint (content hash differs)",
+                        ));
+                    }
+                    Ok(FileEntry { ids, ..f.clone() })
+                })
+                .collect::<Result<_>>()?;
             let view = st
                 .tensor(&format!("source.{i}.order"))
                 .map_err(|e| DataError::format(path, e.to_string()))?;
@@ -693,7 +747,7 @@ impl Dataset {
                 pos: s.pos,
                 ahead: Vec::new(),
             };
-            src.attach(s.files.clone())?;
+            src.attach(files)?;
             // The saved block counts must be the shards' (a state edited or saved for another
             // block size would index past a shard's end).
             for (f, shard) in src.files.iter().zip(&src.shards) {

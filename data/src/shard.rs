@@ -4,11 +4,12 @@
 //! then `chunk_size` token ids, little-endian. dtype codes: 1 u8, 2 i8, 3 i16, 4 i32, 5 i64,
 //! 6 f32, 7 f64, 8 u16; the writer uses u16 for vocabularies below 65,500 and i32 otherwise.
 //!
-//! The writer packs token ids into a buffer pre-filled with `<|endoftext|>` (151643); a full
-//! buffer becomes the next file `{prefix}_{counter:010d}.bin`, and documents span file
-//! boundaries freely. `finish` writes the last, partial buffer — padded — only when it is more
-//! than 5 % full, and writes it once (the reference could write it twice). Every file is written
-//! to a hidden temporary name and renamed when complete.
+//! The writer packs token ids into a buffer; a full buffer becomes the next file
+//! `{prefix}_{counter:010d}.bin`, and documents span file boundaries freely. The reference's
+//! writer ([`ShardWriter::new`]) pads the last, partial buffer with `<|endoftext|>` (151643) to a
+//! full shard and writes it only when it is more than 5 % full, once (the reference could write
+//! it twice); a fitted writer ([`ShardWriter::fitted`]) pads it only to whole blocks and always
+//! writes it. Every file is written to a hidden temporary name and renamed when complete.
 
 use crate::{DataError, Result};
 use std::io::Write;
@@ -93,6 +94,15 @@ impl TokenDType {
     }
 
     /// Decodes token `i` of a little-endian body.
+    /// The smallest and largest id of whole elements in `body` (`None` when it holds none).
+    pub fn id_range(self, body: &[u8]) -> Option<(i64, i64)> {
+        let n = body.len() / self.itemsize();
+        (0..n).map(|i| self.read(body, i)).fold(None, |acc, x| match acc {
+            None => Some((x, x)),
+            Some((lo, hi)) => Some((lo.min(x), hi.max(x))),
+        })
+    }
+
     fn read(self, body: &[u8], i: usize) -> i64 {
         let s = self.itemsize();
         let b = &body[i * s..(i + 1) * s];
@@ -237,19 +247,26 @@ pub struct WriterSummary {
     pub padding_tokens: u64,
 }
 
-/// Packs token ids into fixed-size shards (see the module docs).
+/// Packs token ids into shards (see the module docs).
 pub struct ShardWriter {
     dir: PathBuf,
     prefix: String,
     dtype: TokenDType,
     pad: u32,
+    /// Tokens per full shard.
+    chunk: usize,
+    /// `Some(block)`: the last shard holds just the blocks the remaining tokens need
+    /// ([`ShardWriter::fitted`]); `None`: the reference's fixed-size last shard.
+    fit_block: Option<usize>,
+    /// The tokens of the shard being filled (grown as ids arrive, never beyond `chunk`).
     buf: Vec<u32>,
-    fill: usize,
     counter: u64,
     summary: WriterSummary,
 }
 
 impl ShardWriter {
+    /// A writer of `chunk_size`-token shards, the reference's way: the last, partial shard is
+    /// padded to `chunk_size` and written only when it is more than 5 % full.
     pub fn new(
         dir: &Path,
         prefix: &str,
@@ -272,23 +289,49 @@ impl ShardWriter {
             prefix: prefix.to_string(),
             dtype,
             pad,
-            buf: vec![pad; chunk_size],
-            fill: 0,
+            chunk: chunk_size,
+            fit_block: None,
+            buf: Vec::new(),
             counter: 0,
             summary: WriterSummary::default(),
         })
     }
 
-    /// Appends ids, writing every buffer that fills up.
+    /// A writer of shards of at most `chunk_size` tokens whose last shard is sized to what is
+    /// left: padded only to a whole number of `block`-token blocks, and written however little
+    /// it holds, so a small input still gives a shard. `chunk_size` must be whole blocks.
+    pub fn fitted(
+        dir: &Path,
+        prefix: &str,
+        chunk_size: usize,
+        block: usize,
+        dtype: TokenDType,
+        pad: u32,
+    ) -> Result<ShardWriter> {
+        if block == 0 || chunk_size % block != 0 {
+            return Err(DataError::Invalid(format!(
+                "a shard of {chunk_size} tokens is not whole blocks of {block}"
+            )));
+        }
+        let mut w = Self::new(dir, prefix, chunk_size, dtype, pad)?;
+        w.fit_block = Some(block);
+        Ok(w)
+    }
+
+    /// Appends ids, writing every shard that fills up.
     pub fn add(&mut self, mut ids: &[u32]) -> Result<()> {
         self.summary.tokens_added += ids.len() as u64;
         while !ids.is_empty() {
-            let room = self.buf.len() - self.fill;
-            let n = room.min(ids.len());
-            self.buf[self.fill..self.fill + n].copy_from_slice(&ids[..n]);
-            self.fill += n;
+            let n = (self.chunk - self.buf.len()).min(ids.len());
+            let need = self.buf.len() + n;
+            if need > self.buf.capacity() {
+                // Doubling, but never past one shard: the buffer is what the output needs.
+                let to = (2 * self.buf.capacity()).max(need).min(self.chunk);
+                self.buf.reserve_exact(to - self.buf.len());
+            }
+            self.buf.extend_from_slice(&ids[..n]);
             ids = &ids[n..];
-            if self.fill == self.buf.len() {
+            if self.buf.len() == self.chunk {
                 self.write_chunk()?;
             }
         }
@@ -329,20 +372,32 @@ impl ShardWriter {
         std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
         self.summary.files.push(path);
         self.counter += 1;
-        self.buf.fill(self.pad);
-        self.fill = 0;
+        self.buf.clear();
         Ok(())
     }
 
-    /// Writes the partial last shard if it is more than 5 % full (once), and returns the summary.
+    /// Writes the partial last shard (once) and returns the summary: the reference's way, padded
+    /// to a full shard when more than 5 % full and dropped otherwise; a [`fitted`] writer pads it
+    /// to whole blocks and always writes it.
+    ///
+    /// [`fitted`]: ShardWriter::fitted
     pub fn finish(mut self) -> Result<WriterSummary> {
-        if self.fill > 0 {
-            if self.fill as f64 / self.buf.len() as f64 > REMAINDER_THRESHOLD {
-                self.summary.padding_tokens = (self.buf.len() - self.fill) as u64;
+        let fill = self.buf.len();
+        if fill == 0 {
+            return Ok(self.summary);
+        }
+        let target = match self.fit_block {
+            Some(block) => Some(fill.div_ceil(block) * block),
+            None if fill as f64 / self.chunk as f64 > REMAINDER_THRESHOLD => Some(self.chunk),
+            None => None,
+        };
+        match target {
+            Some(len) => {
+                self.summary.padding_tokens = (len - fill) as u64;
+                self.buf.resize(len, self.pad);
                 self.write_chunk()?;
-            } else {
-                self.summary.tokens_dropped = self.fill as u64;
             }
+            None => self.summary.tokens_dropped = fill as u64,
         }
         Ok(self.summary)
     }

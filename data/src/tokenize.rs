@@ -21,6 +21,9 @@ pub struct TokenizeOptions {
     pub block_size: usize,
     /// Blocks per shard; a shard holds `block_size × blocks_per_shard` tokens.
     pub blocks_per_shard: usize,
+    /// Size the last shard to the input (whole blocks, always written) instead of the
+    /// reference's full, padded shard that is dropped when at most 5 % full.
+    pub fit_last: bool,
     /// File name prefix of the shards.
     pub prefix: String,
     /// Documents encoded per parallel batch.
@@ -32,6 +35,7 @@ impl Default for TokenizeOptions {
         TokenizeOptions {
             block_size: 2049,
             blocks_per_shard: 204800,
+            fit_last: false,
             prefix: "data".into(),
             batch_docs: 2048,
         }
@@ -118,13 +122,14 @@ pub fn tokenize(
     }
     let files = input_files(inputs)?;
     let dtype = TokenDType::for_vocab(tokenizer.vocab_size());
-    let mut writer = ShardWriter::new(
-        out_dir,
-        &opts.prefix,
-        opts.block_size * opts.blocks_per_shard,
-        dtype,
-        tokenizer.pad_id(),
-    )?;
+    let chunk = opts.block_size.checked_mul(opts.blocks_per_shard).ok_or_else(|| {
+        DataError::Invalid("--block-size × --blocks-per-shard overflows".into())
+    })?;
+    let mut writer = if opts.fit_last {
+        ShardWriter::fitted(out_dir, &opts.prefix, chunk, opts.block_size, dtype, tokenizer.pad_id())?
+    } else {
+        ShardWriter::new(out_dir, &opts.prefix, chunk, dtype, tokenizer.pad_id())?
+    };
     let separator = tokenizer.im_end_id();
     let mut summary = TokenizeSummary { input_files: files.len(), ..TokenizeSummary::default() };
     let mut bytes_read = 0u64;
@@ -184,5 +189,31 @@ pub fn tokenize(
         flush(&mut batch, &mut writer, &mut summary, bytes_read)?;
     }
     summary.shards = writer.finish()?;
+    write_sidecar(out_dir, opts, tokenizer)?;
     Ok(summary)
+}
+
+/// The file `tokenize` writes beside its shards: the LITPKDS header has no block size, so this
+/// records it (and the tokenizer's vocabulary) for `steel-data inspect` and for users.
+pub const SIDECAR: &str = "steel-shards.json";
+
+fn write_sidecar(out_dir: &Path, opts: &TokenizeOptions, tokenizer: &Tokenizer) -> Result<()> {
+    let path = out_dir.join(SIDECAR);
+    let doc = serde_json::json!({
+        "format": "steel-shards-v1",
+        "block_size": opts.block_size,
+        "blocks_per_shard": opts.blocks_per_shard,
+        "last_shard": if opts.fit_last { "fitted" } else { "reference" },
+        "vocab_size": tokenizer.vocab_size(),
+        "tokenizer": tokenizer.source(),
+    });
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| DataError::Invalid(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| DataError::io(&path, e))
+}
+
+/// The block size recorded by the sidecar in `dir`, if there is a readable one.
+pub fn sidecar_block_size(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join(SIDECAR)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    (v["format"] == "steel-shards-v1").then(|| v["block_size"].as_u64())??.try_into().ok()
 }

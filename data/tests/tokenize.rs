@@ -143,6 +143,7 @@ fn shards_hold_encode_plus_separator_byte_for_byte_at_one_and_two_threads() {
         let opts = TokenizeOptions {
             block_size: block,
             blocks_per_shard: per_shard,
+            fit_last: false,
             prefix: "sky".into(),
             batch_docs: 7,
         };
@@ -206,6 +207,29 @@ fn remainder_is_kept_above_five_percent_and_dropped_otherwise() {
     }
 }
 
+/// A fitted writer (tokenize without --blocks-per-shard) writes full shards and then a last one
+/// of just the blocks the remaining tokens need, however few: padded to whole blocks only.
+#[test]
+fn a_fitted_last_shard_holds_just_the_blocks_it_needs() {
+    let dir = tmpdir("fitted");
+    for (n, files, last_len) in [(205usize, 3usize, 10usize), (3, 1, 10), (200, 2, 100)] {
+        let out = dir.join(format!("n{n}"));
+        let mut w = ShardWriter::fitted(&out, "f", 100, 10, TokenDType::I32, PAD_ID).unwrap();
+        w.add(&(0..n as u32).collect::<Vec<_>>()).unwrap();
+        let s = w.finish().unwrap();
+        assert_eq!(s.files.len(), files, "{n} tokens");
+        assert_eq!(s.tokens_dropped, 0);
+        let (header, ids) = parse_shard(s.files.last().unwrap());
+        assert_eq!(u64::from_le_bytes(header[16..24].try_into().unwrap()), last_len as u64);
+        assert_eq!(ids.len(), last_len);
+        let tail = n - (files - 1) * 100;
+        assert_eq!(&ids[..tail], &((n - tail) as i64..n as i64).collect::<Vec<_>>()[..]);
+        assert!(ids[tail..].iter().all(|&t| t == PAD_ID as i64), "padding to a whole block");
+        assert_eq!(s.padding_tokens as usize, last_len - tail);
+    }
+    assert!(ShardWriter::fitted(&dir, "x", 105, 10, TokenDType::I32, PAD_ID).is_err());
+}
+
 #[test]
 fn malformed_input_lines_are_reported_not_fatal() {
     let dir = tmpdir("malformed");
@@ -213,7 +237,13 @@ fn malformed_input_lines_are_reported_not_fatal() {
     std::fs::write(&input, "{\"text\": \"第一篇文档的内容。\"}\nnot json\n[1, 2]\n{\"title\": \"no text\"}\n{\"text\": 5}\n{\"text\": \"第二篇。\"}\n").unwrap();
     let tok = Tokenizer::load(&qwen_dir()).unwrap();
     let opts =
-        TokenizeOptions { block_size: 4, blocks_per_shard: 2, prefix: "m".into(), batch_docs: 2 };
+        TokenizeOptions {
+            block_size: 4,
+            blocks_per_shard: 2,
+            fit_last: false,
+            prefix: "m".into(),
+            batch_docs: 2,
+        };
     let s = tokenize(&tok, &[input], &dir.join("out"), &opts, &mut |_| {}).unwrap();
     assert_eq!(s.documents, 2);
     assert_eq!(s.malformed, 4);

@@ -95,7 +95,7 @@ pub fn probe_cuda_driver() -> DriverProbe {
 pub fn choose_device(req: DeviceRequest, cuda_backend: bool) -> crate::Result<DeviceChoice> {
     let cpu = |notice: String| Ok(DeviceChoice { device: Device::Cpu, notice, emulated: false });
     match req {
-        DeviceRequest::Cpu => cpu("device: cpu (--device cpu)".into()),
+        DeviceRequest::Cpu => cpu("device: cpu (requested)".into()),
         DeviceRequest::Emu => Ok(DeviceChoice {
             device: Device::Cuda(0),
             notice: "device: emu (the GPU backend, every kernel run by the CPU emulator: slow)"

@@ -30,6 +30,8 @@ pub struct PreparedData {
     pub special_ids: Option<(u32, u32)>,
     /// Fine-tuning examples (with `data.sft`).
     pub sft: Option<SftData>,
+    /// Whether this preparation learned the tokenizer (and already announced it).
+    pub tokenizer_learned: bool,
 }
 
 /// Rendered fine-tuning examples and the hashes of their files.
@@ -145,6 +147,7 @@ pub fn prepare_data(
                 hashes: crate::sft::hash_files(&d.sft)?,
                 report,
             }),
+            tokenizer_learned: false,
         });
     }
     if !d.train.is_empty() {
@@ -161,6 +164,7 @@ pub fn prepare_data(
             ignore_index: d.ignore_index.unwrap_or(pad as i64),
             special_ids: given_tok.as_ref().map(|t| (t.pad_id(), t.im_end_id())),
             sft: None,
+            tokenizer_learned: false,
         });
     }
     // Plain text.
@@ -206,10 +210,12 @@ pub fn prepare_data(
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
         .is_some_and(|v| v["key"] == key.as_str())
         && tok_dir.join("tokenizer.json").is_file();
+    let mut learned = false;
     if !fresh {
         if d.tokenizer.is_none() {
             let vocab = train_bpe(&train_docs, d.bpe_vocab).map_err(data_err)?;
             vocab.save(&tok_dir).map_err(data_err)?;
+            learned = true;
             notice(format!(
                 "tokenizer: learned a byte-level BPE of {} tokens from {} documents → {}",
                 vocab.len(),
@@ -247,5 +253,6 @@ pub fn prepare_data(
         ignore_index: d.ignore_index.unwrap_or(tok.pad_id() as i64),
         special_ids: Some((tok.pad_id(), tok.im_end_id())),
         sft: None,
+        tokenizer_learned: learned,
     })
 }

@@ -149,7 +149,8 @@ pub struct TrainSection {
     /// Micro-batches per optimizer step.
     #[serde(default = "default_one")]
     pub grad_accum: usize,
-    /// Optimizer steps to train (the run ends there); with `epochs`, computed from the data.
+    /// Optimizer steps to train (the run ends there); with `epochs`, computed from the data,
+    /// and a nonzero max_steps stops the run there if that is earlier.
     #[serde(default)]
     pub max_steps: u64,
     /// Fine-tuning: passes over the examples (sets max_steps).
@@ -276,9 +277,18 @@ fn culprit_key(table: &toml::Table) -> Option<String> {
     None
 }
 
+/// Whether an override of `key` sets (part of) `field`: the same key, a table above it
+/// (`data` for `data.train`) or a key inside it.
+fn overlaps(key: &str, field: &str) -> bool {
+    key == field
+        || field.strip_prefix(key).is_some_and(|rest| rest.starts_with('.'))
+        || key.strip_prefix(field).is_some_and(|rest| rest.starts_with('.'))
+}
+
 impl Recipe {
-    /// Parses recipe text with overrides applied (`key=value` pairs), resolving relative paths
-    /// against `base`. `origin` names the text in errors.
+    /// Parses recipe text with overrides applied (`key=value` pairs). Relative paths written in
+    /// the text are resolved against `base` (the recipe's folder); relative paths given in an
+    /// override stay relative to the current directory. `origin` names the text in errors.
     pub fn parse(text: &str, origin: &str, base: &Path, overrides: &[String]) -> Result<Recipe> {
         let base_table: toml::Table =
             text.parse().map_err(|e: toml::de::Error| invalid(format!("{origin}: {e}")))?;
@@ -319,7 +329,11 @@ impl Recipe {
                     }
                 }
             })?;
-        r.resolve_paths(base);
+        // Paths written in the file are relative to the file; paths given on the command line
+        // (`--set`, or a flag that sets one) to the current directory, as a shell user expects.
+        let keys: Vec<&str> =
+            overrides.iter().filter_map(|o| o.split_once('=')).map(|(k, _)| k.trim()).collect();
+        r.resolve_paths(base, |field| !keys.iter().any(|k| overlaps(k, field)));
         if r.data.seq_len == 0 && !r.data.sft.is_empty() {
             r.data.seq_len = 768;
         }
@@ -350,24 +364,26 @@ impl Recipe {
         Recipe::parse(DEMO_RECIPE, "configs/demo.toml (embedded)", Path::new("."), overrides)
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
-        let abs = |p: &mut PathBuf| {
-            if p.is_relative() {
+    /// Resolves the relative paths of the fields `from_file` says came from the recipe file
+    /// against `base` (its folder); the others stay relative to the current directory.
+    fn resolve_paths(&mut self, base: &Path, from_file: impl Fn(&str) -> bool) {
+        let abs = |field: &str, p: &mut PathBuf| {
+            if p.is_relative() && from_file(field) {
                 *p = base.join(&*p);
             }
         };
         if let Some(ConfigSource::Path(p)) = &mut self.model.config {
-            abs(p);
+            abs("model.config", p);
         }
         if let Some(p) = &mut self.model.init_from {
-            abs(p);
+            abs("model.init_from", p);
         }
-        self.data.sft.iter_mut().for_each(abs);
-        self.data.train.iter_mut().for_each(|d| abs(&mut d.path));
-        self.data.val.iter_mut().for_each(abs);
-        self.data.text.iter_mut().for_each(abs);
+        self.data.sft.iter_mut().for_each(|p| abs("data.sft", p));
+        self.data.train.iter_mut().for_each(|d| abs("data.train", &mut d.path));
+        self.data.val.iter_mut().for_each(|p| abs("data.val", p));
+        self.data.text.iter_mut().for_each(|p| abs("data.text", p));
         if let Some(t) = &mut self.data.tokenizer {
-            abs(t);
+            abs("data.tokenizer", t);
         }
     }
 

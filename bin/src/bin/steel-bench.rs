@@ -120,6 +120,16 @@ fn train(args: TrainArgs) -> Result<()> {
             z ^ (z >> 31)
         };
         let v = config.vocab_size as u64;
+        // Progress on stderr (a step of a large model takes a while); stdout keeps the one JSON
+        // line.
+        eprintln!(
+            "steel-bench train: {} parameters, {} warmup + {} timed steps of {} × {}",
+            config.num_params(),
+            args.warmup,
+            args.steps,
+            args.batch,
+            args.seq
+        );
         let mut times = Vec::with_capacity(args.steps);
         let mut loss = f64::NAN;
         for i in 0..args.warmup + args.steps {
@@ -141,6 +151,13 @@ fn train(args: TrainArgs) -> Result<()> {
             if i >= args.warmup {
                 times.push(dt);
             }
+            eprintln!(
+                "steel-bench train: step {}/{}{} loss {loss:.4} ({:.0} ms)",
+                i + 1,
+                args.warmup + args.steps,
+                if i < args.warmup { " (warmup)" } else { "" },
+                dt * 1e3
+            );
         }
         times.sort_by(f64::total_cmp);
         let step_s = times[times.len() / 2];

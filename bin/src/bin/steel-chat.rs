@@ -121,6 +121,7 @@ fn main() -> ExitCode {
             if let Some(e) = err {
                 return Err(e);
             }
+            streamer.finish()?;
             println!();
             let reply: Vec<u32> =
                 out[0].iter().copied().filter(|t| !opts.eos.contains(t)).collect();

@@ -123,7 +123,8 @@ fn main() -> ExitCode {
                 None => serde_json::Value::Null,
             };
             println!("{}", serde_json::json!({ "ids": ids, "text": text }));
-        } else if streamer.is_some() {
+        } else if let Some(s) = streamer.as_mut() {
+            s.finish()?;
             println!();
         } else {
             println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));

@@ -115,6 +115,31 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     (0..=n).map(|i| lo + (hi - lo) * i as f64 / n as f64).collect()
 }
 
+/// Round tick values inside `[lo, hi]`, about `n` intervals apart: multiples of 1, 2 or 5 × 10^k
+/// (steps 0, 100, 200, … rather than 10, 108, 206, …).
+fn round_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let span = hi - lo;
+    if !(span > 0.0) || !span.is_finite() {
+        return vec![lo];
+    }
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    let step = mag
+        * if f < 1.5 {
+            1.0
+        } else if f < 3.0 {
+            2.0
+        } else if f < 7.0 {
+            5.0
+        } else {
+            10.0
+        };
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last).map(|k| k as f64 * step).collect()
+}
+
 /// One panel: a frame, grid lines, tick labels, axis names and the series. All text is placed
 /// by hand (plotters' automatic layout measures glyphs, which needs a font; SVG text does not).
 #[allow(clippy::too_many_arguments)]
@@ -145,14 +170,18 @@ where
         (px - inner.get_base_pixel().0 + left, py - inner.get_base_pixel().1 + top)
     };
     let grid = ShapeStyle::from(&BLACK.mix(0.15)).stroke_width(1);
-    for (i, tx) in ticks(x.0, x.1, 5).into_iter().enumerate() {
+    let xs = round_ticks(x.0, x.1, 5);
+    for (i, &tx) in xs.iter().enumerate() {
         let (px, _) = at((tx, y.0));
         area.draw(&PathElement::new(vec![(px, top), (px, h as i32 - bottom)], grid))
             .map_err(err)?;
         let label = if x.1 - x.0 >= 10.0 { format!("{tx:.0}") } else { format!("{tx:.1}") };
-        let anchor = if i == 0 {
+        // A label at the very edge is aligned inward so it stays inside the picture.
+        let (left_px, _) = at((x.0, y.0));
+        let (right_px, _) = at((x.1, y.0));
+        let anchor = if i == 0 && px - left_px < 20 {
             HPos::Left
-        } else if i == 5 {
+        } else if i + 1 == xs.len() && right_px - px < 20 {
             HPos::Right
         } else {
             HPos::Center
@@ -272,12 +301,15 @@ fn main() -> ExitCode {
     steel_cli::run("steel-plot", || {
         let args = Args::parse();
         let s = read(&args.metrics)?;
+        let (first, last) = (s.loss[0], s.loss[s.loss.len() - 1]);
         let title = format!(
-            "{} — {} steps, loss {:.3} → {:.3}",
+            "{} — steps {}..{} ({} logged), loss {:.3} → {:.3}",
             args.metrics.display(),
+            first.0,
+            last.0,
             s.loss.len(),
-            s.loss[0].1,
-            s.loss[s.loss.len() - 1].1
+            first.1,
+            last.1
         );
         let ext =
             args.out.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
@@ -306,3 +338,4 @@ fn main() -> ExitCode {
         Ok(())
     })
 }
+

@@ -16,8 +16,9 @@ pub struct InspectArgs {
     /// Blocks to show.
     #[arg(long, default_value_t = 1)]
     blocks: usize,
-    /// Tokens per block (the training `seq_len + 1`). Given, a shard that is not a whole
-    /// number of blocks is an error (exit 2); without it blocks of 2,049 are shown and a
+    /// Tokens per block (the training `seq_len + 1`). Default: the block size `tokenize`
+    /// recorded in steel-shards.json beside the shard. Known either way, a shard that is not a
+    /// whole number of blocks is an error (exit 2); with neither, blocks of 2,049 are shown and a
     /// remainder is only reported.
     #[arg(long)]
     block_size: Option<usize>,
@@ -34,12 +35,18 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("magic:       LITPKDS, version 1");
     println!("dtype:       {} (code {})", h.dtype.name(), h.dtype.code());
     println!("chunk size:  {} tokens ({} bytes with the header)", h.chunk_size, file_len);
-    let block_size = args.block_size.unwrap_or(2049);
+    let recorded = args
+        .file
+        .parent()
+        .and_then(steel_data::tokenize::sidecar_block_size)
+        .filter(|_| args.block_size.is_none());
+    let known = args.block_size.or(recorded);
+    let block_size = known.unwrap_or(2049);
     if block_size == 0 {
         anyhow::bail!("--block-size must be at least 1");
     }
     let whole = h.chunk_size % block_size as u64 == 0;
-    if !whole && args.block_size.is_some() {
+    if !whole && known.is_some() {
         anyhow::bail!(
             "{}: {} tokens are not a whole number of {block_size}-token blocks ({} blocks and \
              {} tokens left over), so training with this block size cannot read it",
@@ -50,9 +57,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
         );
     }
     println!(
-        "blocks:      {} of {} tokens{}",
+        "blocks:      {} of {} tokens{}{}",
         h.chunk_size / block_size as u64,
         block_size,
+        if recorded.is_some() { " (the block size steel-shards.json records)" } else { "" },
         if whole {
             ""
         } else {

@@ -12,8 +12,10 @@ use steel_data::tokenizer::Tokenizer;
     long_about = "Encodes every document of the input jsonl files (one {\"text\": …} object per line), \
     appends <|im_end|> (151645) as the document separator, and packs the ids of all documents, in input \
     order, into shards {prefix}_{counter:010d}.bin of block-size × blocks-per-shard tokens each, in the \
-    TinyLlama LITPKDS format (int32 ids for vocabularies ≥ 65,500, uint16 below). The last partial shard \
-    is padded with <|endoftext|> (151643) and kept only when more than 5 % full. Malformed lines are \
+    TinyLlama LITPKDS format (int32 ids for vocabularies ≥ 65,500, uint16 below). With --blocks-per-shard \
+    the last partial shard is padded with <|endoftext|> (151643) to a full shard and kept only when more \
+    than 5 % full (the reference's layout); without it the last shard holds just the blocks the input \
+    needs. steel-shards.json beside the shards records the block size. Malformed lines are \
     reported, never fatal. The output bytes depend only on the inputs and options, not on --threads."
 )]
 pub struct TokenizeArgs {
@@ -29,9 +31,12 @@ pub struct TokenizeArgs {
     /// Tokens per training block (sequence length + 1).
     #[arg(long, default_value_t = 2049)]
     block_size: usize,
-    /// Blocks per shard (the reference used 204,800).
-    #[arg(long, default_value_t = 204_800)]
-    blocks_per_shard: usize,
+    /// Blocks per shard. Given, every shard holds exactly this many blocks and a last, partial
+    /// shard is padded and kept only when more than 5 % full (the reference's behaviour, byte
+    /// for byte; it used 204,800). Without it, shards hold at most 204,800 blocks and the last
+    /// one is sized to the input (whole blocks), so a small input still gives a shard.
+    #[arg(long)]
+    blocks_per_shard: Option<usize>,
     /// Shard file name prefix (default: the output directory's name).
     #[arg(long)]
     prefix: Option<String>,
@@ -89,7 +94,8 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
     };
     let opts = TokenizeOptions {
         block_size: args.block_size,
-        blocks_per_shard: args.blocks_per_shard,
+        blocks_per_shard: args.blocks_per_shard.unwrap_or(204_800),
+        fit_last: args.blocks_per_shard.is_none(),
         prefix,
         ..TokenizeOptions::default()
     };
@@ -120,11 +126,21 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         summary.tokens as f64 / secs.max(1e-9)
     );
     eprintln!(
-        "  {} shards written to {}; {} padding tokens; {} tokens dropped (final shard ≤ 5 % full)",
+        "  {} shards written to {} ({} tokens per block, recorded in {}); {} padding tokens{}",
         summary.shards.files.len(),
         args.output.display(),
+        args.block_size,
+        steel_data::tokenize::SIDECAR,
         summary.shards.padding_tokens,
-        summary.shards.tokens_dropped
+        if args.blocks_per_shard.is_some() {
+            format!("; {} tokens dropped (final shard ≤ 5 % full)", summary.shards.tokens_dropped)
+        } else {
+            String::new()
+        }
+    );
+    eprintln!(
+        "  sizes: --block-size (tokens per training sequence + 1) and --blocks-per-shard (fixed \
+         shards, the reference's layout) change them"
     );
     if summary.malformed > 0 {
         eprintln!("  {} malformed lines skipped; first ones:", summary.malformed);

@@ -418,13 +418,23 @@ pub fn train(
     let mut adjusted = recipe.clone();
     if let (Some(ep), Some(sft)) = (recipe.train.epochs, &prepared.sft) {
         let per_step = recipe.global_batch() as f64;
-        adjusted.train.max_steps =
-            ((ep * sft.examples.len() as f64) / per_step).ceil().max(1.0) as u64;
+        let steps = ((ep * sft.examples.len() as f64) / per_step).ceil().max(1.0) as u64;
+        // An explicit max_steps (`--max-steps`) stops the run earlier; the schedule still spans
+        // the epochs, so a capped run is the start of the full one.
+        let cap = recipe.train.max_steps;
+        adjusted.train.max_steps = if cap > 0 { steps.min(cap) } else { steps };
+        if adjusted.optim.decay_steps == 0 {
+            adjusted.optim.decay_steps = steps;
+        }
         events(&Event::Notice(format!(
-            "sft: {ep} epochs of {} examples at {} per step = {} steps",
+            "sft: {ep} epochs of {} examples at {} per step = {steps} steps{}",
             sft.examples.len(),
             recipe.global_batch(),
-            adjusted.train.max_steps
+            if cap > 0 && cap < steps {
+                format!("; this run stops at step {cap} (train.max_steps)")
+            } else {
+                String::new()
+            }
         )));
     }
     if adjusted.optim.decay_steps == 0 {
@@ -462,7 +472,7 @@ pub fn train(
         plan,
         known_valid: std::sync::Mutex::new(found.iter().cloned().collect()),
     };
-    if let Some(tok) = &sh.prepared.tokenizer {
+    if let Some(tok) = sh.prepared.tokenizer.as_ref().filter(|_| !sh.prepared.tokenizer_learned) {
         events(&Event::Notice(format!("tokenizer: {}", tok.display())));
     }
     events(&Event::Started {

@@ -197,6 +197,7 @@ pub(super) fn build_rank(sh: &Shared<'_>, rank: usize, comm: InProcessComm) -> R
     for dir in &sh.opts.add_data {
         data.append(0, dir).map_err(data_err)?;
     }
+    check_vocabulary(&data, sh.config.vocab_size)?;
     Ok(Rank { model, opt, data: Source::Packed(data), comm, gpu, nvml })
 }
 
@@ -242,4 +243,26 @@ pub(super) fn unregistered_shards(ds: &Dataset) -> Vec<(PathBuf, Vec<PathBuf>)> 
         }
     }
     out
+}
+
+/// Refuses shards whose ids the model's embedding cannot look up, at start and naming both
+/// (the ids were read while the shards were hashed), instead of failing at the first step.
+fn check_vocabulary(data: &Dataset, vocab: usize) -> Result<()> {
+    let Some(((lo, lo_file), (hi, hi_file))) = data.id_extremes() else { return Ok(()) };
+    if hi >= vocab as i64 {
+        return Err(inv(format!(
+            "{}: holds token id {hi}, outside the model's vocabulary of {vocab} ids (model \
+             config vocab_size): these shards were tokenized with another tokenizer than the \
+             model's (a Qwen-tokenized shard needs a model with vocab_size ≥ {})",
+            hi_file.display(),
+            hi + 1
+        )));
+    }
+    if lo < 0 {
+        return Err(inv(format!(
+            "{}: holds token id {lo}: a token id is never negative (the shard is corrupted)",
+            lo_file.display()
+        )));
+    }
+    Ok(())
 }
