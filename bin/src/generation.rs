@@ -207,7 +207,8 @@ mod tests {
     /// breaks is printed as U+FFFD; an incomplete tail is printed by `finish`.
     #[test]
     fn streaming_holds_back_incomplete_characters() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/qwen-tokenizer");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/data/qwen-tokenizer");
         let tok = Tokenizer::load(&dir).unwrap();
         let seen = Shared::default();
         let mut s = Streamer::to(&tok, Box::new(seen.clone()));

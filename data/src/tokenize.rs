@@ -122,11 +122,19 @@ pub fn tokenize(
     }
     let files = input_files(inputs)?;
     let dtype = TokenDType::for_vocab(tokenizer.vocab_size());
-    let chunk = opts.block_size.checked_mul(opts.blocks_per_shard).ok_or_else(|| {
-        DataError::Invalid("--block-size × --blocks-per-shard overflows".into())
-    })?;
+    let chunk = opts
+        .block_size
+        .checked_mul(opts.blocks_per_shard)
+        .ok_or_else(|| DataError::Invalid("--block-size × --blocks-per-shard overflows".into()))?;
     let mut writer = if opts.fit_last {
-        ShardWriter::fitted(out_dir, &opts.prefix, chunk, opts.block_size, dtype, tokenizer.pad_id())?
+        ShardWriter::fitted(
+            out_dir,
+            &opts.prefix,
+            chunk,
+            opts.block_size,
+            dtype,
+            tokenizer.pad_id(),
+        )?
     } else {
         ShardWriter::new(out_dir, &opts.prefix, chunk, dtype, tokenizer.pad_id())?
     };

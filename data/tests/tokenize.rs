@@ -236,14 +236,13 @@ fn malformed_input_lines_are_reported_not_fatal() {
     let input = dir.join("docs.jsonl");
     std::fs::write(&input, "{\"text\": \"第一篇文档的内容。\"}\nnot json\n[1, 2]\n{\"title\": \"no text\"}\n{\"text\": 5}\n{\"text\": \"第二篇。\"}\n").unwrap();
     let tok = Tokenizer::load(&qwen_dir()).unwrap();
-    let opts =
-        TokenizeOptions {
-            block_size: 4,
-            blocks_per_shard: 2,
-            fit_last: false,
-            prefix: "m".into(),
-            batch_docs: 2,
-        };
+    let opts = TokenizeOptions {
+        block_size: 4,
+        blocks_per_shard: 2,
+        fit_last: false,
+        prefix: "m".into(),
+        batch_docs: 2,
+    };
     let s = tokenize(&tok, &[input], &dir.join("out"), &opts, &mut |_| {}).unwrap();
     assert_eq!(s.documents, 2);
     assert_eq!(s.malformed, 4);

@@ -119,7 +119,7 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
 /// (steps 0, 100, 200, … rather than 10, 108, 206, …).
 fn round_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     let span = hi - lo;
-    if !(span > 0.0) || !span.is_finite() {
+    if span.is_nan() || span <= 0.0 || !span.is_finite() {
         return vec![lo];
     }
     let raw = span / n.max(1) as f64;
@@ -338,4 +338,3 @@ fn main() -> ExitCode {
         Ok(())
     })
 }
-

@@ -238,7 +238,11 @@ fn main() -> ExitCode {
                                 "steel-train: runs/demo{} already hold(s) a demo run, so this one \
                                  goes to {} (pass --out DIR to choose, or --resume auto to \
                                  continue runs/demo)",
-                                if i > 2 { format!(" … runs/demo-{}", i - 1) } else { String::new() },
+                                if i > 2 {
+                                    format!(" … runs/demo-{}", i - 1)
+                                } else {
+                                    String::new()
+                                },
                                 p.display()
                             );
                         }
@@ -302,9 +306,7 @@ fn main() -> ExitCode {
         } else {
             format!(
                 "train.device of {}",
-                args.config
-                    .as_ref()
-                    .map_or("the demo recipe".into(), |p| p.display().to_string())
+                args.config.as_ref().map_or("the demo recipe".into(), |p| p.display().to_string())
             )
         };
         let mut first_loss: Option<f64> = None;

@@ -9,8 +9,9 @@ use crate::{DataError, Result};
 use parquet::basic::Type as PhysicalType;
 use parquet::column::reader::ColumnReader;
 use parquet::data_type::ByteArray;
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::{ChunkReader, FileReader, Length, SerializedFileReader};
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Runs one call into the `parquet` crate with a panic (its decoders assert on some malformed
@@ -33,6 +34,53 @@ fn guard<T>(
     }
 }
 
+/// A file for the Parquet reader that refuses to read past its end: a read at the end of the
+/// file is an error instead of 0 bytes, and a byte range beyond the file is refused before it is
+/// allocated. The reader's Thrift decoder otherwise loops on a list of 2^31 elements a crafted
+/// footer declares, reading 0 bytes each time (a hang the Parquet fuzz target found).
+struct StrictFile(File);
+
+/// A reader of [`StrictFile`]: the end of the file mid-structure is `UnexpectedEof`.
+struct StrictEof<R>(R);
+
+impl<R: Read> Read for StrictEof<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the Parquet file ends inside a structure",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+impl Length for StrictFile {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+}
+
+impl ChunkReader for StrictFile {
+    type T = StrictEof<<File as ChunkReader>::T>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(StrictEof(self.0.get_read(start)?))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        let end = start.checked_add(length as u64);
+        if end.is_none_or(|end| end > self.len()) {
+            return Err(parquet::errors::ParquetError::EOF(format!(
+                "{length} bytes at offset {start} are past the end of the file ({} bytes)",
+                self.len()
+            )));
+        }
+        self.0.get_bytes(start, length)
+    }
+}
+
 /// Rows read per batch and column.
 const BATCH_ROWS: usize = 1024;
 
@@ -42,7 +90,7 @@ pub(crate) type Row = Vec<Option<ByteArray>>;
 /// An open Parquet file and the leaf indices of the requested columns.
 pub(crate) struct ParquetColumns {
     path: PathBuf,
-    reader: SerializedFileReader<File>,
+    reader: SerializedFileReader<StrictFile>,
     /// (leaf column index, max definition level) per requested column.
     columns: Vec<(usize, i16)>,
 }
@@ -52,7 +100,7 @@ impl ParquetColumns {
     /// repeated or non-`BYTE_ARRAY` column is an error naming the file.
     pub(crate) fn open(path: &Path, names: &[&str]) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let reader = guard(path, || SerializedFileReader::new(file))?;
+        let reader = guard(path, || SerializedFileReader::new(StrictFile(file)))?;
         let schema = reader.metadata().file_metadata().schema_descr_ptr();
         let mut columns = Vec::with_capacity(names.len());
         for name in names {
