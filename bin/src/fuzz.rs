@@ -436,18 +436,10 @@ fn seeds_tokenizer_config(s: &Seeds) -> Result<Vec<Vec<u8>>> {
     ])
 }
 
-/// The JSON sources, in the order the first input byte selects them.
-const JSON_SOURCES: [Source; 9] = [
-    Source::BaiduBaike,
-    Source::BaiduQa,
-    Source::Belle2m,
-    Source::Belle3_5m,
-    Source::Firefly,
-    Source::Moss,
-    Source::WikiCn,
-    Source::Wanjuan,
-    Source::Skypile,
-];
+/// The sources of one layout, in `Source::ALL`'s order: the first input byte selects one.
+fn sources(parquet: bool) -> Vec<Source> {
+    Source::ALL.into_iter().filter(|s| s.reads_parquet() == parquet).collect()
+}
 
 /// Converts `rest` as `source`'s input file named `name`; accepted when it wrote a record.
 fn convert_one(target: &str, source: Source, name: &str, rest: &[u8]) -> bool {
@@ -458,7 +450,8 @@ fn convert_one(target: &str, source: Source, name: &str, rest: &[u8]) -> bool {
 
 fn convert_json(data: &[u8]) -> bool {
     let Some((&sel, rest)) = data.split_first() else { return false };
-    let source = JSON_SOURCES[sel as usize % JSON_SOURCES.len()];
+    let json = sources(false);
+    let source = json[sel as usize % json.len()];
     convert_one("convert_json", source, "input.jsonl", rest)
 }
 
@@ -496,7 +489,8 @@ fn seeds_convert_json(s: &Seeds) -> Result<Vec<Vec<u8>>> {
 
 fn convert_parquet(data: &[u8]) -> bool {
     let Some((&sel, rest)) = data.split_first() else { return false };
-    let source = if sel % 2 == 0 { Source::Zhihu } else { Source::Starcode };
+    let parquet = sources(true);
+    let source = parquet[sel as usize % parquet.len()];
     convert_one("convert_parquet", source, "input.parquet", rest)
 }
 

@@ -78,9 +78,10 @@ fn regular_file(path: &Path) -> Result<()> {
     }
 }
 
-/// Whether `name` is a plain file name (no directory part, not `.`/`..`): what a `weight_map`
-/// entry must be, so it can only name a file of the model directory.
-fn is_plain_name(name: &str) -> bool {
+/// Whether `name` is a plain file name: not empty, `.` or `..`, and without a path separator or
+/// NUL, so joining it to a directory never leaves that directory (what a `weight_map` entry and a
+/// checkpoint manifest's names must be).
+pub fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."

@@ -15,8 +15,8 @@ pub use config::{reference_auto_map, FfnType, MlpType, SteelConfig, TokenIds};
 pub use forward::{TrainingBatch, DEFAULT_IGNORE_INDEX};
 pub use generate::{GenerationOptions, SeqCache};
 pub use io::{
-    generation_config, load_from_bytes, load_hf_dir, save_hf_dir, ExportOptions, SaveDType,
-    REMOTE_CODE_FILES,
+    generation_config, is_plain_name, load_from_bytes, load_hf_dir, save_hf_dir, ExportOptions,
+    SaveDType, REMOTE_CODE_FILES,
 };
 pub use model::{Precision, SteelModel};
 

@@ -17,6 +17,7 @@ use crate::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use steel_model::is_plain_name;
 
 const MANIFEST: &str = "manifest.json";
 
@@ -72,16 +73,6 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
     let mut h = blake3::Hasher::new();
     let n = std::io::copy(&mut f, &mut h).map_err(|e| io(path, e))?;
     Ok((n, h.finalize().to_hex().to_string()))
-}
-
-/// Whether `name` is a plain file name: not empty, `.` or `..`, and without a path separator
-/// or NUL (so joining it to a directory never leaves that directory).
-pub fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\', '\0'])
-        && Path::new(name).file_name().is_some_and(|n| n == name)
 }
 
 /// Opens `path` for reading without following a final symbolic link and without blocking on a

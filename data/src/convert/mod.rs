@@ -142,6 +142,11 @@ impl Source {
         }
     }
 
+    /// Whether the source's files are Parquet (the others are JSON lines or JSON arrays).
+    pub fn reads_parquet(self) -> bool {
+        matches!(self.layout(), Layout::Parquet(..))
+    }
+
     fn layout(self) -> Layout {
         match self {
             Source::BaiduBaike => Layout::JsonLines(sources::baidu_baike),
