@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::ok;
+use common::{newcomer_shell, ok};
 
 fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("steel-cli-{}-{name}", std::process::id()));
@@ -524,17 +524,8 @@ fn the_printed_next_commands_run_as_printed() {
     let resume = next.iter().find(|c| c.contains("--resume auto")).expect("a resume command");
     assert!(resume.contains("--set data.seq_len=16"), "keeps the overrides: {resume}");
     assert!(resume.contains("--max-steps 4"), "{resume}");
-    let home = std::env::var("HOME").unwrap_or_default();
-    let path = format!("/usr/local/bin:/usr/bin:/bin:{home}/.cargo/bin");
     for cmd in next {
-        let mut c = Command::new("sh");
-        c.args(["-c", cmd]).current_dir(&repo).env_clear().env("PATH", &path).env("HOME", &home);
-        for keep in ["RUSTUP_HOME", "CARGO_HOME", "CARGO_TARGET_DIR", "TMPDIR"] {
-            if let Ok(v) = std::env::var(keep) {
-                c.env(keep, v);
-            }
-        }
-        let o = c.stdin(Stdio::null()).output().unwrap();
+        let o = newcomer_shell(cmd, &repo).output().unwrap();
         assert!(
             o.status.success(),
             "{cmd}: exit {:?}\n{}",
@@ -583,58 +574,98 @@ fn the_demo_fine_tunes_and_max_steps_caps_its_epochs() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The README's data pipeline, as written, with `RAW_DIR` pointed at the shipped samples, the
-/// tokenizer at `../shared/data/qwen-tokenizer` and `data/` at a scratch folder: every command
-/// succeeds and the shards it writes are what `steel-train` reads.
+/// The first screen of the demo: where the device choice came from, each of the tokenizer and
+/// checkpoint lines once, no `0/0` bar before training starts, and a re-run that goes to
+/// `runs/demo-2` says so before anything else.
 #[test]
-fn the_readme_pipeline_runs_on_the_samples() {
+fn the_demo_first_screen_says_each_thing_once() {
+    let cwd = out_dir("first-screen");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let demo = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_steel-train"))
+            .args(["--max-steps", "1", "--set", "train.eval_every=0"])
+            .args(extra)
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        ok(&o);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (err, String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let count = |s: &str, start: &str| s.lines().filter(|l| l.starts_with(start)).count();
+    let (err, out) = demo(&[]);
+    let both = format!("{err}{out}");
+    assert_eq!(count(&both, "device: cpu (train.device of the demo recipe)"), 1, "{both}");
+    assert_eq!(count(&both, "tokenizer:"), 1, "{both}");
+    assert_eq!(count(&both, "checkpoint:"), 1, "{both}");
+    assert!(!both.contains("0/0"), "no empty bar: {both}");
+    assert!(!both.contains("demo-2"), "{both}");
+    let (err, _) = demo(&["--device", "cpu"]);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains("runs/demo already") && first.contains("runs/demo-2"), "{err}");
+    assert_eq!(count(&err, "device: cpu (--device)"), 1, "{err}");
+    let (err, out) = demo(&["--set", "train.device=\"cpu\""]);
+    assert!(err.lines().next().unwrap_or_default().contains("runs/demo-3"), "{err}");
+    assert_eq!(count(&err, "device: cpu (--set train.device)"), 1, "{err}");
+    assert!(out.contains("--out runs/demo-3 --resume auto"), "{out}");
+    let _ = std::fs::remove_dir_all(cwd);
+}
+
+/// `steel-bench train` shows its progress on stderr while it runs; its last stdout line stays the
+/// one-line JSON result.
+#[test]
+fn the_bench_shows_progress_and_ends_with_json() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
-    let block: Vec<&str> = readme
-        .lines()
-        .skip_while(|l| !l.starts_with("<!-- readme-test: pipeline"))
-        .skip(2) // the marker and the opening fence
-        .take_while(|l| !l.starts_with("```"))
-        .collect();
-    assert!(block.len() >= 6, "the README has the pipeline block");
-    let dir = out_dir("pipeline");
-    let shared = repo.join("../shared/data");
-    let script: Vec<String> = block
-        .iter()
-        .map(|l| {
-            if l.starts_with("RAW_DIR=") {
-                format!("RAW_DIR={}", shared.join("corpus-samples").display())
-            } else if l.starts_with("TOKENIZER=") {
-                format!("TOKENIZER={}", shared.join("qwen-tokenizer").display())
-            } else {
-                let scratch = format!("{}/data/", dir.display());
-                l.replace(" data/", &format!(" {scratch}"))
-                    .replace("\"data/", &format!("\"{scratch}"))
-            }
+    let o = Command::new(env!("CARGO_BIN_EXE_steel-bench"))
+        .args(["train", "--model-config"])
+        .arg(repo.join("configs/tiny/config.json"))
+        .args(["--seq", "16", "--batch", "1", "--steps", "2", "--device", "cpu"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let steps = err.lines().filter(|l| l.starts_with("steel-bench train: step ")).count();
+    assert!(steps >= 2, "a line per step on stderr: {err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let last = out.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
+    assert!(v["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{last}");
+    assert_eq!(v["steps"], 2, "{last}");
+}
+
+/// `steel-plot` titles a run by its steps (not by its logged points) and puts the step axis's
+/// ticks on round numbers.
+#[test]
+fn the_plot_counts_steps_and_ticks_round_numbers() {
+    let dir = out_dir("plot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics: String = (1..=50)
+        .map(|i| {
+            let step = 10 * i;
+            let loss = 6.0 - 2.0 * (i as f64 / 50.0).sqrt() + 0.01 * ((i * 7) % 5) as f64;
+            format!("{{\"step\":{step},\"loss\":{loss},\"lr\":{}}}\n", 3e-3 / i as f64)
         })
         .collect();
-    let home = std::env::var("HOME").unwrap_or_default();
-    let mut c = Command::new("sh");
-    c.args(["-ec", &script.join("\n")]).current_dir(&repo).env_clear();
-    c.env("PATH", format!("/usr/local/bin:/usr/bin:/bin:{home}/.cargo/bin")).env("HOME", &home);
-    for keep in ["RUSTUP_HOME", "CARGO_HOME", "CARGO_TARGET_DIR", "TMPDIR"] {
-        if let Ok(v) = std::env::var(keep) {
-            c.env(keep, v);
-        }
+    std::fs::write(dir.join("metrics.jsonl"), metrics).unwrap();
+    let svg = dir.join("loss.svg");
+    ok(&Command::new(env!("CARGO_BIN_EXE_steel-plot"))
+        .arg(dir.join("metrics.jsonl"))
+        .arg("--out")
+        .arg(&svg)
+        .output()
+        .unwrap());
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let labels: Vec<&str> = text
+        .split("</text>")
+        .filter_map(|t| t.rsplit('>').next())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(labels.iter().any(|l| l.contains("steps 10..500 (50 logged)")), "{labels:?}");
+    let numbers: Vec<f64> = labels.iter().filter_map(|l| l.parse::<f64>().ok()).collect();
+    for tick in ["100", "200", "300", "400", "500"] {
+        assert!(labels.contains(&tick), "a step tick at {tick}: {labels:?}");
     }
-    let o = c.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{}\nexit {:?}\n{}\n{}",
-        script.join("\n"),
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let shards = dir.join("data/step3/text");
-    assert!(shards.join("steel-shards.json").is_file(), "the sidecar is written");
-    assert!(shards.join("text_0000000000.bin").is_file(), "a small input gives a shard");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("blocks:") && !out.contains("NOT a whole number"), "{out}");
+    assert!(!numbers.contains(&108.0) && !numbers.contains(&10.0), "{labels:?}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -15,7 +15,7 @@ use steel_data::chat::Message;
     about = "Chat with a Steel model: a multi-turn REPL over the tokenizer's chat template",
     after_help = "Type a message and press Enter. Commands:\n  /reset          forget the conversation\n  \
         /system TEXT    set the system message (and reset)\n  /quit           leave (also Ctrl-D)\n\n\
-        Example:\n  steel-chat --model runs/demo/export --temperature 0.7 --top-p 0.9"
+        Example (from the clone; after `cargo install --path bin`, bare `steel-chat …` too):\n  cargo run --release --bin steel-chat -- --model runs/demo/export --temperature 0.7 --top-p 0.9"
 )]
 struct Args {
     /// A HF model directory or a training checkpoint.

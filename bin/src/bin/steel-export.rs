@@ -14,7 +14,7 @@ use steel_train::checkpoint::Checkpoint;
     name = "steel-export",
     version,
     about = "Export a training checkpoint as a HuggingFace directory (config.json, safetensors, generation_config.json, tokenizer files)",
-    after_help = "Example:\n  steel-export --checkpoint runs/demo/checkpoints/step-000300 --out runs/demo/export\n\n\
+    after_help = "Example (from the clone; after `cargo install --path bin`, bare `steel-export …` too):\n  cargo run --release --bin steel-export -- --checkpoint runs/demo/checkpoints/step-000250 --out runs/demo/export\n\n\
         The checkpoint's files are verified against its manifest first; a damaged file is named."
 )]
 struct Args {

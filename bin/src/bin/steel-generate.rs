@@ -18,9 +18,9 @@ use steel_data::chat::Message;
         are produced. Flags override the model's generation_config.json; without one the \
         defaults are temperature 1.0, top-k off, top-p 1.0, repetition penalty 1.0; temperature \
         0 is greedy.",
-    after_help = "Examples:\n  steel-generate --model runs/demo/export --prompt \"The river\" --temperature 0\n  \
-        steel-generate --model runs/demo/export --chat --prompt \"Tell me about steel.\"\n  \
-        steel-generate --model DIR --prompt-ids 3,17,5 --json"
+    after_help = "Examples (from the clone; after `cargo install --path bin`, bare `steel-generate …` too):\n  cargo run --release --bin steel-generate -- --model runs/demo/export --prompt \"The river\" --temperature 0\n  \
+        cargo run --release --bin steel-generate -- --model runs/demo/export --chat --prompt \"Tell me about steel.\"\n  \
+        cargo run --release --bin steel-generate -- --model DIR --prompt-ids 3,17,5 --json"
 )]
 struct Args {
     /// A HF model directory or a training checkpoint.

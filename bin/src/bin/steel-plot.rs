@@ -15,7 +15,7 @@ use std::process::ExitCode;
     about = "Draw the loss (train and validation) and learning-rate curves of a metrics.jsonl",
     after_help = "The format follows the file name: .svg (needs no fonts) or .png (needs a TrueType \
         font; searched under /usr/share/fonts, /usr/local/share/fonts and ~/.fonts, or given with \
-        --font).\n\nExample:\n  steel-plot runs/demo/metrics.jsonl --out runs/demo/loss.svg"
+        --font).\n\nExample (from the clone; after `cargo install --path bin`, bare `steel-plot …` too):\n  cargo run --release --bin steel-plot -- runs/demo/metrics.jsonl --out runs/demo/loss.svg"
 )]
 struct Args {
     /// The metrics log written by steel-train.

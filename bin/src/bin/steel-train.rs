@@ -27,12 +27,12 @@ use steel_train::{dry_run, train, Event, Recipe, Resume, RunOptions};
         checkpoints/step-NNNNNN/ (weights, optimizer, data iterator, counters, recipe, \
         tokenizer; each file checksummed). Ctrl-C (SIGINT) or SIGTERM finishes the current \
         step, writes a checkpoint and exits 0; continue with --resume auto.",
-    after_help = "Examples:\n  \
-        steel-train                                   # the demo\n  \
-        steel-train --config configs/demo.toml --max-steps 50 --out runs/quick\n  \
-        steel-train --config configs/demo.toml --out runs/quick --resume auto --max-steps 100\n  \
-        steel-train --config configs/steel-1.1b.toml --dry-run\n  \
-        steel-train --config my.toml --set optim.lr=1e-3 --set 'data.train=[{path=\"shards\"}]'"
+    after_help = "Examples (from the clone; after `cargo install --path bin`, bare `steel-train …` too):\n  \
+        cargo run --release --bin steel-train                 # the demo\n  \
+        cargo run --release --bin steel-train -- --config configs/demo.toml --max-steps 50 --out runs/quick\n  \
+        cargo run --release --bin steel-train -- --config configs/demo.toml --out runs/quick --resume auto --max-steps 100\n  \
+        cargo run --release --bin steel-train -- --config configs/steel-1.1b.toml --dry-run\n  \
+        cargo run --release --bin steel-train -- --config my.toml --set optim.lr=1e-3 --set 'data.train=[{path=\"shards\"}]'"
 )]
 struct Args {
     /// The recipe (TOML). Default: the embedded demo recipe.

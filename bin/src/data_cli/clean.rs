@@ -29,7 +29,7 @@ and the tokenizer-based alphanumeric_filter, which need models Steel does not sh
 reads a JSON list of ops instead; --print-config shows a preset in that format, a starting point to \
 edit:
 
-  steel-data clean --preset text --print-config > my.json
+  cargo run --release --bin steel-data -- clean --preset text --print-config > my.json
   {\"ops\": [
     {\"op\": \"chinese_convert_mapper\", \"mode\": \"t2s\"},
     {\"op\": \"alphanumeric_filter\", \"tokenization\": false, \"min_ratio\": 0.0, \"max_ratio\": 0.9},
