@@ -17,6 +17,7 @@ mod l2_normalize;
 mod layout;
 pub(crate) mod lm_head_ce;
 pub(crate) mod matmul;
+pub mod peak;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 pub(crate) mod soft_moe;
