@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::newcomer_shell;
+use common::{newcomer_shell, ok};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -302,15 +302,12 @@ fn substitute(cmd: &str, used: &mut [usize], scratch: &Path, shared: &Path) -> S
     c
 }
 
+/// Runs `script` in a newcomer's shell and asserts it succeeded; a failure shows `what`, the
+/// script and both streams.
 fn run_shell(script: &str, what: &str) -> Output {
+    eprintln!("{what}\n$ {script}");
     let o = newcomer_shell(script, &repo()).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{what}\n$ {script}\nexit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    ok(&o);
     o
 }
 

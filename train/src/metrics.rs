@@ -126,12 +126,10 @@ pub fn cpu_peak_per_core() -> (f64, f64) {
         })
         .unwrap_or(2000.0);
     #[cfg(target_arch = "x86_64")]
-    let flops = if is_x86_feature_detected!("avx512f") {
-        64.0
-    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        32.0
-    } else {
-        8.0
+    let flops = match steel_runtime::cpu::peak::PeakIsa::detect() {
+        steel_runtime::cpu::peak::PeakIsa::Avx512 => 64.0,
+        steel_runtime::cpu::peak::PeakIsa::Avx2Fma => 32.0,
+        steel_runtime::cpu::peak::PeakIsa::Scalar => 8.0,
     };
     #[cfg(not(target_arch = "x86_64"))]
     let flops = 16.0;

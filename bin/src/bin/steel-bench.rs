@@ -1,9 +1,10 @@
 //! `steel-bench`: measured performance of Steel's backends on this machine.
 //!
 //! `steel-bench cpu` times the CPU reference backend: GEMM at the 1792-wide shapes of the
-//! Steel-1.1B model against the machine's measured peak (an FMA loop in registers on every thread), attention forward + backward at the
-//! model's head geometry, and one forward + backward of a small transformer block. Every figure
-//! is the median of several timed repeats after a warm-up.
+//! Steel-1.1B model against the machine's measured peak (an FMA loop in registers on every
+//! thread), attention forward + backward at the model's head geometry, and one forward +
+//! backward of a small transformer block. Every figure is the median of several timed repeats
+//! after a warm-up.
 //!
 //! `steel-bench kernels` compiles Steel's CUDA kernels with NVRTC (`--compile-only --arch
 //! sm_90`: ptxas's report per kernel, no GPU needed) or, on a GPU, checks every GPU op against

@@ -4,7 +4,6 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 /// Asserts that a tool exited 0, showing its exit code and both streams when it did not.
-#[allow(dead_code)] // not every test binary checks tools this way
 pub fn ok(o: &Output) {
     assert!(
         o.status.success(),

@@ -73,20 +73,20 @@ fn fma_loop(isa: PeakIsa, iters: u64, x0: f32) -> f32 {
                     *a = a.mul_add(A, B);
                 }
             }
-            acc.iter().fold(acc[0], |m, &v| if v == m { m } else { f32::NAN })
+            agree(&acc)
         }
     }
 }
 
+/// All lanes of all chains, or NaN when any lane differs from the first.
+fn agree(lanes: &[f32]) -> f32 {
+    lanes.iter().fold(lanes[0], |m, &v| if v == m { m } else { f32::NAN })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{A, B, CHAINS};
+    use super::{agree, A, B, CHAINS};
     use std::arch::x86_64::*;
-
-    /// All lanes of all chains, or NaN when any lane differs from the first.
-    fn agree(lanes: &[f32]) -> f32 {
-        lanes.iter().fold(lanes[0], |m, &v| if v == m { m } else { f32::NAN })
-    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512(iters: u64, x0: f32) -> f32 {
